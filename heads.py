@@ -1,0 +1,245 @@
+"""
+The all-MLP decoders of SegFormer and the four models of the paper built on them.
+
+The decoder (SegFormer's "all-MLP" head; paper Figures 1-3) turns the encoder's four maps f_i
+(C_i channels at 1/4, 1/8, 1/16, 1/32 resolution) into one prediction at 1/4 resolution:
+
+    e_i = L_i f_i + b_i            a linear layer per stage to a common width E (256 or 768)
+    u_i = up(e_i)                  bilinear upsampling to 1/4 resolution
+    z   = W [u_4; u_3; u_2; u_1]   concatenate (4E channels) and fuse with a 1x1 conv to E
+    out = P dropout(ReLU(BN(z)))   BatchNorm, ReLU, dropout 0.1, a 1x1 prediction layer
+
+The exact fold. Everything that happens before the BatchNorm is linear: the per-stage layers,
+the bilinear upsampling (a fixed weighted average of neighbours whose weights sum to one) and
+the fuse conv. Splitting W into its four column blocks W_i (one per stage),
+
+    z = sum_i W_i up(L_i f_i + b_i) = sum_i up((W_i L_i) f_i + W_i b_i)
+
+because a 1x1 conv commutes with upsampling, and up() maps a constant to the same constant. So
+each stage can be taken straight to the fused width E at its own low resolution with the
+(E x C_i) matrix W_i L_i, and the (E x 4E) fuse conv on 4E channels at 1/4 resolution, three
+quarters of SegFormer-B2's multiply-adds, disappears. BatchNorm, ReLU, dropout and the
+prediction layer come after the sum and are unchanged. `AllMLPDecoder.forward` computes this
+form (in training and inference, gradients flow to the original parameters through W_i L_i);
+`forward_textbook` is the literal one, kept as the reference the tests compare against.
+The parameters and their names are those of the official SegFormerHead (`linear_c1..4.proj`,
+`linear_fuse.conv`, `linear_fuse.bn`, `linear_pred`), so official checkpoints still load.
+
+Several decoders reading the same features (the two heads of SegDepthFormer, the 2N heads of a
+Deep Sub-Ensemble) run as one grouped computation: their matrices W_i L_i are stacked so each
+stage costs one matmul for all heads (`fuse_stages`).
+
+Heads and outputs:
+    segmentation  K logits; the softmax (Eq. 1) is taken later, after upsampling
+    depth         2 channels: mean mu = ReLU(z_0) (Eq. 4), variance s^2 = Softplus(z_1) (Eq. 5)
+Every model returns the same dict, upsampled bilinearly to the input size:
+    'seg_logits' (B, K, H, W)   raw logits             (models with a segmentation head)
+    'depth_mean' (B, H, W)      metres, >= 0           (models with a depth head)
+    'depth_var'  (B, H, W)      metres^2, > 0
+A Deep Sub-Ensemble run with all heads returns the same keys with a leading head dimension N.
+
+Models: SegFormer (segmentation), DepthFormer (depth), SegDepthFormer (both, shared encoder;
+the EMUFormer student has this architecture) and DeepSubEnsemble (one encoder, N heads per task).
+`build_model` makes any of them by name.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mit import MixVisionTransformer, get_config, load_strict, read_checkpoint
+
+
+def upsample(x, size):
+    return F.interpolate(x, size=size, mode='bilinear', align_corners=False)
+
+
+class MLP(nn.Module):
+    """The per-stage linear layer (named as in the official head)."""
+
+    def __init__(self, in_dim, embed_dim):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, embed_dim)
+
+
+class ConvModule(nn.Module):
+    """1x1 conv without bias + BatchNorm, named as mmcv's ConvModule (ReLU is applied in the
+    decoder)."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, 1, bias=False)
+        self.bn = nn.BatchNorm2d(out_dim)
+
+
+class AllMLPDecoder(nn.Module):
+    def __init__(self, in_dims, embed_dim, out_dim, dropout=0.1):
+        super().__init__()
+        self.embed_dim = embed_dim
+        for i, dim in enumerate(in_dims):
+            setattr(self, f'linear_c{i + 1}', MLP(dim, embed_dim))
+        self.linear_fuse = ConvModule(4 * embed_dim, embed_dim)
+        self.dropout = nn.Dropout2d(dropout)
+        self.linear_pred = nn.Conv2d(embed_dim, out_dim, 1)
+        # the official initialisation: He (fan-out) for the fuse conv, N(0, 0.01) for the output
+        nn.init.kaiming_normal_(self.linear_fuse.conv.weight, mode='fan_out', nonlinearity='relu')
+        nn.init.normal_(self.linear_pred.weight, std=0.01)
+        nn.init.zeros_(self.linear_pred.bias)
+
+    def stage_map(self, i):
+        """Stage i's fold (0-based): the (E, C_i) matrix W_i L_i and the bias W_i b_i."""
+        E = self.embed_dim
+        linear = getattr(self, f'linear_c{i + 1}').proj
+        W = self.linear_fuse.conv.weight.flatten(1)  # (E, 4E, 1, 1) -> (E, 4E)
+        W_i = W[:, (3 - i) * E:(4 - i) * E]  # the concatenation order is c4, c3, c2, c1
+        return W_i @ linear.weight, W_i @ linear.bias
+
+    def predict(self, z):
+        """(B, E, h, w) fused features -> (B, out_dim, h, w) at 1/4 resolution."""
+        return self.linear_pred(self.dropout(F.relu(self.linear_fuse.bn(z))))
+
+    def forward(self, features):
+        return self.predict(fuse_stages([self], features)[0])
+
+    def forward_textbook(self, features):
+        """The decoder exactly as SegFormer writes it (the reference for the fold)."""
+        size = features[0].shape[-2:]
+        e = []
+        for i, f in enumerate(features):
+            x = getattr(self, f'linear_c{i + 1}').proj(f.flatten(2).transpose(1, 2))  # (B, h*w, E)
+            x = x.transpose(1, 2).unflatten(2, f.shape[-2:])  # (B, h*w, E) -> (B, E, h, w)
+            e.append(x if i == 0 else upsample(x, size))
+        return self.predict(self.linear_fuse.conv(torch.cat(e[::-1], dim=1)))
+
+
+def fuse_stages(decoders, features):
+    """The folded decoder up to the BatchNorm for several decoders at once.
+
+    features: the encoder's four maps [(B, C_i, h_i, w_i)]. Returns one (B, E, h_1, w_1) map per
+    decoder, equal to its linear_fuse.conv(concat(...)) of the textbook form.
+    """
+    size = features[0].shape[-2:]
+    z = 0
+    for i, f in enumerate(features):
+        maps = [d.stage_map(i) for d in decoders]
+        weight = torch.cat([m for m, _ in maps])  # (G*E, C_i) for G decoders
+        bias = torch.cat([b for _, b in maps])
+        y = F.conv2d(f, weight[:, :, None, None], bias)  # (B, G*E, h_i, w_i), at the stage's resolution
+        z = z + (y if i == 0 else upsample(y, size))
+    return z.chunk(len(decoders), dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+def outputs(task, z, size):
+    """A head's 1/4-resolution output -> the model's output dict at the input size. Upsampling
+    comes before the activations, as the paper does for the softmax (Section 3.2.1)."""
+    z = upsample(z, size)
+    if task == 'seg':
+        return {'seg_logits': z}
+    return {'depth_mean': F.relu(z[:, 0]),        # Eq. 4
+            'depth_var': F.softplus(z[:, 1])}     # Eq. 5
+
+
+def run_heads(heads, features, size, textbook=False):
+    """[(task, decoder)] on the encoder's features -> one output dict per head, at `size`."""
+    tasks, decoders = zip(*heads)
+    if textbook:
+        z = [d.forward_textbook(features) for d in decoders]
+    else:
+        z = [d.predict(fused) for d, fused in zip(decoders, fuse_stages(decoders, features))]
+    return [outputs(t, zi, size) for t, zi in zip(tasks, z)]
+
+
+class SegDepthFormer(nn.Module):
+    """A MiT encoder and one all-MLP decoder per task: segmentation ('decode_head', named as in
+    official SegFormer checkpoints) and depth ('depth_head'). SegFormer and DepthFormer below are
+    the one-task cases. forward(x, textbook=True) runs the unfolded decoders (the reference)."""
+    tasks = ('seg', 'depth')
+
+    def __init__(self, backbone='b2', num_classes=40, drop_path_rate=0.1):
+        super().__init__()
+        self.num_classes = num_classes
+        self.backbone = MixVisionTransformer(backbone, drop_path_rate)
+        cfg = get_config(backbone)
+        if 'seg' in self.tasks:
+            self.decode_head = AllMLPDecoder(cfg.embed_dims, cfg.decoder_dim, num_classes)
+        if 'depth' in self.tasks:
+            self.depth_head = AllMLPDecoder(cfg.embed_dims, cfg.decoder_dim, 2)
+
+    def forward(self, x, textbook=False):
+        heads = [(t, self.decode_head if t == 'seg' else self.depth_head) for t in self.tasks]
+        out = {}
+        for o in run_heads(heads, self.backbone(x), x.shape[-2:], textbook):
+            out.update(o)
+        return out
+
+
+class SegFormer(SegDepthFormer):
+    tasks = ('seg',)
+
+
+class DepthFormer(SegDepthFormer):
+    tasks = ('depth',)
+
+
+class DeepSubEnsemble(nn.Module):
+    """Deep Sub-Ensemble (Valdenegro-Toro; paper Section 4): one shared encoder and N decoders
+    per task. Training optimises one head per batch, alternating, so the heads see different
+    batches and stay diverse: forward(x, head=k) returns that head's output dict. Inference uses
+    all heads: forward(x) runs the encoder once and the N (or 2N) decoders as one grouped
+    computation, and returns every output with a leading head dimension N."""
+
+    def __init__(self, backbone='b2', num_classes=40, tasks=('seg', 'depth'), num_members=10,
+                 drop_path_rate=0.1):
+        super().__init__()
+        self.num_classes, self.tasks, self.num_members = num_classes, tuple(tasks), num_members
+        self.backbone = MixVisionTransformer(backbone, drop_path_rate)
+        cfg = get_config(backbone)
+        if 'seg' in self.tasks:
+            self.decode_heads = nn.ModuleList(
+                AllMLPDecoder(cfg.embed_dims, cfg.decoder_dim, num_classes) for _ in range(num_members))
+        if 'depth' in self.tasks:
+            self.depth_heads = nn.ModuleList(
+                AllMLPDecoder(cfg.embed_dims, cfg.decoder_dim, 2) for _ in range(num_members))
+
+    def forward(self, x, head=None):
+        members = range(self.num_members) if head is None else [head]
+        heads = [(t, (self.decode_heads if t == 'seg' else self.depth_heads)[k])
+                 for k in members for t in self.tasks]
+        per_head = run_heads(heads, self.backbone(x), x.shape[-2:])
+        if head is not None:
+            return {k: v for o in per_head for k, v in o.items()}
+        keys = [k for o in per_head[:len(self.tasks)] for k in o]
+        return {k: torch.stack([o[k] for o in per_head if k in o]) for k in keys}  # (N, B, ...)
+
+
+SINGLE_MODELS = {'segformer': SegFormer, 'depthformer': DepthFormer, 'segdepthformer': SegDepthFormer}
+DSE_TASKS = {'dse': ('seg', 'depth'), 'dse-segformer': ('seg',), 'dse-depthformer': ('depth',)}
+
+
+def build_model(name, backbone='b2', num_classes=40, **kwargs):
+    """The one constructor every script uses. name: segformer, depthformer, segdepthformer, or
+    a Deep Sub-Ensemble of them (dse = of SegDepthFormer, dse-segformer, dse-depthformer);
+    backbone: b0..b5; kwargs: drop_path_rate, and num_members for a DSE. The arguments are kept
+    as model.config so that a checkpoint can rebuild the model."""
+    get_config(backbone)  # fail early, with the list of backbones
+    if name in SINGLE_MODELS:
+        model = SINGLE_MODELS[name](backbone, num_classes, **kwargs)
+    elif name in DSE_TASKS:
+        model = DeepSubEnsemble(backbone, num_classes, DSE_TASKS[name], **kwargs)
+    else:
+        raise ValueError(f"unknown model {name!r}: expected one of "
+                         f"{', '.join([*SINGLE_MODELS, *DSE_TASKS])}")
+    model.config = dict(name=name, backbone=backbone, num_classes=num_classes, **kwargs)
+    return model
+
+
+def load_segformer_checkpoint(model, path):
+    """Load an official (mmsegmentation) SegFormer segmentation checkpoint, keys under
+    'backbone.' and 'decode_head.', into a SegFormer with the same number of classes. The head's
+    unused 'conv_seg' (mmseg's base class creates it; SegFormer predicts with linear_pred) is
+    dropped; everything else must match exactly."""
+    state = {k: v for k, v in read_checkpoint(path).items() if not k.startswith('decode_head.conv_seg.')}
+    load_strict(model, state, path)

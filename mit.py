@@ -1,0 +1,304 @@
+"""
+The Mix Transformer (MiT) encoder of SegFormer (Xie et al., 2021), written from scratch.
+
+EMUFormer and all of its baselines (SegFormer, DepthFormer, SegDepthFormer; paper Figures 1-4)
+share this encoder. It turns an image (B, 3, H, W) into four feature maps at 1/4, 1/8, 1/16
+and 1/32 of the input resolution, with more channels the coarser they get. Each of the four
+stages is
+
+    overlapping patch embedding   a strided conv (7x7 stride 4 for stage 1, 3x3 stride 2 after)
+                                  that shrinks the map; the kernels overlap, so neighbouring
+                                  tokens share pixels and no positional encoding is needed
+    N transformer blocks          pre-norm residual blocks:
+                                    x = x + DropPath(Attention(LN(x)))
+                                    x = x + DropPath(MixFFN(LN(x)))
+    LayerNorm                     then the tokens are reshaped back to a (B, C, h, w) map
+
+Efficient self-attention: the queries are all h*w tokens, but the keys and values come from a
+copy of the map shrunk by a strided conv with kernel = stride = R (the spatial-reduction ratio,
+8/4/2/1 for the four stages) followed by a LayerNorm. The attention matrix is therefore
+(h*w) x (h*w/R^2) instead of (h*w)^2, which is what makes a transformer affordable at 1/4 of
+the input resolution.
+
+Mix-FFN: Linear -> 3x3 depthwise conv -> GELU -> Linear. The depthwise conv leaks position
+information between neighbouring tokens (this is what replaces the positional encoding).
+
+Parameter names follow the official ImageNet checkpoints `mit_b0.pth` .. `mit_b5.pth`
+(`patch_embed1.proj.weight`, `block1.0.attn.q.weight`, `block1.0.mlp.dwconv.dwconv.weight`,
+`norm1.weight`, ...) so that `load_pretrained` reads them with strict key matching. The numerics
+match too: qkv bias on, LayerNorm eps 1e-6 in the blocks and the four stage norms, PyTorch's
+default 1e-5 in the patch embeddings and in the attention's reduction norm.
+
+Layout: inside a stage the tokens are kept as (B, N, C) with N = h*w in row-major order. Viewed
+as a map, (B, N, C) is a (B, C, h, w) tensor in channels_last memory format, so going between
+the two for the convolutions is a free view, not a copy (`tokens_to_map`, `map_to_tokens`).
+
+MC Dropout (paper Section 4) needs every dropout layer switched on at test time at a chosen rate
+and nothing else changed; `mc_dropout(model, p)` does that for any model built from these
+modules and the decoders of heads.py.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class MiTConfig:
+    embed_dims: tuple = (64, 128, 320, 512)  # channels of the four stages
+    num_heads: tuple = (1, 2, 5, 8)
+    depths: tuple = (3, 4, 6, 3)             # transformer blocks per stage
+    sr_ratios: tuple = (8, 4, 2, 1)          # spatial reduction of keys/values per stage
+    mlp_ratio: int = 4                       # Mix-FFN hidden width = mlp_ratio * channels
+    decoder_dim: int = 768                   # width of the all-MLP decoder (heads.py)
+
+
+# The six encoders of SegFormer. Only the width of B0 and the depths differ; the decoder is
+# 256 wide for the small two and 768 for the rest, as in the official configs.
+CONFIGS = {
+    'b0': MiTConfig(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2), decoder_dim=256),
+    'b1': MiTConfig(depths=(2, 2, 2, 2), decoder_dim=256),
+    'b2': MiTConfig(depths=(3, 4, 6, 3)),
+    'b3': MiTConfig(depths=(3, 4, 18, 3)),
+    'b4': MiTConfig(depths=(3, 8, 27, 3)),
+    'b5': MiTConfig(depths=(3, 6, 40, 3)),
+}
+
+
+def get_config(backbone):
+    if backbone not in CONFIGS:
+        raise ValueError(f"unknown backbone {backbone!r}: expected one of {', '.join(CONFIGS)}")
+    return CONFIGS[backbone]
+
+
+def tokens_to_map(x, H, W):
+    # (B, N, C) -> (B, C, H, W): a channels_last view of the same memory, no copy
+    return x.unflatten(1, (H, W)).permute(0, 3, 1, 2)
+
+
+def map_to_tokens(x):
+    # (B, C, H, W) -> (B, N, C): free when x is channels_last, which the convs here keep
+    return x.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+class OverlapPatchEmbed(nn.Module):
+    """A strided conv whose kernel is larger than its stride, so patches overlap."""
+
+    def __init__(self, in_chans, embed_dim, patch_size, stride):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride, padding=patch_size // 2)
+        self.norm = nn.LayerNorm(embed_dim)  # eps 1e-5 here, as in the official model
+
+    def forward(self, x):
+        x = self.proj(x)  # (B, C_in, H, W) -> (B, C, h, w), h = ceil(H / stride)
+        H, W = x.shape[-2:]
+        return self.norm(map_to_tokens(x)), H, W
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention whose keys and values come from a map shrunk sr_ratio times."""
+
+    def __init__(self, dim, num_heads, sr_ratio, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        # scaled_dot_product_attention takes the rate as an argument; the module is kept so that
+        # model.train()/eval() and mc_dropout() switch attention dropout like any other
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.sr_ratio = sr_ratio
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)  # eps 1e-5 here, as in the official model
+
+    def forward(self, x, H, W):
+        B, N, C = x.shape
+        q = self.q(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, N, C) -> (B, heads, N, C/heads)
+        if self.sr_ratio > 1:
+            x = self.norm(map_to_tokens(self.sr(tokens_to_map(x, H, W))))  # (B, N/R^2, C)
+        kv = self.kv(x).view(B, -1, 2, self.num_heads, C // self.num_heads)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N/R^2, C/heads)
+        p = self.attn_drop.p if self.attn_drop.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # scale 1/sqrt(C/heads)
+        x = x.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, C/heads) -> (B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class DWConv(nn.Module):
+    """3x3 depthwise conv on the token map (named as in the official checkpoints)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x, H, W):
+        return map_to_tokens(self.dwconv(tokens_to_map(x, H, W)))
+
+
+class Mlp(nn.Module):
+    """Mix-FFN: Linear -> 3x3 depthwise conv -> GELU -> Linear."""
+
+    def __init__(self, dim, hidden_dim, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.dwconv = DWConv(hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)  # used twice, as in the official model
+
+    def forward(self, x, H, W):
+        x = self.drop(self.act(self.dwconv(self.fc1(x), H, W)))
+        return self.drop(self.fc2(x))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, skip a residual branch for a whole sample with
+    probability p and scale the kept ones by 1/(1-p). Not a dropout layer: MC Dropout leaves it
+    off."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, drop_path):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, sr_ratio)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, dim * mlp_ratio)
+
+    def forward(self, x, H, W):
+        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
+        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+
+
+class MixVisionTransformer(nn.Module):
+    """MiT-B0..B5. forward(image) returns the four maps [(B, C_i, H/2^(i+1), W/2^(i+1))]
+    for i = 1..4 (rounded up; any H and W work)."""
+
+    def __init__(self, backbone='b2', drop_path_rate=0.1):
+        super().__init__()
+        self.backbone = backbone
+        self.config = cfg = get_config(backbone)
+        # stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last
+        n = sum(cfg.depths)
+        rates = [drop_path_rate * j / max(n - 1, 1) for j in range(n)]
+        in_chans = 3
+        for i, (dim, depth) in enumerate(zip(cfg.embed_dims, cfg.depths)):
+            patch, stride = (7, 4) if i == 0 else (3, 2)
+            setattr(self, f'patch_embed{i + 1}', OverlapPatchEmbed(in_chans, dim, patch, stride))
+            block_rates, rates = rates[:depth], rates[depth:]
+            setattr(self, f'block{i + 1}', nn.ModuleList(
+                Block(dim, cfg.num_heads[i], cfg.mlp_ratio, cfg.sr_ratios[i], r) for r in block_rates))
+            setattr(self, f'norm{i + 1}', nn.LayerNorm(dim, eps=1e-6))
+            in_chans = dim
+        self.apply(init_weights)
+
+    def forward(self, x):
+        if x.ndim != 4 or x.shape[1] != 3 or min(x.shape[-2:]) < 29:
+            # stage 1 reduces keys/values with an 8x8 stride-8 conv on a ceil(H/4) map
+            raise ValueError(f"expected images (B, 3, H, W) with H, W >= 29, got {tuple(x.shape)}")
+        features = []
+        for i in range(1, 5):
+            x, H, W = getattr(self, f'patch_embed{i}')(x)
+            for block in getattr(self, f'block{i}'):
+                x = block(x, H, W)
+            x = tokens_to_map(getattr(self, f'norm{i}')(x), H, W)  # (B, C, H, W), channels_last
+            features.append(x)
+        return features
+
+
+def init_weights(m):
+    """The official initialisation: truncated normal for linear layers, He (fan-out) for convs."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
+        nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+def read_checkpoint(path):
+    """The state dict in a .pth file: bare, or wrapped under 'state_dict' or 'model'."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    for key in ('state_dict', 'model'):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    return ckpt
+
+
+def load_strict(module, state, source):
+    """load_state_dict(strict=True), but a mismatch names every missing and unexpected key and
+    every shape conflict, and says which file they came from."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not match {type(module).__name__}:"]
+        for title, items in (('missing keys', missing), ('unexpected keys', unexpected),
+                             ('shape conflicts', shapes)):
+            if items:
+                lines.append(f"  {len(items)} {title}: " + ', '.join(items[:20])
+                             + (' ...' if len(items) > 20 else ''))
+        raise ValueError('\n'.join(lines))
+    module.load_state_dict(state)
+
+
+def load_pretrained(encoder, path):
+    """Load an official ImageNet checkpoint (mit_b0.pth .. mit_b5.pth) into a
+    MixVisionTransformer. The ImageNet classifier ('head.*') is not part of the encoder and is
+    dropped; everything else must match exactly."""
+    state = {k: v for k, v in read_checkpoint(path).items() if not k.startswith('head.')}
+    load_strict(encoder, state, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# MC Dropout
+
+@contextmanager
+def mc_dropout(model, p):
+    """Monte Carlo Dropout (Gal & Ghahramani): inside this block every dropout layer of `model`
+    samples a fresh mask at rate p, even in eval mode; BatchNorm keeps its running statistics
+    and stochastic depth stays off, so the only randomness is dropout's. Rates and modes are
+    restored on exit.
+
+        model.eval()
+        with mc_dropout(model, 0.2):
+            samples = [model(x) for _ in range(10)]
+    """
+    layers = [m for m in model.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
+    saved = [(m.p, m.training) for m in layers]
+    for m in layers:
+        m.p = p
+        m.train()
+    try:
+        yield model
+    finally:
+        for m, (rate, training) in zip(layers, saved):
+            m.p = rate
+            m.train(training)

@@ -1,0 +1,384 @@
+"""Model core: the MiT encoder, the all-MLP decoders and the four models (mit.py, heads.py)."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import heads
+import mit
+from heads import build_model
+
+# The official architecture, written out independently of mit.py: per stage
+# (channels, heads, depth, spatial reduction), patch kernel, and the decoder width.
+OFFICIAL = {
+    'b0': dict(dims=(32, 64, 160, 256), depths=(2, 2, 2, 2), E=256),
+    'b1': dict(dims=(64, 128, 320, 512), depths=(2, 2, 2, 2), E=256),
+    'b2': dict(dims=(64, 128, 320, 512), depths=(3, 4, 6, 3), E=768),
+    'b3': dict(dims=(64, 128, 320, 512), depths=(3, 4, 18, 3), E=768),
+    'b4': dict(dims=(64, 128, 320, 512), depths=(3, 8, 27, 3), E=768),
+    'b5': dict(dims=(64, 128, 320, 512), depths=(3, 6, 40, 3), E=768),
+}
+SR = (8, 4, 2, 1)
+
+
+def official_mit_state(backbone, num_classes=1000):
+    """Random tensors under every key, with every shape, of an official mit_bX.pth."""
+    dims, depths = OFFICIAL[backbone]['dims'], OFFICIAL[backbone]['depths']
+    shapes, c_in = {}, 3
+    for s, (c, depth) in enumerate(zip(dims, depths), start=1):
+        k = 7 if s == 1 else 3
+        shapes[f'patch_embed{s}.proj.weight'] = (c, c_in, k, k)
+        shapes[f'patch_embed{s}.proj.bias'] = (c,)
+        shapes[f'patch_embed{s}.norm.weight'] = shapes[f'patch_embed{s}.norm.bias'] = (c,)
+        for j in range(depth):
+            p = f'block{s}.{j}.'
+            for n in ('norm1', 'norm2'):
+                shapes[p + n + '.weight'] = shapes[p + n + '.bias'] = (c,)
+            shapes[p + 'attn.q.weight'], shapes[p + 'attn.q.bias'] = (c, c), (c,)
+            shapes[p + 'attn.kv.weight'], shapes[p + 'attn.kv.bias'] = (2 * c, c), (2 * c,)
+            shapes[p + 'attn.proj.weight'], shapes[p + 'attn.proj.bias'] = (c, c), (c,)
+            if SR[s - 1] > 1:
+                shapes[p + 'attn.sr.weight'], shapes[p + 'attn.sr.bias'] = (c, c, SR[s - 1], SR[s - 1]), (c,)
+                shapes[p + 'attn.norm.weight'] = shapes[p + 'attn.norm.bias'] = (c,)
+            shapes[p + 'mlp.fc1.weight'], shapes[p + 'mlp.fc1.bias'] = (4 * c, c), (4 * c,)
+            shapes[p + 'mlp.dwconv.dwconv.weight'], shapes[p + 'mlp.dwconv.dwconv.bias'] = (4 * c, 1, 3, 3), (4 * c,)
+            shapes[p + 'mlp.fc2.weight'], shapes[p + 'mlp.fc2.bias'] = (c, 4 * c), (c,)
+        shapes[f'norm{s}.weight'] = shapes[f'norm{s}.bias'] = (c,)
+        c_in = c
+    shapes['head.weight'], shapes['head.bias'] = (num_classes, dims[-1]), (num_classes,)
+    return {k: torch.randn(v) for k, v in shapes.items()}
+
+
+def official_segformer_state(backbone, num_classes):
+    """An mmsegmentation SegFormer checkpoint: backbone.* and decode_head.* (with conv_seg)."""
+    dims, E = OFFICIAL[backbone]['dims'], OFFICIAL[backbone]['E']
+    state = {'backbone.' + k: v for k, v in official_mit_state(backbone).items() if not k.startswith('head.')}
+    for i, c in enumerate(dims, start=1):
+        state[f'decode_head.linear_c{i}.proj.weight'] = torch.randn(E, c)
+        state[f'decode_head.linear_c{i}.proj.bias'] = torch.randn(E)
+    state['decode_head.linear_fuse.conv.weight'] = torch.randn(E, 4 * E, 1, 1)
+    for n in ('weight', 'bias', 'running_mean'):
+        state[f'decode_head.linear_fuse.bn.{n}'] = torch.randn(E)
+    state['decode_head.linear_fuse.bn.running_var'] = torch.rand(E) + 0.5
+    state['decode_head.linear_fuse.bn.num_batches_tracked'] = torch.tensor(1000)
+    state['decode_head.linear_pred.weight'] = torch.randn(num_classes, E, 1, 1)
+    state['decode_head.linear_pred.bias'] = torch.randn(num_classes)
+    state['decode_head.conv_seg.weight'] = torch.randn(num_classes, E, 1, 1)
+    state['decode_head.conv_seg.bias'] = torch.randn(num_classes)
+    return state
+
+
+def analytic_params(backbone, out_dims):
+    """Parameter count from the architecture's formula (encoder + one decoder per out_dim)."""
+    dims, depths, E = OFFICIAL[backbone]['dims'], OFFICIAL[backbone]['depths'], OFFICIAL[backbone]['E']
+    n, c_in = 0, 3
+    for s, (c, depth) in enumerate(zip(dims, depths)):
+        k = 7 if s == 0 else 3
+        n += k * k * c_in * c + c + 2 * c  # patch embedding conv + LayerNorm
+        block = 4 * c                                  # two LayerNorms
+        block += (c * c + c) + (2 * c * c + 2 * c) + (c * c + c)  # q, kv, proj
+        if SR[s] > 1:
+            block += SR[s] ** 2 * c * c + c + 2 * c    # reduction conv + LayerNorm
+        block += (4 * c * c + 4 * c) + (9 * 4 * c + 4 * c) + (4 * c * c + c)  # fc1, dwconv, fc2
+        n += depth * block + 2 * c                     # blocks + stage norm
+        c_in = c
+    for k in out_dims:
+        n += sum(c * E + E for c in dims) + 4 * E * E + 2 * E + E * k + k
+    return n
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize('backbone', ['b0', 'b2'])
+def test_parameter_counts_match_the_architecture(backbone):
+    for name, outs in [('segformer', [40]), ('depthformer', [2]), ('segdepthformer', [40, 2])]:
+        with torch.device('meta'):
+            model = build_model(name, backbone, 40)
+        assert count(model) == analytic_params(backbone, outs), name
+
+
+def test_parameter_counts_match_table_1():
+    # Table 1 of the paper, 40 classes (NYUv2): within 1%
+    for name, paper in [('segformer', 27.3e6), ('depthformer', 27.3e6), ('segdepthformer', 30.5e6)]:
+        with torch.device('meta'):
+            n = count(build_model(name, 'b2', 40))
+        assert abs(n - paper) / paper < 0.01, (name, n)
+
+
+@pytest.mark.parametrize('backbone', ['b0', 'b1', 'b2'])
+def test_output_shapes_small_backbones(backbone):
+    torch.manual_seed(0)
+    model = build_model('segdepthformer', backbone, 7).eval()
+    x = torch.randn(2, 3, 64, 96)
+    feats = model.backbone(x)
+    assert [tuple(f.shape) for f in feats] == [
+        (2, c, 64 // s, 96 // s) for c, s in zip(OFFICIAL[backbone]['dims'], (4, 8, 16, 32))]
+    out = model(x)
+    assert out['seg_logits'].shape == (2, 7, 64, 96)
+    assert out['depth_mean'].shape == out['depth_var'].shape == (2, 64, 96)
+    assert (out['depth_mean'] >= 0).all() and (out['depth_var'] > 0).all()
+
+
+@pytest.mark.parametrize('backbone', ['b3', 'b4', 'b5'])
+def test_output_shapes_large_backbones_on_meta(backbone):
+    with torch.device('meta'):
+        model = build_model('segdepthformer', backbone, 19)
+        feats = model.backbone(torch.empty(1, 3, 96, 128))
+        out = model(torch.empty(1, 3, 96, 128))
+    assert [tuple(f.shape) for f in feats] == [
+        (1, c, 96 // s, 128 // s) for c, s in zip(OFFICIAL[backbone]['dims'], (4, 8, 16, 32))]
+    assert out['seg_logits'].shape == (1, 19, 96, 128) and out['depth_var'].shape == (1, 96, 128)
+
+
+@pytest.mark.parametrize('H,W', [(37, 53), (33, 65), (29, 29)])
+def test_odd_input_sizes(H, W):
+    torch.manual_seed(0)
+    model = build_model('segdepthformer', 'b0', 5).eval()
+    feats = model.backbone(torch.randn(1, 3, H, W))
+    sizes = [(H, W)]
+    for _ in range(4):  # each patch embedding rounds up: ceil(H/4), then ceil(./2) three times
+        h, w = sizes[-1]
+        sizes.append((-(-h // (4 if len(sizes) == 1 else 2)), -(-w // (4 if len(sizes) == 1 else 2))))
+    assert [tuple(f.shape[-2:]) for f in feats] == sizes[1:]
+    out = model(torch.randn(1, 3, H, W))
+    assert out['seg_logits'].shape == (1, 5, H, W) and out['depth_mean'].shape == (1, H, W)
+
+
+def test_bad_input_shape_says_what_was_expected():
+    model = build_model('segformer', 'b0', 5)
+    for shape in [(1, 3, 28, 64), (1, 1, 64, 64), (3, 64, 64)]:
+        with pytest.raises(ValueError, match=r'expected images \(B, 3, H, W\) with H, W >= 29'):
+            model(torch.randn(shape))
+
+
+def test_eval_is_deterministic():
+    torch.manual_seed(0)
+    model = build_model('segdepthformer', 'b0', 5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    a, b = model(x), model(x)
+    for k in a:
+        assert torch.equal(a[k], b[k])
+
+
+def test_unknown_backbone_and_model_say_what_was_expected():
+    with pytest.raises(ValueError, match="unknown backbone 'b7'.*b0, b1, b2, b3, b4, b5"):
+        build_model('segformer', 'b7')
+    with pytest.raises(ValueError, match="unknown model 'segnet'.*segdepthformer.*dse"):
+        build_model('segnet', 'b0')
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints in the official layouts
+
+@pytest.mark.parametrize('wrap', [None, 'state_dict', 'model'])
+def test_load_pretrained_official_layout(tmp_path, wrap):
+    state = official_mit_state('b0')
+    path = tmp_path / 'mit_b0.pth'
+    torch.save(state if wrap is None else {wrap: state, 'meta': {}}, path)
+    encoder = mit.MixVisionTransformer('b0')
+    mit.load_pretrained(encoder, path)
+    loaded = encoder.state_dict()
+    assert set(loaded) == set(state) - {'head.weight', 'head.bias'}
+    for k in loaded:
+        assert torch.equal(loaded[k], state[k]), k
+
+
+def test_load_pretrained_reports_every_mismatch(tmp_path):
+    state = official_mit_state('b0')
+    del state['block1.0.attn.q.weight']
+    state['block9.0.attn.q.weight'] = torch.randn(3)
+    state['norm4.weight'] = torch.randn(512)
+    path = tmp_path / 'bad.pth'
+    torch.save(state, path)
+    with pytest.raises(ValueError) as e:
+        mit.load_pretrained(mit.MixVisionTransformer('b0'), path)
+    msg = str(e.value)
+    assert str(path) in msg
+    assert '1 missing keys: block1.0.attn.q.weight' in msg
+    assert '1 unexpected keys: block9.0.attn.q.weight' in msg
+    assert 'norm4.weight: file (512,) vs model (256,)' in msg
+    # a B2 checkpoint into a B0 encoder is a mismatch too, not a silent partial load
+    torch.save(official_mit_state('b2'), path)
+    with pytest.raises(ValueError, match='missing keys|shape conflicts'):
+        mit.load_pretrained(mit.MixVisionTransformer('b0'), path)
+
+
+def test_load_pretrained_missing_or_corrupt_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match='nope.pth'):
+        mit.load_pretrained(mit.MixVisionTransformer('b0'), tmp_path / 'nope.pth')
+    bad = tmp_path / 'corrupt.pth'
+    bad.write_bytes(b'this is not a checkpoint')
+    with pytest.raises(ValueError, match='corrupt.pth'):
+        mit.load_pretrained(mit.MixVisionTransformer('b0'), bad)
+
+
+def test_load_official_segformer_checkpoint(tmp_path):
+    state = official_segformer_state('b0', 40)
+    path = tmp_path / 'segformer.b0.pth'
+    torch.save({'state_dict': state, 'meta': {'CLASSES': list(range(40))}}, path)
+    model = build_model('segformer', 'b0', 40)
+    heads.load_segformer_checkpoint(model, path)
+    loaded = model.state_dict()
+    assert set(loaded) == {k for k in state if 'conv_seg' not in k}
+    for k in loaded:
+        assert torch.equal(loaded[k], state[k]), k
+    # another class count is a shape conflict on the prediction layer
+    with pytest.raises(ValueError, match=r'decode_head.linear_pred.weight: file \(40, 256, 1, 1\) vs model \(19'):
+        heads.load_segformer_checkpoint(build_model('segformer', 'b0', 19), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The exact decoder fold (heads.py docstring): folded == textbook
+
+def max_rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def fold_and_textbook(model, x, dtype):
+    """Outputs and parameter gradients of both decoder forms, with the same random draws."""
+    model.to(dtype)
+    results = []
+    for textbook in (False, True):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout and stochastic-depth masks in both passes
+        out = model(x.to(dtype), textbook=textbook)
+        torch.manual_seed(2)
+        loss = sum((v * torch.randn(v.shape).to(dtype)).sum() for v in out.values())
+        loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    return results
+
+
+def noisy_batchnorm(model):
+    for m in model.modules():  # non-trivial statistics and affine parameters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    return model
+
+
+@pytest.mark.parametrize('backbone', ['b0', 'b2'])  # decoder widths 256 and 768, both encoder widths
+@pytest.mark.parametrize('train', [False, True])
+def test_decoder_fold_equals_textbook_fp32(backbone, train):
+    torch.manual_seed(0)
+    model = noisy_batchnorm(build_model('segdepthformer', backbone, 11).train(train))
+    (fold, g_fold), (book, g_book) = fold_and_textbook(model, torch.randn(2, 3, 70, 90), torch.float32)
+    for k in book:
+        assert max_rel(fold[k], book[k]) <= 1e-5, k
+    # Relative to each gradient's own size, but at least 1% of the largest one: in train mode
+    # BatchNorm's backward cancels the gradient of the stage biases down to ~1e-4 of the
+    # largest, and there both forms carry fp32 rounding of that order (the float64 test below
+    # shows that the two forms are the same function there too).
+    scale = max(g.abs().max() for g in g_book.values())
+    for n in g_book:
+        assert (g_fold[n] - g_book[n]).abs().max() <= 1e-5 * max(g_book[n].abs().max(), 0.01 * scale), n
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_decoder_fold_is_exact_in_float64(train):
+    torch.manual_seed(0)
+    model = noisy_batchnorm(build_model('segdepthformer', 'b0', 11).train(train))
+    (fold, g_fold), (book, g_book) = fold_and_textbook(model, torch.randn(2, 3, 70, 90), torch.float64)
+    for k in book:
+        assert max_rel(fold[k], book[k]) <= 1e-12, k
+    scale = max(g.abs().max() for g in g_book.values())
+    for n in g_book:  # only gradients that are mathematically 0 (BatchNorm) are left out
+        if g_book[n].abs().max() > 1e-9 * scale:
+            assert max_rel(g_fold[n], g_book[n]) <= 1e-9, n
+
+
+def test_fused_width_is_independent_of_grouping():
+    # running decoders as one group gives what each gives alone
+    torch.manual_seed(0)
+    dims, E = (32, 64, 160, 256), 256
+    decoders = [heads.AllMLPDecoder(dims, E, k).eval() for k in (3, 2, 5)]
+    feats = [torch.randn(2, c, 16 // s, 20 // s) for c, s in zip(dims, (1, 2, 4, 8))]
+    together = heads.fuse_stages(decoders, feats)
+    for d, z in zip(decoders, together):
+        assert torch.allclose(z, heads.fuse_stages([d], feats)[0], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# MC Dropout and Deep Sub-Ensembles
+
+def test_mc_dropout_switches_only_dropout_layers():
+    torch.manual_seed(0)
+    model = build_model('segdepthformer', 'b0', 5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    ref = model(x)['seg_logits']
+    dropouts = [m for m in model.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
+    others = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, mit.DropPath, nn.LayerNorm))]
+    assert dropouts and others
+    rates = [m.p for m in dropouts]
+    with mit.mc_dropout(model, 0.5):
+        assert all(m.training and m.p == 0.5 for m in dropouts)
+        assert not any(m.training for m in others)
+        a, b = model(x)['seg_logits'], model(x)['seg_logits']
+        assert not torch.allclose(a, b) and not torch.allclose(a, ref)
+    assert [m.p for m in dropouts] == rates and not any(m.training for m in model.modules())
+    assert torch.equal(model(x)['seg_logits'], ref)
+    with mit.mc_dropout(model, 0.0):  # the rate is the one set: p = 0 changes nothing
+        assert torch.allclose(model(x)['seg_logits'], ref, atol=1e-6)
+
+
+def test_mc_dropout_reaches_the_attention():
+    # the attention-probability dropout alone (passed to scaled_dot_product_attention) changes the output
+    torch.manual_seed(0)
+    attn = mit.Attention(32, 2, sr_ratio=2).eval()
+    x = torch.randn(1, 64, 32)
+    ref = attn(x, 8, 8)
+    attn.attn_drop.train()
+    attn.attn_drop.p = 0.5
+    assert not torch.allclose(attn(x, 8, 8), ref)
+
+
+def test_dse_single_head_equals_all_heads_and_runs_the_encoder_once():
+    torch.manual_seed(0)
+    model = build_model('dse', 'b0', 5, num_members=3).eval()
+    calls = []
+    model.backbone.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(2, 3, 48, 64)
+    everything = model(x)
+    assert len(calls) == 1
+    assert everything['seg_logits'].shape == (3, 2, 5, 48, 64)
+    assert everything['depth_mean'].shape == everything['depth_var'].shape == (3, 2, 48, 64)
+    for k in range(3):
+        one = model(x, head=k)
+        for key in one:
+            assert torch.allclose(one[key], everything[key][k], atol=1e-5), (k, key)
+    # the heads are independently initialised, so they disagree
+    assert not torch.allclose(everything['seg_logits'][0], everything['seg_logits'][1])
+    single_task = build_model('dse-depthformer', 'b0', 5, num_members=2).eval()
+    assert set(single_task(x)) == {'depth_mean', 'depth_var'}
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient flow
+
+@pytest.mark.parametrize('name', ['segformer', 'depthformer', 'segdepthformer'])
+def test_gradients_reach_every_parameter(name):
+    torch.manual_seed(0)
+    model = build_model(name, 'b0', 5, drop_path_rate=0.0).train()  # no branch skipped by chance
+    out = model(torch.randn(2, 3, 64, 64))
+    sum(v.mean() for v in out.values()).backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        # a key bias shifts every logit of a query equally, which softmax ignores: its gradient is 0
+        if not n.endswith('attn.kv.bias'):
+            assert p.grad.abs().sum() > 0, n
+
+
+def test_dse_training_step_touches_one_head():
+    torch.manual_seed(0)
+    model = build_model('dse', 'b0', 5, num_members=3).train()
+    out = model(torch.randn(2, 3, 64, 64), head=1)
+    (out['seg_logits'].mean() + out['depth_mean'].mean() + out['depth_var'].mean()).backward()
+    for k in range(3):
+        for head in (model.decode_heads[k], model.depth_heads[k]):
+            got = [p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters()]
+            assert all(got) if k == 1 else not any(got)
+    assert all(p.grad is not None for p in model.backbone.parameters())
