@@ -1,0 +1,378 @@
+"""
+Tests of the metrics in uq.py against brute-force references written plainly (a Python loop
+over pixels), hand-made edge cases, streaming over uneven batches and reduce() across two
+gloo ranks.
+"""
+
+import json
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import uq
+
+K = 5  # classes in the random data
+N, H, W = 10, 9, 11  # images, height, width
+
+
+# ---- data ----
+
+def random_data(seed=0):
+    """Segmentation and depth batches of N images that differ in confidence, error and
+    uncertainty scale, with ignore labels and invalid depths mixed in; image 3 is all
+    ignore and image 5 all invalid. Uncounted pixels get huge uncertainties so that
+    they would move a threshold that wrongly includes them."""
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.3, 4.0, size=(N, 1, 1, 1))  # sharper or flatter softmax per image
+    logits = rng.normal(size=(N, K, H, W)) * scale
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    pred = probs.argmax(1)
+    label = np.where(rng.random((N, H, W)) < 0.6, pred, rng.integers(0, K, (N, H, W)))
+    label[rng.random((N, H, W)) < 0.15] = 255
+    label[3] = 255
+    entropy = -(probs * np.log(probs)).sum(1)
+    seg_unc = entropy * rng.uniform(0.1, 10.0, size=(N, 1, 1))
+    seg_unc[label == 255] = 50.0
+
+    y = rng.uniform(0.5, 10.0, size=(N, H, W))
+    r = rng.random((N, H, W))
+    y[r < 0.06] = 0.0
+    y[(r >= 0.06) & (r < 0.09)] = np.nan
+    y[(r >= 0.09) & (r < 0.11)] = np.inf
+    y[(r >= 0.11) & (r < 0.13)] = -1.0
+    y[5] = 0.0
+    sigma = rng.uniform(0.05, 0.6, size=(N, 1, 1))  # per-image error scale
+    mu = np.nan_to_num(y, nan=3.0, posinf=3.0).clip(0.5) * np.exp(rng.normal(size=(N, H, W)) * sigma)
+    mu[rng.random((N, H, W)) < 0.03] = 0.0
+    valid = (y > 0) & np.isfinite(y)
+    err = np.abs(mu - np.where(valid, y, 0.0))
+    depth_unc = err * rng.uniform(0.5, 1.5, size=(N, H, W)) * rng.uniform(0.1, 10.0, size=(N, 1, 1))
+    depth_unc[~valid] = 1e3
+
+    f32 = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))
+    seg = (f32(probs), torch.from_numpy(label.astype(np.int64)), f32(seg_unc))
+    depth = (f32(mu), f32(depth_unc), f32(y))
+    return seg, depth
+
+
+def batches(tensors, sizes):
+    """Split a tuple of (N, ...) tensors along dim 0 into consecutive batches of `sizes`."""
+    return list(zip(*(t.split(list(sizes)) for t in tensors)))
+
+
+def run_seg(seg_batches, num_classes=K, num_bins=15):
+    m = uq.SegMetrics(num_classes, num_bins)
+    for probs, label, unc in seg_batches:
+        m.update(probs, label, unc)
+    return m
+
+
+def run_depth(depth_batches):
+    m = uq.DepthMetrics()
+    for mean, unc, depth in depth_batches:
+        m.update(mean, unc, depth)
+    return m
+
+
+# ---- brute-force references ----
+
+def uncertainty_reference(images):
+    """images: one list per image of (accurate, uncertainty) for its counted pixels."""
+    n_ac = n_au = n_ic = n_iu = 0
+    for pixels in images:
+        if not pixels:
+            continue
+        threshold = sum(u for _, u in pixels) / len(pixels)
+        for accurate, u in pixels:
+            certain = u <= threshold
+            n_ac += accurate and certain
+            n_au += accurate and not certain
+            n_ic += (not accurate) and certain
+            n_iu += (not accurate) and not certain
+    nan = float('nan')
+    return {
+        'p_accurate_certain': n_ac / (n_ac + n_ic) if n_ac + n_ic else nan,
+        'p_uncertain_inaccurate': n_iu / (n_ic + n_iu) if n_ic + n_iu else nan,
+        'pavpu': (n_ac + n_iu) / (n_ac + n_au + n_ic + n_iu) if n_ac + n_au + n_ic + n_iu else nan,
+    }
+
+
+def seg_reference(probs, label, unc, num_classes, num_bins=15):
+    probs, label, unc = probs.numpy().astype(np.float64), label.numpy(), unc.numpy().astype(np.float64)
+    B, _, Hh, Ww = probs.shape
+    preds, labels, confs, images = [], [], [], []
+    for b in range(B):
+        pixels = []
+        for i in range(Hh):
+            for j in range(Ww):
+                if label[b, i, j] == 255:
+                    continue
+                p = probs[b, :, i, j]
+                pred = int(np.argmax(p))
+                preds.append(pred)
+                labels.append(int(label[b, i, j]))
+                confs.append(float(p.max()))
+                pixels.append((pred == labels[-1], float(unc[b, i, j])))
+        images.append(pixels)
+    n = len(preds)
+
+    iou = []
+    for c in range(num_classes):
+        tp = sum(p == c and l == c for p, l in zip(preds, labels))
+        fp = sum(p == c and l != c for p, l in zip(preds, labels))
+        fn = sum(p != c and l == c for p, l in zip(preds, labels))
+        iou.append(tp / (tp + fp + fn) if tp + fp + fn else float('nan'))
+    present = [v for v in iou if not math.isnan(v)]
+
+    ece = 0.0
+    for m in range(1, num_bins + 1):
+        in_bin = [k for k, c in enumerate(confs)
+                  if (m - 1) / num_bins < c <= m / num_bins or (m == 1 and c == 0)]
+        if in_bin:
+            acc = sum(preds[k] == labels[k] for k in in_bin) / len(in_bin)
+            conf = sum(confs[k] for k in in_bin) / len(in_bin)
+            ece += len(in_bin) / n * abs(acc - conf)
+
+    return {
+        'miou': sum(present) / len(present) if present else float('nan'),
+        'iou': iou,
+        'pixel_acc': sum(p == l for p, l in zip(preds, labels)) / n if n else float('nan'),
+        'ece': ece if n else float('nan'),
+        **uncertainty_reference(images),
+    }
+
+
+def depth_reference(mean, unc, depth):
+    mean, unc, depth = (t.numpy().astype(np.float64) for t in (mean, unc, depth))
+    B, Hh, Ww = depth.shape
+    sq, rel, deltas, images = [], [], [], []
+    for b in range(B):
+        pixels = []
+        for i in range(Hh):
+            for j in range(Ww):
+                y, mu = float(depth[b, i, j]), float(mean[b, i, j])
+                if not (y > 0 and math.isfinite(y)):
+                    continue
+                delta = math.inf if mu == 0 else max(mu / y, y / mu)
+                sq.append((mu - y) ** 2)
+                rel.append(abs(mu - y) / y)
+                deltas.append(delta)
+                pixels.append((bool(delta < 1.25), float(unc[b, i, j])))
+        images.append(pixels)
+    n = len(sq)
+    frac = lambda t: sum(d < t for d in deltas) / n if n else float('nan')
+    return {
+        'rmse': math.sqrt(sum(sq) / n) if n else float('nan'),
+        'abs_rel': sum(rel) / n if n else float('nan'),
+        'delta1': frac(1.25),
+        'delta2': frac(1.25 ** 2),
+        'delta3': frac(1.25 ** 3),
+        **uncertainty_reference(images),
+    }
+
+
+def assert_close(got, want, tol=1e-12):
+    """Same keys; numbers equal to `tol` (relative and absolute), NaN only where NaN."""
+    assert got.keys() == want.keys()
+    for key in want:
+        g, w = np.atleast_1d(got[key]), np.atleast_1d(want[key])
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=key)  # NaN == NaN here
+
+
+SEG_KEYS = {'miou', 'iou', 'pixel_acc', 'ece', 'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu'}
+DEPTH_KEYS = {'rmse', 'abs_rel', 'delta1', 'delta2', 'delta3',
+              'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu'}
+
+
+# ---- against the references ----
+
+def test_seg_matches_reference():
+    seg, _ = random_data()
+    got = run_seg([seg]).compute()
+    want = seg_reference(*seg, num_classes=K)
+    assert set(got) == SEG_KEYS
+    assert all(type(v) is float for k, v in got.items() if k != 'iou')
+    assert all(type(v) is float for v in got['iou']) and len(got['iou']) == K
+    assert 0 < got['ece'] and 0 < got['p_uncertain_inaccurate'] < 1  # a non-trivial case
+    assert_close(got, want)
+
+
+def test_depth_matches_reference():
+    _, depth = random_data()
+    got = run_depth([depth]).compute()
+    want = depth_reference(*depth)
+    assert set(got) == DEPTH_KEYS
+    assert all(type(v) is float for v in got.values())
+    assert want['delta1'] < want['delta2'] < want['delta3'] < 1  # every band is populated
+    assert_close(got, want)
+
+
+def test_threshold_is_per_image_mean():
+    # image 0 has small uncertainties, image 1 large ones: a data-set-wide threshold would
+    # call every pixel of image 0 certain and every pixel of image 1 uncertain
+    mean = torch.tensor([[[1.0, 2.0, 1.0]], [[1.0, 2.0, 1.0]]])  # 2nd pixel inaccurate
+    depth = torch.ones(2, 1, 3)
+    unc = torch.tensor([[[0.1, 0.3, 0.2]], [[10.0, 30.0, 20.0]]])  # thresholds 0.2 and 20
+    got = run_depth([(mean, unc, depth)]).compute()
+    # per image: ac, iu, ac (u = mean is certain) -> n_ac = 4, n_iu = 2
+    assert got['p_accurate_certain'] == 1.0
+    assert got['p_uncertain_inaccurate'] == 1.0
+    assert got['pavpu'] == 1.0
+
+
+# ---- hand-made cases ----
+
+def test_perfect_confident_prediction():
+    label = torch.tensor([[[0, 1, 2], [2, 255, 1]]])
+    probs = torch.nn.functional.one_hot(label.clamp(max=2), 3).permute(0, 3, 1, 2).float()
+    got = run_seg([(probs, label, torch.zeros(1, 2, 3))], num_classes=3).compute()
+    assert got['miou'] == 1.0 and got['iou'] == [1.0, 1.0, 1.0] and got['pixel_acc'] == 1.0
+    assert got['ece'] == 0.0
+    assert got['p_accurate_certain'] == 1.0 and got['pavpu'] == 1.0
+    assert math.isnan(got['p_uncertain_inaccurate'])  # no inaccurate pixel: nothing to measure
+
+
+def test_all_ignore_image_contributes_nothing():
+    (probs, label, unc), (mean, dunc, depth) = random_data()
+    # image 0 alone, then together with image 1 made all-ignore / all-invalid, in both orders
+    pair = lambda t: torch.cat([t[:1], t[1:2]])[order]
+    empty_label = torch.full((1, H, W), 255)
+    invalid = torch.tensor([0.0, -1.0, math.nan, math.inf]).repeat(H * W)[:H * W].view(1, H, W)
+    seg_alone = run_seg([(probs[:1], label[:1], unc[:1])]).compute()
+    depth_alone = run_depth([(mean[:1], dunc[:1], depth[:1])]).compute()
+    for order in ([0, 1], [1, 0]):
+        seg_both = run_seg([(pair(probs), torch.cat([label[:1], empty_label])[order], pair(unc))])
+        assert_close(seg_both.compute(), seg_alone, tol=0)
+        depth_both = run_depth([(pair(mean), pair(dunc), torch.cat([depth[:1], invalid])[order])])
+        assert_close(depth_both.compute(), depth_alone, tol=0)
+
+
+def test_nothing_counted_gives_nan():
+    seg = run_seg([(torch.full((1, 2, 2, 2), 0.5), torch.full((1, 2, 2), 255), torch.ones(1, 2, 2))], 2)
+    got = seg.compute()
+    assert all(math.isnan(v) for v in got.pop('iou') + list(got.values()))
+    depth = run_depth([(torch.ones(1, 2, 2), torch.ones(1, 2, 2), torch.zeros(1, 2, 2))])
+    assert all(math.isnan(v) for v in depth.compute().values())
+
+
+def test_single_class():
+    label = torch.tensor([[[0, 0, 255], [0, 0, 0]]])
+    got = run_seg([(torch.ones(1, 1, 2, 3), label, torch.rand(1, 2, 3))], num_classes=1).compute()
+    assert got['iou'] == [1.0] and got['miou'] == 1.0 and got['pixel_acc'] == 1.0
+    assert got['ece'] == 0.0 and got['p_accurate_certain'] == 1.0
+
+
+def test_absent_class_is_excluded_from_mean():
+    # K = 3; ground truth is all class 0, one pixel predicted as 1, class 2 appears nowhere
+    label = torch.zeros(1, 1, 4, dtype=torch.int64)
+    pred = torch.tensor([[[0, 0, 1, 0]]])
+    probs = torch.nn.functional.one_hot(pred, 3).permute(0, 3, 1, 2) * 0.6 + 0.4 / 3
+    got = run_seg([(probs, label, torch.zeros(1, 1, 4))], num_classes=3).compute()
+    assert got['iou'][:2] == [0.75, 0.0] and math.isnan(got['iou'][2])
+    assert got['miou'] == 0.375  # (3/4 + 0) / 2, not / 3
+    assert got['pixel_acc'] == 0.75
+
+
+def test_ece_bin_edges():
+    # M = 4 bins (0, .25], (.25, .5], (.5, .75], (.75, 1]; confidences on the edges, and
+    # bins whose gaps differ in sign, so that half-open [ ) bins would give 2.6 / 5
+    probs = torch.tensor([
+        [0.5, 0.25, 0.25, 0.0, 0.0],  # conf .5 (bin 2), pred 0, label 1: wrong
+        [0.75, 0.25, 0.0, 0.0, 0.0],  # conf .75 (bin 3), pred 0, label 1: wrong
+        [0.4, 0.3, 0.3, 0.0, 0.0],  # conf .4 (bin 2), pred 0, label 0: correct
+        [0.0, 0.0, 0.0, 0.0, 0.0],  # conf 0 (bin 1), pred 0, label 1: wrong
+        [0.25, 0.2, 0.2, 0.2, 0.15],  # conf .25 (bin 1), pred 0, label 0: correct
+    ]).T.reshape(1, 5, 1, 5)  # (pixels, K) -> (B=1, K, H=1, W=5)
+    label = torch.tensor([[[1, 1, 0, 1, 0]]])
+    got = run_seg([(probs, label, torch.zeros(1, 1, 5))], num_bins=4).compute()
+    # bins 1, 2, 3: |1 - .25| + |1 - .9| + |0 - .75|, over 5 pixels
+    assert got['ece'] == pytest.approx(1.6 / 5, abs=1e-7)
+    assert got['ece'] == pytest.approx(seg_reference(probs, label, torch.zeros(1, 1, 5), K, 4)['ece'], abs=1e-12)
+
+
+def test_zero_depth_prediction_is_inaccurate():
+    mean = torch.tensor([[[0.0, 2.0, 0.0, 1.0]]])
+    depth = torch.tensor([[[2.0, 2.0, 0.0, math.nan]]])  # last two pixels invalid
+    unc = torch.tensor([[[1.0, 0.0, 1e3, 1e3]]])  # threshold 0.5 over the valid pixels
+    got = run_depth([(mean, unc, depth)]).compute()
+    assert got['rmse'] == math.sqrt(2.0)  # sqrt((4 + 0) / 2)
+    assert got['abs_rel'] == 0.5
+    assert got['delta1'] == got['delta2'] == got['delta3'] == 0.5
+    assert got['p_accurate_certain'] == got['p_uncertain_inaccurate'] == got['pavpu'] == 1.0
+
+
+def test_delta_edges_are_exclusive():
+    # delta = 1.25, 1.25 (y/mu side), 1.25^2, 1.25^3, 1, all exact in binary: "< 1.25^i" is strict
+    mean = torch.tensor([[[1.25, 1.0, 1.5625, 1.953125, 1.0]]])
+    depth = torch.tensor([[[1.0, 1.25, 1.0, 1.0, 1.0]]])
+    got = run_depth([(mean, torch.ones(1, 1, 5), depth)]).compute()  # all certain
+    assert (got['delta1'], got['delta2'], got['delta3']) == (1 / 5, 3 / 5, 4 / 5)
+    assert got['p_accurate_certain'] == 1 / 5  # accurate iff delta < 1.25 (Eq. 13)
+
+
+def test_uncertainty_equal_to_threshold_is_certain():
+    depth = torch.ones(1, 1, 3)
+    got = run_depth([(depth, torch.tensor([[[0.0, 1.0, 2.0]]]), depth)]).compute()  # all accurate
+    assert got['p_accurate_certain'] == 1.0
+    assert got['pavpu'] == 2 / 3  # n_ac = 2 (u = 0 and u = 1 = mean), n_au = 1
+    assert math.isnan(got['p_uncertain_inaccurate'])
+
+
+# ---- streaming and DDP ----
+
+UNEVEN = (1, 2, 1, 3, 1, 1, 1)  # 7 batches, N = 10 images
+
+
+def test_streaming_is_independent_of_batching():
+    seg, depth = random_data()
+    for make, data in ((run_seg, seg), (run_depth, depth)):
+        whole = make([data])
+        for split in (batches(data, UNEVEN), batches(data, UNEVEN)[::-1]):
+            parts = make(split)
+            for name, total in whole.stats.items():
+                if total.dtype == torch.int64:
+                    assert torch.equal(parts.stats[name], total), name
+                else:
+                    torch.testing.assert_close(parts.stats[name], total, rtol=1e-12, atol=1e-12)
+            assert_close(parts.compute(), whole.compute())
+
+
+def test_reduce_without_distributed_is_a_no_op():
+    seg, depth = random_data()
+    for m in (run_seg([seg]), run_depth([depth])):
+        before = m.compute()
+        m.reduce()
+        assert_close(m.compute(), before, tol=0)
+
+
+def _ddp_worker(rank, world_size, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world_size)
+    seg, depth = random_data()
+    half = slice(0, 4) if rank == 0 else slice(4, N)  # uneven halves, 2 batches each
+    sizes = (1, 3) if rank == 0 else (2, 4)
+    seg_m = run_seg(batches(tuple(t[half] for t in seg), sizes))
+    depth_m = run_depth(batches(tuple(t[half] for t in depth), sizes))
+    seg_m.reduce()
+    depth_m.reduce()
+    with open(f'{out_dir}/rank{rank}.json', 'w') as f:
+        json.dump({'seg': seg_m.compute(), 'depth': depth_m.compute()}, f)
+    dist.destroy_process_group()
+
+
+def test_reduce_across_two_ranks(tmp_path):
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    seg, depth = random_data()
+    want = {'seg': run_seg([seg]).compute(), 'depth': run_depth([depth]).compute()}
+    for rank in range(2):
+        got = json.loads((tmp_path / f'rank{rank}.json').read_text())
+        assert_close(got['seg'], want['seg'])
+        assert_close(got['depth'], want['depth'])
