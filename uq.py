@@ -1,6 +1,45 @@
 """
 Uncertainty quantification for joint semantic segmentation and monocular depth estimation,
-and the metrics that judge it (Landgraf et al., Section 4 "Metrics", Eq. 13).
+and the metrics that judge it (Landgraf et al., Sections 3.2-3.3 and 4).
+
+A single network gives one prediction and, at best, its aleatoric uncertainty: the entropy of
+its softmax (Eq. 3) and the variance its depth head learned through the GNLL loss (Eq. 5, 6).
+What it cannot see is its own epistemic uncertainty, how much the prediction would change had
+the network been trained differently. The three methods of the paper estimate it by drawing
+several predictions ("samples") and looking at how they disagree:
+
+    MC Dropout (mcd)            one network; dropout stays on at test time (rate 0.2 or 0.5) and
+                                T = 10 forward passes see T different thinned networks
+                                (Gal & Ghahramani). Here the T passes run as one batch of T.
+    Deep Sub-Ensemble (dse)     one shared encoder with N = 10 decoder heads per task, trained
+                                one head per batch (Valdenegro-Toro); the encoder runs once and
+                                the heads as one grouped computation (heads.DeepSubEnsemble).
+    Deep Ensemble (de)          N = 10 whole networks trained from different random inits and
+                                data orders (Lakshminarayanan et al.); the state of the art, at
+                                N times the cost. Members of one architecture run as ONE batched
+                                model (torch.func.vmap over their stacked weights), not a loop.
+    none                        the single network as it is: its own entropy and variance.
+
+Every method turns an image batch into samples, the model's output dict with a leading sample
+dimension S (S = 1 for none), and `summarize` turns samples into the same `Prediction`
+(paper Section 4, "Predictions" and "Uncertainty"):
+
+    segmentation   mean softmax   q = 1/S sum_t softmax(z_t)             (in log space)
+                   prediction     argmax_c q_c
+                   uncertainty    entropy H(q) = -sum_c q_c log q_c       (Eq. 3)
+    depth          mean           mu_bar = 1/S sum_t mu_t, with mu_t = ReLU(.) already (Eq. 4)
+                   uncertainty    sigma^2 = 1/S sum_t s_t^2 + 1/S sum_t (mu_t - mu_bar)^2   (Eq. 10)
+
+Eq. 10 is the law of total variance for an equal mixture of the S Gaussians N(mu_t, s_t^2):
+the first term is the aleatoric part (the mean of the variances each sample predicts), the
+second the epistemic part (how much the samples' means disagree). With S = 1 it is the head's
+own variance, so `none` needs no special case. The same Prediction of a Deep Ensemble is the
+teacher's target for EMUFormer (log q for Eq. 8, sigma^2 for Eq. 9).
+
+    teacher = DeepEnsemble(members)                 # stacks the weights once
+    pred = predict(teacher, images, 'de')
+    pred = predict(model, images, 'mcd', samples=10, dropout=0.2)
+    pred.probs, pred.pred, pred.entropy, pred.depth_mean, pred.depth_var
 
 Metrics
 -------
@@ -22,17 +61,148 @@ result does not depend on batch size, batch order or the number of DDP ranks. Ev
 
     seg, dep = SegMetrics(num_classes, device=device), DepthMetrics(device=device)
     for image, label, depth in loader:
-        ...  # probs, entropy, mean, variance from the model and an uncertainty method
-        seg.update(probs, label, entropy)
-        dep.update(mean, variance, depth)
+        pred = predict(model, image, method)
+        seg.update(pred.probs, label, pred.entropy)
+        dep.update(pred.depth_mean, pred.depth_var, depth)
     seg.reduce(); dep.reduce()  # sum the statistics over ranks (a no-op without DDP)
     print(seg.compute(), dep.compute())
 """
 
+import copy
 import math
+import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state, vmap
+
+from heads import DeepSubEnsemble
+from mit import mc_dropout
+
+# ---- Uncertainty methods ----
+
+METHODS = ('none', 'mcd', 'dse', 'de')
+
+
+@dataclass
+class Prediction:
+    """Mean prediction and predictive uncertainty of a batch; None for a task the model lacks.
+
+    log_probs   (B, K, H, W)  log of the mean softmax q (kept in log space: Eq. 8 needs log q)
+    entropy     (B, H, W)     predictive entropy of q, nats (Eq. 3)
+    depth_mean  (B, H, W)     mean depth, metres
+    depth_var   (B, H, W)     predictive variance, metres^2 (Eq. 10)
+    """
+    log_probs: torch.Tensor = None
+    entropy: torch.Tensor = None
+    depth_mean: torch.Tensor = None
+    depth_var: torch.Tensor = None
+
+    @property
+    def probs(self):
+        return self.log_probs.exp()
+
+    @property
+    def pred(self):
+        return self.log_probs.argmax(dim=1)  # (B, K, H, W) -> (B, H, W) class ids
+
+
+def summarize(samples):
+    """Samples (the model's output dict with a leading sample dimension S) -> Prediction.
+    Computed in float32 whatever precision the samples are in."""
+    pred = Prediction()
+    if 'seg_logits' in samples:
+        z = samples['seg_logits'].float()  # (S, B, K, H, W)
+        # log q = log(1/S sum_t softmax(z_t)) = logsumexp_t log_softmax(z_t) - log S: no log 0
+        pred.log_probs = torch.logsumexp(F.log_softmax(z, dim=2), dim=0) - math.log(z.shape[0])
+        pred.entropy = -(pred.log_probs.exp() * pred.log_probs).sum(dim=1)  # Eq. 3
+    if 'depth_mean' in samples:
+        mu, var = samples['depth_mean'].float(), samples['depth_var'].float()  # (S, B, H, W)
+        pred.depth_mean = mu.mean(dim=0)
+        pred.depth_var = var.mean(dim=0) + mu.var(dim=0, correction=0)  # Eq. 10 (1/S, not 1/(S-1))
+    return pred
+
+
+class DeepEnsemble:
+    """N trained members of one architecture, run as one model.
+
+    batched=True (the default) stacks the members' weights once, (N, ...) per tensor, and runs
+    the network once with torch.func.vmap over that stack: every layer processes all members in
+    one call (a conv becomes a grouped conv, a matmul a batched matmul), which keeps a GPU busy
+    where a loop of N small passes would not. batched=False is the plain loop, kept to check
+    against and to benchmark. Either way self(images) returns samples (N, B, ...). Members are
+    used in eval mode and without gradients (the ensemble is a fixed teacher or evaluator).
+    """
+
+    def __init__(self, members, batched=True):
+        self.members = [m.eval() for m in members]
+        self.batched = batched
+        if batched:
+            params, self.buffers = stack_module_state(self.members)
+            self.params = {k: v.detach() for k, v in params.items()}
+            # a weightless copy of the architecture; functional_call supplies the stacked tensors
+            self.base = copy.deepcopy(self.members[0]).to('meta')
+
+    def __len__(self):
+        return len(self.members)
+
+    @torch.no_grad()
+    def __call__(self, images):
+        if not self.batched:
+            outs = [m(images) for m in self.members]
+            return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+        member = lambda params, buffers, x: functional_call(self.base, (params, buffers), (x,))
+        with warnings.catch_warnings():
+            # PyTorch has no vmap rule for the CPU flash-attention kernel and loops over the
+            # members for that one op; the result is the same, so the warning is only noise
+            warnings.filterwarnings('ignore', message='There is a performance drop')
+            return vmap(member, in_dims=(0, 0, None))(self.params, self.buffers, images)
+
+
+def mc_dropout_samples(model, images, samples=10, dropout=0.2, chunk=None):
+    """T = samples passes with every dropout layer on at rate `dropout` -> samples (T, B, ...).
+    The T passes run as one batch of T*B images (each replica draws its own masks), or in
+    chunks of `chunk` passes at a time where memory does not allow all at once."""
+    chunk = chunk or samples
+    B = images.shape[0]
+    outs = []
+    with torch.no_grad(), mc_dropout(model, dropout):
+        for start in range(0, samples, chunk):
+            n = min(chunk, samples - start)
+            out = model(images.repeat(n, 1, 1, 1))  # (n*B, ...): replica t of image b at t*B + b
+            outs.append({k: v.unflatten(0, (n, B)) for k, v in out.items()})  # (n*B, ...) -> (n, B, ...)
+    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+
+@torch.no_grad()
+def predict(model, images, method='none', samples=10, dropout=0.2, chunk=None):
+    """The single entry point: a model and an image batch (B, 3, H, W) -> Prediction.
+
+    method  'none'  model is a SegFormer/DepthFormer/SegDepthFormer; one pass
+            'mcd'   the same kind of model; `samples` passes at dropout rate `dropout`
+                    (in chunks of `chunk` passes)
+            'dse'   model is a heads.DeepSubEnsemble; all heads
+            'de'    model is a DeepEnsemble (or a list of members, stacked on every call)
+    The model is put in eval mode.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown uncertainty method {method!r}: expected one of {', '.join(METHODS)}")
+    if method == 'de':
+        ensemble = model if isinstance(model, DeepEnsemble) else DeepEnsemble(model)
+        return summarize(ensemble(images))
+    if (method == 'dse') != isinstance(model, DeepSubEnsemble):
+        raise ValueError(f"method {method!r} does not fit a {type(model).__name__}: "
+                         "a DeepSubEnsemble is evaluated with method 'dse' and only it")
+    model.eval()
+    if method == 'mcd':
+        return summarize(mc_dropout_samples(model, images, samples, dropout, chunk))
+    out = model(images)
+    if method == 'none':
+        out = {k: v.unsqueeze(0) for k, v in out.items()}  # one sample: (B, ...) -> (1, B, ...)
+    return summarize(out)
+
 
 # ---- Metrics ----
 

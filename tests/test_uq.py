@@ -1,0 +1,121 @@
+"""Uncertainty methods (uq.py): Eq. 3 and Eq. 10 against numpy, and the three methods."""
+
+import numpy as np
+import pytest
+import torch
+
+import uq
+from heads import build_model
+
+
+def test_summarize_matches_numpy():
+    rng = np.random.default_rng(0)
+    S, B, K, H, W = 4, 2, 5, 3, 4
+    z = rng.normal(size=(S, B, K, H, W)) * 3
+    mu = np.maximum(rng.normal(2, 1, size=(S, B, H, W)), 0)
+    s2 = rng.uniform(0.1, 2, size=(S, B, H, W))
+    pred = uq.summarize({'seg_logits': torch.tensor(z, dtype=torch.float32),
+                         'depth_mean': torch.tensor(mu, dtype=torch.float32),
+                         'depth_var': torch.tensor(s2, dtype=torch.float32)})
+    q = np.zeros((B, K, H, W))
+    for t in range(S):  # mean softmax, written out
+        e = np.exp(z[t] - z[t].max(axis=1, keepdims=True))
+        q += e / e.sum(axis=1, keepdims=True) / S
+    entropy = -(q * np.log(q)).sum(axis=1)  # Eq. 3
+    mean = mu.mean(axis=0)
+    var = s2.mean(axis=0) + ((mu - mean) ** 2).mean(axis=0)  # Eq. 10, 1/T in both terms
+    np.testing.assert_allclose(pred.probs.numpy(), q, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(pred.pred.numpy(), q.argmax(axis=1))
+    np.testing.assert_allclose(pred.entropy.numpy(), entropy, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pred.depth_mean.numpy(), mean, rtol=1e-6)
+    np.testing.assert_allclose(pred.depth_var.numpy(), var, rtol=1e-5)
+
+
+def test_summarize_of_confident_identical_samples():
+    # S identical one-hot-ish samples: q is their softmax, no epistemic variance
+    z = torch.full((3, 1, 4, 2, 2), -200.0)
+    z[:, :, 1] = 200.0
+    d = {'seg_logits': z, 'depth_mean': torch.full((3, 1, 2, 2), 5.0), 'depth_var': torch.full((3, 1, 2, 2), 0.25)}
+    pred = uq.summarize(d)
+    assert torch.equal(pred.pred, torch.ones(1, 2, 2, dtype=torch.long))
+    assert not torch.isnan(pred.entropy).any() and pred.entropy.abs().max() < 1e-6
+    assert torch.allclose(pred.depth_var, torch.full((1, 2, 2), 0.25))
+
+
+@pytest.fixture(scope='module')
+def x():
+    torch.manual_seed(0)
+    return torch.randn(2, 3, 48, 64)
+
+
+def test_none_is_the_model_itself(x):
+    torch.manual_seed(0)
+    model = build_model('segdepthformer', 'b0', 5)
+    pred = uq.predict(model, x, 'none')
+    out = model(x)
+    assert torch.allclose(pred.probs, out['seg_logits'].softmax(1), atol=1e-6)
+    assert torch.equal(pred.depth_mean, out['depth_mean']) and torch.equal(pred.depth_var, out['depth_var'])
+    seg_only = uq.predict(build_model('segformer', 'b0', 5), x)
+    assert seg_only.depth_mean is None and seg_only.entropy.shape == (2, 48, 64)
+
+
+def test_batched_deep_ensemble_equals_the_loop(x):
+    torch.manual_seed(0)
+    members = [build_model('segdepthformer', 'b0', 5) for _ in range(3)]
+    batched, looped = uq.DeepEnsemble(members)(x), uq.DeepEnsemble(members, batched=False)(x)
+    by_hand = [m.eval()(x) for m in members]
+    for k in by_hand[0]:
+        assert batched[k].shape == (3, *by_hand[0][k].shape)
+        for i in range(3):
+            assert torch.allclose(batched[k][i], by_hand[i][k], rtol=1e-5, atol=1e-5), k
+            assert torch.equal(looped[k][i], by_hand[i][k])
+    a, b = uq.predict(uq.DeepEnsemble(members), x, 'de'), uq.predict(members, x, 'de')
+    assert torch.allclose(a.depth_var, b.depth_var, rtol=1e-5, atol=1e-6)
+    # the members disagree, so the ensemble has epistemic variance on top of the aleatoric
+    assert (a.depth_var > torch.stack([o['depth_var'] for o in by_hand]).mean(0) + 1e-9).float().mean() > 0.5
+
+
+def test_dse_runs_the_encoder_once(x):
+    torch.manual_seed(0)
+    model = build_model('dse', 'b0', 5, num_members=4)
+    calls = []
+    model.backbone.register_forward_hook(lambda *args: calls.append(1))
+    pred = uq.predict(model, x, 'dse')
+    assert len(calls) == 1
+    heads = [model(x, head=k) for k in range(4)]
+    expected = uq.summarize({k: torch.stack([h[k] for h in heads]) for k in heads[0]})
+    assert torch.allclose(pred.log_probs, expected.log_probs, atol=1e-5)
+    assert torch.allclose(pred.depth_var, expected.depth_var, rtol=1e-4, atol=1e-6)
+
+
+def test_mc_dropout_samples_differ_only_with_dropout_on(x):
+    torch.manual_seed(0)
+    model = build_model('segdepthformer', 'b0', 5).eval()
+    on = uq.mc_dropout_samples(model, x, samples=4, dropout=0.5)
+    off = uq.mc_dropout_samples(model, x, samples=4, dropout=0.0)
+    assert on['seg_logits'].shape == (4, 2, 5, 48, 64)
+    assert not torch.allclose(on['seg_logits'][0], on['seg_logits'][1])
+    ref = model(x)
+    for t in range(4):  # with the rate at 0 every sample is the deterministic model
+        for k in ref:
+            assert torch.allclose(off[k][t], ref[k], atol=1e-5)
+    assert all(not m.training for m in model.modules())  # restored
+    chunked = uq.mc_dropout_samples(model, x, samples=5, dropout=0.2, chunk=2)
+    assert chunked['depth_var'].shape == (5, 2, 48, 64)
+    torch.manual_seed(3)
+    pred = uq.predict(model, x, 'mcd', samples=4, dropout=0.5)
+    torch.manual_seed(3)
+    draws = uq.mc_dropout_samples(model, x, samples=4, dropout=0.5)
+    assert torch.equal(pred.depth_var, uq.summarize(draws).depth_var)
+    # the samples disagree (an untrained head's ReLU clips some pixels to 0 in every draw)
+    assert (draws['depth_mean'].var(0) > 0).float().mean() > 0.5
+
+
+def test_method_must_fit_the_model(x):
+    model = build_model('segformer', 'b0', 5)
+    with pytest.raises(ValueError, match="unknown uncertainty method 'ensemble'"):
+        uq.predict(model, x, 'ensemble')
+    with pytest.raises(ValueError, match="method 'dse' does not fit a SegFormer"):
+        uq.predict(model, x, 'dse')
+    with pytest.raises(ValueError, match="method 'none' does not fit a DeepSubEnsemble"):
+        uq.predict(build_model('dse', 'b0', 5, num_members=2), x, 'none')
