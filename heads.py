@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mit import MixVisionTransformer, get_config, load_strict, read_checkpoint
+from mit import MixVisionTransformer, get_config, load_file, load_strict, read_checkpoint
 
 
 def upsample(x, size):
@@ -243,3 +243,14 @@ def load_segformer_checkpoint(model, path):
     dropped; everything else must match exactly."""
     state = {k: v for k, v in read_checkpoint(path).items() if not k.startswith('decode_head.conv_seg.')}
     load_strict(model, state, path)
+
+
+def load_model(path):
+    """Rebuild a model from a checkpoint written by train.py or distill.py: a dict with the
+    model's weights under 'model' and build_model's arguments under 'config'."""
+    ckpt = load_file(path)
+    if not isinstance(ckpt, dict) or 'config' not in ckpt:
+        raise ValueError(f"{path}: no 'config' entry; expected a checkpoint written by train.py or distill.py")
+    model = build_model(**ckpt['config'])
+    load_strict(model, ckpt['model'], path)
+    return model

@@ -236,14 +236,19 @@ def init_weights(m):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
-def read_checkpoint(path):
-    """The state dict in a .pth file: bare, or wrapped under 'state_dict' or 'model'."""
+def load_file(path):
+    """torch.load onto the CPU (tensors and plain Python only), with errors that name the file."""
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
     except Exception as e:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+
+
+def read_checkpoint(path):
+    """The state dict in a .pth file: bare, or wrapped under 'state_dict' or 'model'."""
+    ckpt = load_file(path)
     for key in ('state_dict', 'model'):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             return ckpt[key]

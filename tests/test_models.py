@@ -382,3 +382,17 @@ def test_dse_training_step_touches_one_head():
             got = [p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters()]
             assert all(got) if k == 1 else not any(got)
     assert all(p.grad is not None for p in model.backbone.parameters())
+
+
+def test_load_model_rebuilds_from_a_training_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = build_model('dse', 'b0', 6, num_members=2).eval()
+    path = tmp_path / 'ckpt.pt'
+    torch.save({'model': model.state_dict(), 'config': model.config, 'step': 3}, path)
+    loaded = heads.load_model(path).eval()
+    assert isinstance(loaded, heads.DeepSubEnsemble) and loaded.config == model.config
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(loaded(x)['depth_var'], model(x)['depth_var'])
+    torch.save(model.state_dict(), path)
+    with pytest.raises(ValueError, match="no 'config' entry"):
+        heads.load_model(path)
