@@ -1,0 +1,576 @@
+"""
+Data for joint semantic segmentation and monocular depth estimation: NYUv2, Cityscapes and a
+synthetic set of rendered rooms, all returning the same kind of sample, plus the paper's
+augmentations (Section 4) and the colour jitter on the teacher's input (Section 3.3).
+
+A sample is a dict of tensors:
+    'image'          float32 (3, H, W)  RGB in [0, 1], then normalised with ImageNet MEAN / STD
+    'label'          int64   (H, W)     class ids 0..K-1, IGNORE_INDEX (255) = unlabelled
+    'depth'          float32 (H, W)     metres, 0 = no measurement
+    'name'           str
+    'image_teacher'  float32 (3, H, W)  only with teacher_jitter: the same crop, scale and flip
+                                        as 'image' but colour-jittered (EMUFormer's teacher input)
+
+On-disk layouts:
+    NYUv2 (40 classes, 795 train / 654 val), the "NYUD-MT" layout of MTI-Net, ATRC and InvPT:
+        ROOT/images/<name>.jpg
+        ROOT/segmentation/<name>.png    0 = unlabelled, 1..40 = classes (uint8 or uint16)
+        ROOT/depth/<name>.npy           float metres, 0 = invalid
+        ROOT/gt_sets/{train,val}.txt    one <name> per line
+    made from the official files by
+        pip install h5py scipy
+        python data.py convert-nyuv2 --mat nyu_depth_v2_labeled.mat --splits splits.mat \\
+            --mapping classMapping40.mat --out data/nyuv2
+    Cityscapes (19 classes, 2975 train / 500 val), the official layout:
+        ROOT/leftImg8bit/{split}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+        ROOT/gtFine/{split}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
+        ROOT/disparity/{split}/<city>/<city>_<seq>_<frame>_disparity.png
+        ROOT/camera/{split}/<city>/<city>_<seq>_<frame>_camera.json
+    Synthetic (6 classes): no files, every scene is drawn on the fly from (seed, index).
+
+Use build_dataset(name, root, split, train) to get any of them with the right transform.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+IGNORE_INDEX = 255
+MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics of RGB in [0, 1]: the encoder was pre-trained on them
+STD = (0.229, 0.224, 0.225)
+
+# -----------------------------------------------------------------------------
+# class names and palettes (palette[k] is the RGB colour of class k, for visualisation)
+
+
+def _voc_palette(n):
+    """The PASCAL VOC colour map: the low bits of index i go to the high bits of R, G and B
+    in turn, so that neighbouring indices get clearly different colours."""
+    palette = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c = i
+        for bit in range(7, -1, -1):
+            for channel in range(3):
+                palette[i, channel] |= ((c >> channel) & 1) << bit
+            c >>= 3
+    return palette
+
+
+# The 40 classes of Gupta et al. (classMapping40.mat), in the order of their ids 1..40.
+NYUV2_CLASSES = (
+    'wall', 'floor', 'cabinet', 'bed', 'chair', 'sofa', 'table', 'door', 'window', 'bookshelf',
+    'picture', 'counter', 'blinds', 'desk', 'shelves', 'curtain', 'dresser', 'pillow', 'mirror',
+    'floor mat', 'clothes', 'ceiling', 'books', 'refrigerator', 'television', 'paper', 'towel',
+    'shower curtain', 'box', 'whiteboard', 'person', 'night stand', 'toilet', 'sink', 'lamp',
+    'bathtub', 'bag', 'otherstructure', 'otherfurniture', 'otherprop')
+NYUV2_PALETTE = _voc_palette(41)[1:]  # skip VOC's black, which stays free for ignored pixels
+
+CITYSCAPES_CLASSES = (
+    'road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light', 'traffic sign',
+    'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus', 'train',
+    'motorcycle', 'bicycle')
+CITYSCAPES_PALETTE = np.array([
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+    (0, 80, 100), (0, 0, 230), (119, 11, 32)], np.uint8)
+# label id -> train id for the 34 ids of gtFine_labelIds.png (cityscapesScripts' labels.py);
+# every id that is not one of the 19 evaluated classes becomes IGNORE_INDEX.
+CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+_CITYSCAPES_TRAIN_ID = np.full(256, IGNORE_INDEX, np.int64)
+_CITYSCAPES_TRAIN_ID[list(CITYSCAPES_LABEL_IDS)] = np.arange(19)
+
+SYNTHETIC_CLASSES = ('floor', 'wall', 'ceiling', 'box', 'ball', 'pillar')
+SYNTHETIC_PALETTE = np.array([
+    (128, 64, 0), (255, 200, 100), (100, 200, 255), (220, 40, 40), (40, 80, 220), (60, 180, 60)],
+    np.uint8)
+
+NUM_CLASSES = {'nyuv2': 40, 'cityscapes': 19, 'synthetic': len(SYNTHETIC_CLASSES)}
+CLASS_NAMES = {'nyuv2': NYUV2_CLASSES, 'cityscapes': CITYSCAPES_CLASSES, 'synthetic': SYNTHETIC_CLASSES}
+PALETTES = {'nyuv2': NYUV2_PALETTE, 'cityscapes': CITYSCAPES_PALETTE, 'synthetic': SYNTHETIC_PALETTE}
+CROP_SIZES = {'nyuv2': (480, 640), 'cityscapes': (768, 768)}  # paper Section 4, (H, W)
+
+# -----------------------------------------------------------------------------
+# augmentations
+
+
+def normalize(image):
+    """(3, H, W) RGB in [0, 1] -> ImageNet-normalised; the padding value 0 of random crops is
+    therefore the mean colour, the most neutral input the pre-trained encoder knows."""
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    return (image - mean) / std
+
+
+def random_scale(image, label, depth, scale):
+    """Resize by a factor drawn uniformly from scale = (low, high): bilinear for the image,
+    nearest for label and depth, which must not invent classes or blend a depth edge (or a
+    hole, 0) into values that were never measured. Depth values stay as they are: the scale is
+    an augmentation of the image, not a move of the camera."""
+    s = scale[0] + (scale[1] - scale[0]) * torch.rand(()).item()
+    h, w = label.shape
+    size = (max(1, round(h * s)), max(1, round(w * s)))
+    image = F.interpolate(image[None], size, mode='bilinear', align_corners=False)[0]
+    # 'nearest-exact' samples at pixel centres like bilinear with align_corners=False, so label
+    # and depth stay aligned with the image; plain 'nearest' is shifted by half a pixel.
+    label_depth = torch.stack([label.float(), depth])[None]  # (1, 2, H, W); ids <= 255 are exact in float32
+    label_depth = F.interpolate(label_depth, size, mode='nearest-exact')[0]
+    return image, label_depth[0].long(), label_depth[1]
+
+
+def random_crop(image, label, depth, size):
+    """Cut a random window of size (H, W); where the image is smaller the window is the whole
+    image along that side (JointTransform pads it afterwards)."""
+    h, w = label.shape
+    y = torch.randint(max(h - size[0], 0) + 1, ()).item()
+    x = torch.randint(max(w - size[1], 0) + 1, ()).item()
+    window = (slice(y, y + size[0]), slice(x, x + size[1]))
+    return image[(slice(None), *window)], label[window], depth[window]
+
+
+def _gray(image):
+    """(3, H, W) RGB -> (1, H, W) luma with the ITU-R 601 weights."""
+    return (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2])[None]
+
+
+# RGB <-> YIQ: Y is the luma, (I, Q) the chroma plane; rotating (I, Q) shifts the hue
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+
+
+def color_jitter(image, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1):
+    """Random colour change of a (3, H, W) RGB image in [0, 1], like torchvision's ColorJitter
+    with a fixed order: brightness, contrast and saturation factors are drawn from
+    [1 - s, 1 + s], the hue shift from [-hue, hue] of a full turn (a rotation of the chroma
+    plane in YIQ space, close to a shift of the HSV hue). Draws from the global torch RNG."""
+    b, c, s = (1 + k * (2 * torch.rand(()).item() - 1) for k in (brightness, contrast, saturation))
+    angle = 2 * math.pi * hue * (2 * torch.rand(()).item() - 1)
+    image = (image * b).clamp(0, 1)
+    gray = _gray(image).mean()
+    image = (gray + c * (image - gray)).clamp(0, 1)  # contrast: away from the mean luma
+    gray = _gray(image)
+    image = (gray + s * (image - gray)).clamp(0, 1)  # saturation: away from the pixel's own gray
+    cos, sin = math.cos(angle), math.sin(angle)
+    rotate = torch.tensor([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+    matrix = _YIQ_TO_RGB @ rotate @ _RGB_TO_YIQ
+    return torch.einsum('ij,jhw->ihw', matrix, image).clamp(0, 1)
+
+
+def _pad_to(x, size, value):
+    """Pad the last two dims of x at the bottom and right up to size (no-op if already there)."""
+    return F.pad(x, (0, size[1] - x.shape[-1], 0, size[0] - x.shape[-2]), value=value)
+
+
+class JointTransform:
+    """Turn one sample read from disk (numpy: image uint8 (H, W, 3), label int64 (H, W), depth
+    float32 (H, W)) into the sample dict of tensors, with the same geometry for all of them.
+
+    train=True, the paper's recipe (Section 4): random scale in `scale`, random crop to
+    crop_size = (H, W) padded at the bottom/right with 0 in the normalised image (the mean
+    colour), IGNORE_INDEX in the label and 0 (invalid) in the depth where the scaled image is
+    smaller, horizontal flip with p = 0.5.
+    train=False: the full image, only normalised.
+    teacher_jitter adds 'image_teacher': the same pixels colour-jittered with strengths
+    `jitter` = (brightness, contrast, saturation, hue), EMUFormer's teacher input (Section 3.3).
+
+    All randomness comes from the global torch RNG: torch.manual_seed makes a run repeatable,
+    and the DataLoader reseeds torch in each worker, so workers draw different augmentations.
+    (A torch.Generator held by the transform would be copied into every worker, which would
+    then all draw the same crops.)
+    """
+
+    def __init__(self, crop_size=None, train=False, scale=(0.5, 2.0), flip=True,
+                 teacher_jitter=False, jitter=(0.4, 0.4, 0.4, 0.1)):
+        if train and crop_size is None:
+            raise ValueError('a training JointTransform needs crop_size=(H, W)')
+        self.crop_size = crop_size
+        self.train = train
+        self.scale = scale
+        self.flip = flip
+        self.teacher_jitter = teacher_jitter
+        self.jitter = jitter
+
+    def __call__(self, image, label, depth, name):
+        if not image.shape[:2] == label.shape == depth.shape:
+            raise ValueError(f'sample {name}: image {image.shape[:2]}, label {label.shape} and '
+                             f'depth {depth.shape} must have the same height and width')
+        image = torch.from_numpy(image).permute(2, 0, 1).float() / 255  # (H, W, 3) uint8 -> (3, H, W) in [0, 1]
+        label, depth = torch.from_numpy(label), torch.from_numpy(depth)
+        size = label.shape
+        if self.train:
+            image, label, depth = random_scale(image, label, depth, self.scale)
+            image, label, depth = random_crop(image, label, depth, self.crop_size)
+            if self.flip and torch.rand(()).item() < 0.5:
+                image, label, depth = image.flip(-1), label.flip(-1), depth.flip(-1)
+            size = self.crop_size
+        # padding comes last so that it is exactly 0 in both normalised images, never jittered
+        sample = {'image': _pad_to(normalize(image), size, 0.0),
+                  'label': _pad_to(label, size, IGNORE_INDEX),
+                  'depth': _pad_to(depth, size, 0.0),
+                  'name': name}
+        if self.teacher_jitter:
+            sample['image_teacher'] = _pad_to(normalize(color_jitter(image, *self.jitter)), size, 0.0)
+        return sample
+
+
+def seed_worker(worker_id):
+    """worker_init_fn for a DataLoader: seed numpy and random from the worker's torch seed (the
+    recipe of PyTorch's reproducibility notes; recent DataLoaders already do the same)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# reading files: every failure names the file
+
+
+def _read(path, reader):
+    """reader(path), with any failure to read or parse re-raised naming the file."""
+    try:
+        return reader(path)
+    except (OSError, ValueError, EOFError, KeyError) as e:
+        raise RuntimeError(f'cannot read {path}: {type(e).__name__}: {e}') from e
+
+
+def _image(path):
+    with Image.open(path) as im:
+        return np.array(im.convert('RGB'))  # (H, W, 3) uint8
+
+
+def _png(path):
+    with Image.open(path) as im:
+        return np.array(im)  # (H, W) as stored: uint8 or uint16
+
+
+def _npy(path):
+    return np.load(path).astype(np.float32)
+
+
+def _camera(path):
+    with open(path) as f:
+        camera = json.load(f)
+    return camera['extrinsic']['baseline'], camera['intrinsic']['fx']
+
+
+# -----------------------------------------------------------------------------
+# NYUv2
+
+
+class NYUv2(Dataset):
+    """NYUv2 in the NYUD-MT layout (see the module docstring); split is 'train' or 'val'."""
+
+    def __init__(self, root, split, transform):
+        self.root = Path(root)
+        self.transform = transform
+        listing = self.root / 'gt_sets' / f'{split}.txt'
+        expected = [self.root / d for d in ('images', 'segmentation', 'depth')] + [listing]
+        missing = [str(p) for p in expected if not p.exists()]
+        self.names = [] if missing else listing.read_text().split()
+        if not self.names:
+            problem = f'missing {", ".join(missing)}' if missing else f'{listing} lists no samples'
+            raise FileNotFoundError(
+                f'NYUv2 {split} in {self.root}: {problem}; expected the NYUD-MT layout:\n'
+                f'  {self.root}/images/<name>.jpg\n'
+                f'  {self.root}/segmentation/<name>.png  (0 = unlabelled, 1..40 = classes)\n'
+                f'  {self.root}/depth/<name>.npy  (float metres, 0 = invalid)\n'
+                f'  {self.root}/gt_sets/{split}.txt  (one <name> per line)\n'
+                f'make it with: python data.py convert-nyuv2 --help')
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        name = self.names[i]
+        image = _read(self.root / 'images' / f'{name}.jpg', _image)
+        label_path = self.root / 'segmentation' / f'{name}.png'
+        raw = _read(label_path, _png).astype(np.int64)
+        if raw.max() > 40:
+            raise ValueError(f'{label_path}: class id {raw.max()} > 40; expected the 40-class '
+                             f'labels (0 = unlabelled, 1..40), not the raw 894 NYUv2 classes')
+        label = np.where(raw == 0, IGNORE_INDEX, raw - 1)  # 1..40 -> 0..39, 0 -> ignore
+        depth = _read(self.root / 'depth' / f'{name}.npy', _npy)
+        return self.transform(image, label, depth, name)
+
+
+def _save_atomic(path, save):
+    """save(tmp) then rename to path: a killed run leaves no half-written file under its name."""
+    tmp = path.with_name(path.stem + '.tmp' + path.suffix)  # keep the suffix: PIL and numpy read it
+    save(tmp)
+    os.replace(tmp, path)
+
+
+def convert_nyuv2(mat, splits, mapping, out):
+    """Write the official NYUv2 files into the NYUD-MT layout under out (see module docstring).
+
+    mat      nyu_depth_v2_labeled.mat: MATLAB v7.3, i.e. HDF5; h5py sees every array transposed,
+             'images' (1449, 3, 640, 480) uint8, 'depths' (1449, 640, 480) metres and 'labels'
+             (1449, 640, 480) raw class ids 0..894 (0 = unlabelled)
+    splits   splits.mat: 'trainNdxs' (795, 1) and 'testNdxs' (654, 1), 1-based image indices
+    mapping  classMapping40.mat: 'mapClass' (1, 894), mapClass[0, raw - 1] = 40-class id 1..40
+    Sample i (1-based) is named f'{i:06d}'. Finished samples are skipped, so a killed
+    conversion can simply be run again.
+    """
+    try:
+        import h5py
+        import scipy.io
+    except ImportError as e:
+        raise ImportError('converting NYUv2 needs h5py and scipy: pip install h5py scipy') from e
+    out = Path(out)
+    for d in ('images', 'segmentation', 'depth', 'gt_sets'):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    map_class = scipy.io.loadmat(mapping)['mapClass'][0]  # (894,): 40-class id of raw ids 1..894
+    to_40 = np.concatenate([[0], map_class]).astype(np.uint8)  # raw id -> 0..40, 0 stays unlabelled
+    split_mat = scipy.io.loadmat(splits)
+    split_ids = {'train': split_mat['trainNdxs'].ravel(), 'val': split_mat['testNdxs'].ravel()}
+    todo = sorted(int(i) for ids in split_ids.values() for i in ids)
+    start = time.time()
+    with h5py.File(mat, 'r') as f:
+        for k, i in enumerate(todo, 1):
+            name = f'{i:06d}'
+            paths = (out / 'images' / f'{name}.jpg', out / 'segmentation' / f'{name}.png',
+                     out / 'depth' / f'{name}.npy')
+            if not all(p.exists() for p in paths):
+                image = f['images'][i - 1].transpose(2, 1, 0)  # (3, W, H) -> (H, W, 3)
+                label = to_40[f['labels'][i - 1].T]  # (W, H) -> (H, W), raw ids -> 0..40
+                depth = f['depths'][i - 1].T.astype(np.float32)  # (W, H) -> (H, W) metres
+                _save_atomic(paths[0], lambda p: Image.fromarray(image).save(p, quality=95))
+                _save_atomic(paths[1], lambda p: Image.fromarray(label).save(p))
+                _save_atomic(paths[2], lambda p: np.save(p, depth))
+            if k % 50 == 0 or k == len(todo):
+                rate = k / (time.time() - start)
+                eta = (len(todo) - k) / rate
+                print(f'{k}/{len(todo)} samples, {rate:.1f}/s, ETA {eta:.0f} s', flush=True)
+    for split, ids in split_ids.items():  # last: a listed sample is a finished one
+        names = ''.join(f'{i:06d}\n' for i in ids)
+        _save_atomic(out / 'gt_sets' / f'{split}.txt', lambda p: p.write_text(names))
+
+
+# -----------------------------------------------------------------------------
+# Cityscapes
+
+
+class Cityscapes(Dataset):
+    """Cityscapes in its official layout (see the module docstring); split is 'train' or 'val'.
+    Depth comes from the stereo disparity: a pixel p > 0 of the 16-bit disparity PNG means
+    d = (p - 1) / 256 pixels, and depth = baseline * fx / d metres; p = 0 (no match) and p = 1
+    (d = 0, infinitely far) are invalid, 0. Depth is not clipped (d = 1 pixel is about 470 m
+    away), so the loss and the metrics choose their own maximum depth."""
+
+    def __init__(self, root, split, transform):
+        self.root = Path(root)
+        self.split = split
+        self.transform = transform
+        self.images = sorted((self.root / 'leftImg8bit' / split).glob('*/*_leftImg8bit.png'))
+        missing = [str(self.root / d / split) for d in ('gtFine', 'disparity', 'camera')
+                   if not (self.root / d / split).is_dir()]
+        if missing or not self.images:
+            problem = (f'missing {", ".join(missing)}' if missing else
+                       f'no {self.root}/leftImg8bit/{split}/<city>/*_leftImg8bit.png')
+            raise FileNotFoundError(
+                f'Cityscapes {split} in {self.root}: {problem}; expected the official layout:\n'
+                f'  {self.root}/leftImg8bit/{split}/<city>/<city>_<seq>_<frame>_leftImg8bit.png\n'
+                f'  {self.root}/gtFine/{split}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png\n'
+                f'  {self.root}/disparity/{split}/<city>/<city>_<seq>_<frame>_disparity.png\n'
+                f'  {self.root}/camera/{split}/<city>/<city>_<seq>_<frame>_camera.json')
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        path = self.images[i]
+        name = path.name.removesuffix('_leftImg8bit.png')
+        city = path.parent.name
+        image = _read(path, _image)
+        label_ids = _read(self.root / 'gtFine' / self.split / city / f'{name}_gtFine_labelIds.png', _png)
+        label = _CITYSCAPES_TRAIN_ID[label_ids]
+        p = _read(self.root / 'disparity' / self.split / city / f'{name}_disparity.png', _png)
+        p = p.astype(np.float32)
+        baseline, fx = _read(self.root / 'camera' / self.split / city / f'{name}_camera.json', _camera)
+        disparity = (p - 1) / 256
+        valid = disparity > 0  # p > 1
+        depth = np.zeros_like(p)
+        depth[valid] = baseline * fx / disparity[valid]
+        return self.transform(image, label, depth, name)
+
+
+# -----------------------------------------------------------------------------
+# synthetic scenes: a room seen by a pinhole camera, with depth and labels from one z-buffer
+
+FLOOR, WALL, CEILING, BOX, BALL, PILLAR = range(len(SYNTHETIC_CLASSES))
+_COLOURS = np.array([(0.55, 0.40, 0.25), (0.75, 0.72, 0.62), (0.90, 0.90, 0.92),
+                     (0.80, 0.25, 0.20), (0.20, 0.45, 0.85), (0.60, 0.60, 0.62)])  # rendering, RGB in [0, 1]
+_LIGHT = np.array([-0.5, 0.6, -0.6]) / np.linalg.norm([-0.5, 0.6, -0.6])  # towards the light: up, left, front
+
+
+def _fog(z):
+    """Far surfaces are darker: a depth cue in the image, as in a dim room."""
+    return np.exp(-z / 12)
+
+
+def _lambert(nx, ny, nz):
+    """Ambient plus diffuse shading of a surface with unit normal (nx, ny, nz) (camera axes:
+    x right, y up, z forward)."""
+    return 0.35 + 0.65 * np.clip(nx * _LIGHT[0] + ny * _LIGHT[1] + nz * _LIGHT[2], 0, 1)
+
+
+def render_scene(rng, size, annotation_noise=True):
+    """Draw a random room at size (H, W) -> image uint8 (H, W, 3), label int64 (H, W), depth
+    float32 (H, W) in metres (z along the optical axis, like a depth sensor).
+
+    The camera, cam_h metres above the floor, looks along the floor towards a back wall at
+    wall_z; the ceiling is room_h above the floor. Every surface is painted into one z-buffer
+    with its depth, class, colour and shading; the nearest surface wins each pixel, so labels,
+    depth and image agree and nearer objects occlude farther ones. Floor (tiled) and ceiling
+    depth grow towards the horizon row cy; boxes, balls and pillars stand on the floor.
+    annotation_noise adds what real ground truth has: thin strokes labelled with a wrong class
+    or IGNORE_INDEX, and holes of depth 0.
+    """
+    h, w = size
+    cam_h, room_h, wall_z = rng.uniform(1.2, 1.8), rng.uniform(2.6, 3.4), rng.uniform(4.0, 9.0)
+    f = w * rng.uniform(0.7, 1.0)  # focal length in pixels
+    cx, cy = w / 2, h * rng.uniform(0.4, 0.6)  # the horizon row moves with the camera's pitch
+    u = np.arange(w) + 0.5  # (W,) pixel centres
+    v = (np.arange(h) + 0.5)[:, None]  # (H, 1)
+    dv = v - cy  # > 0 below the horizon
+    depth = np.full((h, w), np.inf)  # the z-buffer: nearest surface so far, with its
+    label = np.zeros((h, w), np.int64)  # class,
+    base = np.zeros((h, w, 3))  # base colour
+    shade = np.zeros((h, w))  # and shading (light, texture, fog)
+
+    def draw(mask, z, surface_shade, surface_colour, cls):
+        """Paint a surface of depth z on the pixels of mask where it is nearer than what is there."""
+        z = np.broadcast_to(np.where(mask, z, np.inf), (h, w))
+        near = z < depth
+        depth[near] = z[near]
+        shade[near] = np.broadcast_to(surface_shade, (h, w))[near]
+        base[near] = np.clip(surface_colour, 0, 1)
+        label[near] = cls
+
+    # the planes of the room: z = height * f / (row distance from the horizon)
+    floor_z = cam_h * f / np.maximum(dv, 1e-9)
+    seen = np.minimum(floor_z, wall_z)  # finite where the texture is visible at all
+    tiles = (np.floor((u - cx) * seen / f / 0.6) + np.floor(seen / 0.6)) % 2  # 0.6 m floor tiles
+    draw(dv > 0, floor_z, (0.8 + 0.2 * tiles) * _fog(seen), _COLOURS[FLOOR], FLOOR)
+    ceiling_z = (room_h - cam_h) * f / np.maximum(-dv, 1e-9)
+    draw(dv < 0, ceiling_z, _fog(np.minimum(ceiling_z, wall_z)), _COLOURS[CEILING], CEILING)
+    stripes = 0.9 + 0.1 * np.cos(2 * np.pi * (u - cx) * wall_z / f / 0.5)  # wallpaper, 0.5 m period
+    draw(True, wall_z, stripes * _fog(wall_z), _COLOURS[WALL] + rng.uniform(-0.1, 0.1, 3), WALL)
+
+    for _ in range(rng.integers(2, 6)):
+        cls = rng.choice([BOX, BALL, PILLAR], p=[0.45, 0.4, 0.15])
+        colour = _COLOURS[cls] + rng.uniform(-0.1, 0.1, 3)
+        z0 = rng.uniform(1.5, wall_z - 0.8)  # front of the object
+        x0 = rng.uniform(-0.8, 0.8) * z0 * cx / f  # lateral position, inside the view
+        if cls == BOX:
+            bw, bh, bd = rng.uniform(0.4, 1.2), rng.uniform(0.3, cam_h - 0.1), rng.uniform(0.3, 1.0)
+            front = ((abs(u - cx - f * x0 / z0) < f * bw / 2 / z0)
+                     & (dv > f * (cam_h - bh) / z0) & (dv < f * cam_h / z0))
+            draw(front, z0, 0.8 * _fog(z0), colour, BOX)
+            top_z = (cam_h - bh) * f / np.maximum(dv, 1e-9)  # the lid, a plane below the camera
+            top = (dv > 0) & (top_z >= z0) & (top_z <= z0 + bd) & (abs((u - cx) * top_z / f - x0) < bw / 2)
+            draw(top, top_z, _fog(np.minimum(top_z, wall_z)), colour, BOX)
+        elif cls == BALL:
+            r = rng.uniform(0.2, 0.5)
+            zc = z0 + r  # centre, resting on the floor
+            dx = (u - cx - f * x0 / zc) / (f * r / zc)  # offsets in units of the projected radius
+            dy = (dv - f * (cam_h - r) / zc) / (f * r / zc)
+            nz = np.sqrt(np.clip(1 - dx**2 - dy**2, 0, 1))
+            draw(dx**2 + dy**2 < 1, zc - r * nz, _lambert(dx, -dy, -nz) * _fog(zc), colour, BALL)
+        else:
+            r = rng.uniform(0.1, 0.3)
+            zc = z0 + r  # axis of a floor-to-ceiling column
+            dx = (u - cx - f * x0 / zc) / (f * r / zc)
+            nz = np.sqrt(np.clip(1 - dx**2, 0, 1))
+            mask = (abs(dx) < 1) & (dv > -f * (room_h - cam_h) / zc) & (dv < f * cam_h / zc)
+            draw(mask, zc - r * nz, _lambert(dx, 0, -nz) * _fog(zc), colour, PILLAR)
+
+    depth = depth.astype(np.float32)  # the wall is everywhere: all finite
+    image = base * shade[..., None]  # (H, W, 3)
+    image += rng.normal(0, rng.uniform(0.01, 0.04), image.shape)  # sensor noise
+    image = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+    if annotation_noise:
+        for _ in range(rng.integers(1, 4)):  # a careless annotator's strokes
+            a, b = rng.uniform(0, 1, 2) * (w, h), rng.uniform(0, 1, 2) * (w, h)
+            ab = b - a
+            t = np.clip(((u - a[0]) * ab[0] + (v - a[1]) * ab[1]) / (ab @ ab + 1e-9), 0, 1)
+            stroke = np.hypot(u - a[0] - t * ab[0], v - a[1] - t * ab[1]) < rng.uniform(0.5, 1.5)
+            label[stroke] = IGNORE_INDEX if rng.random() < 0.5 else rng.integers(len(SYNTHETIC_CLASSES))
+        for _ in range(rng.integers(0, 3)):  # elliptic holes of a depth sensor
+            (ex, ey), (rx, ry) = rng.uniform(0, 1, 2) * (w, h), rng.uniform(0.03, 0.12, 2) * (w, h)
+            depth[((u - ex) / rx) ** 2 + ((v - ey) / ry) ** 2 < 1] = 0
+    return image, label, depth
+
+
+class SyntheticScenes(Dataset):
+    """num_images rendered rooms of size (H, W); scene i depends only on (seed, i), so any
+    subset, length or worker order gives the same scenes. Classes: SYNTHETIC_CLASSES."""
+
+    def __init__(self, num_images, size=(96, 128), seed=0, annotation_noise=True, transform=None):
+        self.num_images = num_images
+        self.size = size
+        self.seed = seed
+        self.annotation_noise = annotation_noise
+        self.transform = transform or JointTransform()
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, i])
+        image, label, depth = render_scene(rng, self.size, self.annotation_noise)
+        return self.transform(image, label, depth, f'synthetic_{self.seed}_{i:06d}')
+
+
+# -----------------------------------------------------------------------------
+
+
+def build_dataset(name, root, split, train, crop_size=None, teacher_jitter=False,
+                  num_images=None, size=(96, 128), seed=0, annotation_noise=True):
+    """The data set `name` ('nyuv2', 'cityscapes' or 'synthetic') of split 'train' or 'val'.
+
+    train chooses the augmentations (JointTransform), independently of the split; crop_size
+    defaults to the paper's: (480, 640) NYUv2, (768, 768) Cityscapes, the full size for the
+    synthetic scenes. Synthetic only (root is ignored): num_images (default 200 train / 50
+    val), size (H, W), seed and annotation_noise; the val scenes use seed + 1_000_003 so
+    that no nearby training seed draws them.
+    """
+    if name not in NUM_CLASSES:
+        raise ValueError(f'unknown data set {name!r}; valid: {", ".join(NUM_CLASSES)}')
+    if split not in ('train', 'val'):
+        raise ValueError(f"unknown split {split!r}; valid: train, val")
+    crop_size = crop_size or CROP_SIZES.get(name, size)
+    transform = JointTransform(crop_size, train=train, teacher_jitter=teacher_jitter)
+    if name == 'nyuv2':
+        return NYUv2(root, split, transform)
+    if name == 'cityscapes':
+        return Cityscapes(root, split, transform)
+    return SyntheticScenes(num_images or {'train': 200, 'val': 50}[split], size,
+                           seed if split == 'train' else seed + 1_000_003, annotation_noise, transform)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description='Data set tools; see the docstring of data.py.')
+    commands = parser.add_subparsers(dest='command', required=True)
+    convert = commands.add_parser('convert-nyuv2', help='official NYUv2 files -> NYUD-MT layout')
+    convert.add_argument('--mat', required=True, help='nyu_depth_v2_labeled.mat')
+    convert.add_argument('--splits', required=True, help='splits.mat (1-based trainNdxs, testNdxs)')
+    convert.add_argument('--mapping', required=True, help='classMapping40.mat (mapClass)')
+    convert.add_argument('--out', required=True, help='output root of the NYUD-MT layout')
+    args = parser.parse_args(argv)
+    convert_nyuv2(args.mat, args.splits, args.mapping, args.out)
+
+
+if __name__ == '__main__':
+    main()
