@@ -68,8 +68,10 @@ result does not depend on batch size, batch order or the number of DDP ranks. Ev
     print(seg.compute(), dep.compute())
 """
 
+import contextlib
 import copy
 import math
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -387,3 +389,48 @@ class DepthMetrics(StreamingMetric):
             'delta3': _ratio(d3, n),
             **self._uncertainty_metrics(),
         }
+
+
+# ---- Evaluation over a data set ----
+
+@torch.no_grad()
+def evaluate(model, loader, num_classes, method='none', device='cpu', autocast=None, on_batch=None,
+             **method_kwargs):
+    """Run `predict` over a loader of sample dicts and stream the metrics.
+
+    autocast: a context manager factory for the forward pass (e.g. bf16), or None.
+    on_batch(batch, pred, seconds): called after each batch (visualisation, logging), with the
+    wall-clock seconds of predict() (the device synchronised, so GPU time is included).
+    Returns {'seg': SegMetrics.compute() or None, 'depth': ... or None, 'times': [seconds]},
+    with the statistics summed over DDP ranks first.
+    """
+    seg, dep = SegMetrics(num_classes, device=device), DepthMetrics(device=device)
+    has = set()
+    times = []
+    for batch in loader:
+        images = batch['image'].to(device, non_blocking=True)
+        sync(device)
+        start = time.perf_counter()
+        with autocast() if autocast else contextlib.nullcontext():
+            pred = predict(model, images, method, **method_kwargs)
+        sync(device)
+        times.append(time.perf_counter() - start)
+        if pred.log_probs is not None:
+            seg.update(pred.probs, batch['label'].to(device), pred.entropy)
+            has.add('seg')
+        if pred.depth_mean is not None:
+            dep.update(pred.depth_mean, pred.depth_var, batch['depth'].to(device))
+            has.add('depth')
+        if on_batch:
+            on_batch(batch, pred, times[-1])
+    seg.reduce()
+    dep.reduce()
+    return {'seg': seg.compute() if 'seg' in has else None,
+            'depth': dep.compute() if 'depth' in has else None,
+            'times': times}
+
+
+def sync(device):
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize()
+

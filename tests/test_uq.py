@@ -119,3 +119,27 @@ def test_method_must_fit_the_model(x):
         uq.predict(model, x, 'dse')
     with pytest.raises(ValueError, match="method 'none' does not fit a DeepSubEnsemble"):
         uq.predict(build_model('dse', 'b0', 5, num_members=2), x, 'none')
+
+
+def test_evaluate_streams_the_same_numbers_at_any_batch_size():
+    import data
+    torch.manual_seed(0)
+    dataset = data.build_dataset('synthetic', None, 'val', train=False, num_images=8, size=(48, 64))
+    model = build_model('segdepthformer', 'b0', data.NUM_CLASSES['synthetic'])
+    seen = []
+    results = [uq.evaluate(model, torch.utils.data.DataLoader(dataset, batch_size=b), 6,
+                           on_batch=lambda batch, pred, s: seen.append(len(batch['name'])))
+               for b in (1, 3, 8)]
+    assert seen == [1] * 8 + [3, 3, 2] + [8]
+    everything = torch.utils.data.default_collate([dataset[i] for i in range(8)])
+    pred = uq.predict(model, everything['image'])
+    seg, dep = uq.SegMetrics(6), uq.DepthMetrics()
+    seg.update(pred.probs, everything['label'], pred.entropy)
+    dep.update(pred.depth_mean, pred.depth_var, everything['depth'])
+    for r in results:
+        assert all(t > 0 for t in r['times'])
+        for key, value in seg.compute().items():
+            assert r['seg'][key] == pytest.approx(value, rel=1e-6, nan_ok=True), key
+        for key, value in dep.compute().items():
+            assert r['depth'][key] == pytest.approx(value, rel=1e-6, nan_ok=True), key
+    assert uq.evaluate(build_model('depthformer', 'b0', 6), torch.utils.data.DataLoader(dataset, batch_size=4), 6)['seg'] is None
