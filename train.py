@@ -31,7 +31,6 @@ interval and per evaluation).
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -148,6 +147,19 @@ def autocast_for(args, device):
     return {'bf16': torch.bfloat16, 'fp16': torch.float16}[args.amp]
 
 
+def setup_distributed(device):
+    """torchrun's environment -> (rank, world_size, device); a plain process is rank 0 of 1.
+    Each rank takes the GPU of its LOCAL_RANK; NCCL between GPUs, gloo between CPU processes."""
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+        torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return int(os.environ['RANK']), world_size, device
+
+
 def save_atomic(obj, path):
     tmp = f'{path}.tmp'
     torch.save(obj, tmp)
@@ -173,15 +185,6 @@ def format_eta(seconds):
     return f'{seconds // 3600}h{seconds // 60 % 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
 
 
-def json_safe(x):
-    """NaN (a metric with nothing to count) and inf are not JSON: they become null."""
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
 def score(metrics):
     """The number best.pt keeps the maximum of: mIoU, or -RMSE for a depth-only model."""
     return metrics['seg']['miou'] if metrics['seg'] else -metrics['depth']['rmse']
@@ -194,17 +197,8 @@ def run(args, teacher=None, loss_weights=None):
     """Train with the loss of Eq. 7, or, given a teacher (a uq.DeepEnsemble), distil with Eq. 11:
     the teacher sees the colour-jittered 'image_teacher' and its mean softmax and predictive
     variance (Eq. 10) are the student's targets. loss_weights: w2, w3 of Eq. 11."""
-    # distributed set-up from torchrun's environment; one process is world_size 1
-    ddp = int(os.environ.get('WORLD_SIZE', 1)) > 1
-    rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    device = torch.device(args.device)
-    if ddp:
-        local_rank = int(os.environ['LOCAL_RANK'])
-        if device.type == 'cuda':
-            device = torch.device('cuda', local_rank)
-            torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    master = rank == 0
+    rank, world_size, device = setup_distributed(torch.device(args.device))
+    ddp, master = world_size > 1, rank == 0
     log = print if master else (lambda *a, **k: None)
     if args.batch_size % world_size:
         raise ValueError(f'--batch-size {args.batch_size} is not divisible by the {world_size} ranks')
@@ -296,7 +290,7 @@ def run(args, teacher=None, loss_weights=None):
     def write_log(record):
         if master:
             with open(os.path.join(args.out, 'log.jsonl'), 'a') as f:
-                f.write(json.dumps(json_safe(record)) + '\n')
+                f.write(json.dumps(uq.json_safe(record)) + '\n')
 
     if step == 0:  # each rank draws its own dropout and stochastic-depth masks
         torch.manual_seed(args.seed + rank)

@@ -401,7 +401,8 @@ def evaluate(model, loader, num_classes, method='none', device='cpu', autocast=N
     autocast: a context manager factory for the forward pass (e.g. bf16), or None.
     on_batch(batch, pred, seconds): called after each batch (visualisation, logging), with the
     wall-clock seconds of predict() (the device synchronised, so GPU time is included).
-    Returns {'seg': SegMetrics.compute() or None, 'depth': ... or None, 'times': [seconds]},
+    Returns {'seg': SegMetrics.compute() or None, 'depth': ... or None, 'times': [seconds],
+    'seg_metrics': the SegMetrics itself (its per-bin statistics draw a reliability diagram)},
     with the statistics summed over DDP ranks first.
     """
     seg, dep = SegMetrics(num_classes, device=device), DepthMetrics(device=device)
@@ -427,7 +428,18 @@ def evaluate(model, loader, num_classes, method='none', device='cpu', autocast=N
     dep.reduce()
     return {'seg': seg.compute() if 'seg' in has else None,
             'depth': dep.compute() if 'depth' in has else None,
-            'times': times}
+            'times': times, 'seg_metrics': seg}
+
+
+def json_safe(x):
+    """Results -> JSON-able: NaN (a metric with nothing to count) and inf become null."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, float):  # numpy's float64 is a float too
+        return float(x) if math.isfinite(x) else None
+    return x
 
 
 def sync(device):

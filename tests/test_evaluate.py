@@ -1,0 +1,264 @@
+"""evaluate.py: the row of Tables 2-7 from real checkpoint files, equal to what uq computes
+directly; the Figure-5-like pictures and the reliability diagram; clear errors for bad inputs;
+the same numbers from two ranks as from one."""
+
+import json
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import data
+import evaluate
+import uq
+from heads import build_model, load_model
+
+K = data.NUM_CLASSES['synthetic']
+SIZE = (48, 64)
+# 6 tiny scenes, one image per batch, the first batch left out of the timing
+SYNTHETIC = ['--data', 'synthetic', '--synthetic-images', '6', '--synthetic-size', *map(str, SIZE),
+             '--workers', '0', '--warmup', '1']
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    # one thread: fast on a busy 2-core machine, and the same kernels as the 2-rank test's processes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_checkpoint(path, name, seed, **kwargs):
+    """A random B0 model in train.py's checkpoint format. Its output layers get larger weights
+    than the initialisation's N(0, 0.01), so that predictions vary from pixel to pixel."""
+    torch.manual_seed(seed)
+    model = build_model(name, 'b0', K, **kwargs)
+    for module_name, module in model.named_modules():
+        if module_name.endswith('linear_pred'):
+            torch.nn.init.normal_(module.weight, std=0.5)
+            torch.nn.init.constant_(module.bias, 1.0)  # depth head: mostly positive means
+    torch.save({'model': model.state_dict(), 'config': model.config, 'step': 0}, path)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp('checkpoints')
+    return {'segdepthformer': write_checkpoint(d / 'sdf.pt', 'segdepthformer', 0),
+            'segformer': write_checkpoint(d / 'seg.pt', 'segformer', 1),
+            'depthformer': write_checkpoint(d / 'depth.pt', 'depthformer', 2),
+            'dse': write_checkpoint(d / 'dse.pt', 'dse', 3, num_members=3),
+            'de': [write_checkpoint(d / f'member{i}.pt', 'segdepthformer', 10 + i) for i in range(3)]}
+
+
+def direct(paths, method, **kwargs):
+    """uq.evaluate on the same scenes, without evaluate.py."""
+    models = [load_model(p) for p in paths]
+    model = uq.DeepEnsemble(models) if method == 'de' else models[0]
+    dataset = data.build_dataset('synthetic', None, 'val', train=False, num_images=6, size=SIZE)
+    torch.manual_seed(0)  # evaluate.py's --seed 0 on rank 0: the same MC Dropout masks
+    return uq.evaluate(model, DataLoader(dataset, 1, generator=torch.Generator()), K, method, **kwargs)
+
+
+def strict_json(path):
+    def refuse(constant):
+        raise ValueError(f'{constant} is not JSON')
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+SEG_COLUMNS = ('miou', 'ece', 'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu')
+DEPTH_COLUMNS = ('rmse', 'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu',
+                 'abs_rel', 'delta1', 'delta2', 'delta3')
+
+CASES = {  # name: (checkpoints key, extra arguments, method, label)
+    'baseline': ('segdepthformer', [], 'none', 'SegDepthFormer-B0'),
+    'mcd': ('segdepthformer', ['--method', 'mcd', '--samples', '3', '--dropout', '0.2'], 'mcd',
+            'SegDepthFormer-B0 (MCD 20%)'),
+    'dse': ('dse', [], 'dse', 'SegDepthFormer-B0 (DSE x3)'),
+    'de': ('de', [], 'de', 'SegDepthFormer-B0 (DE x3)'),
+    'segformer': ('segformer', [], 'none', 'SegFormer-B0'),
+    'depthformer': ('depthformer', [], 'none', 'DepthFormer-B0'),
+}
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_row_and_json_equal_uq(case, ckpt, tmp_path, capsys):
+    key, extra, method, label = CASES[case]
+    paths = ckpt[key] if isinstance(ckpt[key], list) else [ckpt[key]]
+    result = evaluate.main([*paths, *SYNTHETIC, *extra, '--json', str(tmp_path / 'r.json')])
+    out = capsys.readouterr().out
+
+    # the JSON is valid (no NaN) and is what main returned
+    assert strict_json(tmp_path / 'r.json') == result
+    assert result['method'] == method and result['label'] == label and result['checkpoints'] == paths
+    assert set(result['time_ms']) >= {'mean', 'std', 'n'} and result['time_ms']['n'] == 5  # 6 - 1 warm-up
+    assert result['time_ms']['mean'] > 0
+
+    # the numbers are uq's own, column by column; a missing task is null
+    kwargs = {'samples': 3, 'dropout': 0.2} if method == 'mcd' else {}
+    expected = uq.json_safe(direct(paths, method, **kwargs))
+    has_seg, has_depth = key != 'depthformer', key != 'segformer'
+    assert (result['seg'] is None) == (not has_seg) and (result['depth'] is None) == (not has_depth)
+    if has_seg:
+        for k in (*SEG_COLUMNS, 'pixel_acc'):
+            assert result['seg'][k] == expected['seg'][k], k
+        assert list(result['seg']['iou'].values()) == expected['seg']['iou']
+        assert list(result['seg']['iou']) == list(data.SYNTHETIC_CLASSES)
+    if has_depth:
+        for k in DEPTH_COLUMNS:
+            assert result['depth'][k] == expected['depth'][k], k
+
+    # the printed table: the paper's headers and one row, '-' for a missing task
+    lines = out.splitlines()
+    header = next(line for line in lines if 'mIoU' in line)
+    for column in ('ECE', 'p(acc/cer)', 'p(unc/inacc)', 'PAvPU', 'RMSE', 'Inference Time [ms]'):
+        assert column in header
+    row = lines[lines.index(header) + 1].split()
+    assert ' '.join(row).startswith(label)
+    cells = row[len(label.split()):]  # 9 columns, then 'mean +- std'
+    assert len(cells) == 9 + 3 and cells[-2] == '+-'
+    assert (cells[:5] == ['-'] * 5) == (not has_seg) and (cells[5:9] == ['-'] * 4) == (not has_depth)
+    if has_seg:
+        assert cells[0] == f"{result['seg']['miou']:.3f}"
+    if has_depth:
+        assert cells[5] == f"{result['depth']['rmse']:.3f}" and 'AbsRel' in out
+
+
+def test_reliability_bins_in_json(ckpt):
+    result = evaluate.main([ckpt['segdepthformer'], *SYNTHETIC])
+    bins, seg = result['seg']['reliability'], result['seg']
+    assert len(bins['count']) == 15 and len(bins['edges']) == 16
+    dataset = data.build_dataset('synthetic', None, 'val', train=False, num_images=6, size=SIZE)
+    labelled = sum((dataset[i]['label'] != data.IGNORE_INDEX).sum().item() for i in range(6))
+    assert sum(bins['count']) == labelled
+    # ECE from the bins: sum_m n_m / n |acc_m - conf_m|
+    ece = sum(n * abs(a - c) for n, a, c in zip(bins['count'], bins['accuracy'], bins['confidence']) if n)
+    assert ece / labelled == pytest.approx(seg['ece'], rel=1e-9)
+    for n, a, c in zip(bins['count'], bins['accuracy'], bins['confidence']):
+        assert (a is None) == (n == 0) and (c is None) == (n == 0)
+
+
+def test_json_safe_turns_nan_into_null():
+    x = uq.json_safe({'a': math.nan, 'b': [np.float64('nan'), 1.5, np.float64(2), math.inf], 'c': None, 'd': 3})
+    assert x == {'a': None, 'b': [None, 1.5, 2.0, None], 'c': None, 'd': 3}
+    json.dumps(x, allow_nan=False)
+
+
+def figure_geometry(rows):
+    """Where evaluate.save_figure puts the panel in row r, column c: (x, y) of its pixels."""
+    s = evaluate.panel_scale(SIZE[1])
+    cell_w, cell_h = SIZE[1] * s + evaluate.PAD, evaluate.TITLE_HEIGHT + SIZE[0] * s + evaluate.PAD
+    return s, lambda r, c: (evaluate.PAD + c * cell_w, evaluate.PAD + r * cell_h + evaluate.TITLE_HEIGHT)
+
+
+def test_save_vis_writes_figure5_panels(ckpt, tmp_path):
+    out = tmp_path / 'vis'
+    evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--save-vis', str(out), '--num-vis', '4'])
+    dataset = data.build_dataset('synthetic', None, 'val', train=False, num_images=6, size=SIZE)
+    names = [dataset[i]['name'] for i in range(4)]
+    assert sorted(p.name for p in out.iterdir()) == sorted([f'{n}.png' for n in names] + ['reliability.png'])
+
+    # the panels of scene 3 (it has unlabelled pixels and depth holes), from a direct prediction
+    batch = next(iter(DataLoader(torch.utils.data.Subset(dataset, [3]), 1)))
+    pred = uq.predict(load_model(ckpt['segdepthformer']), batch['image'])
+    palette = data.PALETTES['synthetic']
+    rows = evaluate.figure_panels(batch, pred, 0, palette, K)
+    assert [len(r) for r in rows] == [5, 5] and rows[1][0] is None
+    for row in rows:
+        for panel in row:
+            assert panel is None or panel[1].shape == (*SIZE, 3) and panel[1].dtype == np.uint8
+    (_, image), (_, truth), (_, seg), (_, error), (_, entropy) = rows[0]
+    colours = {tuple(c) for c in palette}
+    assert {tuple(c) for c in seg.reshape(-1, 3)} <= colours
+    assert len({tuple(c) for c in seg.reshape(-1, 3)}) > 1  # the random model predicts several classes
+    ignore = batch['label'][0].numpy() == data.IGNORE_INDEX
+    assert ignore.any() and (truth[ignore] == 0).all() and (error[ignore] == 0).all()
+    assert {tuple(c) for c in truth[~ignore]} <= colours
+    wrong = (pred.pred[0].numpy() != batch['label'][0].numpy()) & ~ignore
+    assert (error[wrong] == evaluate.WRONG).all() and (error[~wrong & ~ignore] == 255).all()
+    assert image.std() > 10 and entropy.std() > 1  # not blank
+    depth_truth = rows[1][1][1]
+    invalid = batch['depth'][0].numpy() <= 0
+    assert invalid.any() and (depth_truth[invalid] == 0).all() and (depth_truth[~invalid].sum(-1) > 0).all()
+
+    # the PNG: two rows of five enlarged panels, the predicted segmentation where it belongs
+    figure = np.array(Image.open(out / f'{names[3]}.png').convert('RGB'))
+    s, at = figure_geometry(rows)
+    assert figure.shape[1] == evaluate.PAD + 5 * (SIZE[1] * s + evaluate.PAD)
+    assert figure.shape[0] > evaluate.PAD + 2 * (evaluate.TITLE_HEIGHT + SIZE[0] * s + evaluate.PAD)  # + legend
+    for r, c, pixels in ((0, 2, seg), (0, 0, image), (1, 1, depth_truth)):
+        x, y = at(r, c)
+        shown = figure[y:y + SIZE[0] * s, x:x + SIZE[1] * s]
+        assert np.array_equal(shown[::s, ::s], pixels)
+
+    reliability = Image.open(out / 'reliability.png')
+    assert reliability.size == (640, 520) and np.array(reliability.convert('L')).std() > 10
+
+
+def test_save_vis_depth_only_has_one_row_and_no_reliability(ckpt, tmp_path):
+    out = tmp_path / 'vis'
+    evaluate.main([ckpt['depthformer'], *SYNTHETIC, '--save-vis', str(out), '--num-vis', '1'])
+    files = list(out.iterdir())
+    assert len(files) == 1
+    s, _ = figure_geometry(None)
+    assert Image.open(files[0]).size == (evaluate.PAD + 5 * (SIZE[1] * s + evaluate.PAD),
+                                         evaluate.PAD + evaluate.TITLE_HEIGHT + SIZE[0] * s + evaluate.PAD)
+
+
+def test_bad_inputs_are_named(ckpt, tmp_path):
+    missing = str(tmp_path / 'nope.pt')
+    with pytest.raises(FileNotFoundError, match='nope.pt'):
+        evaluate.main([missing, *SYNTHETIC])
+    with pytest.raises(ValueError, match='one architecture.*segformer-b0'):
+        evaluate.main([ckpt['segdepthformer'], ckpt['segformer'], *SYNTHETIC])
+    with pytest.raises(ValueError, match='--method dse needs a Deep Sub-Ensemble'):
+        evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--method', 'dse'])
+    with pytest.raises(ValueError, match='is a Deep Sub-Ensemble.*--method dse'):
+        evaluate.main([ckpt['dse'], *SYNTHETIC, '--method', 'mcd'])
+    with pytest.raises(ValueError, match='form a Deep Ensemble'):
+        evaluate.main([*ckpt['de'], *SYNTHETIC, '--method', 'none'])
+    with pytest.raises(ValueError, match='one checkpoint per member'):
+        evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--method', 'de'])
+    with pytest.raises(ValueError, match='Deep Sub-Ensemble; the members'):
+        evaluate.main([ckpt['dse'], ckpt['dse'], *SYNTHETIC])
+    with pytest.raises(ValueError, match='needs --root'):
+        evaluate.main([ckpt['segdepthformer'], '--data', 'nyuv2'])
+    with pytest.raises(ValueError, match='6 classes, nyuv2 has 40'):
+        evaluate.main([ckpt['segdepthformer'], '--data', 'nyuv2', '--root', str(tmp_path)])
+
+
+def _rank(rank, port, argv):
+    # what torchrun sets up for each process
+    import os
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2',
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    evaluate.main(argv)
+
+
+def test_two_ranks_give_the_single_process_numbers(ckpt, tmp_path):
+    argv = [*ckpt['de'], *SYNTHETIC]
+    single = evaluate.main([*argv, '--json', str(tmp_path / 'single.json')])
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(port, [*argv, '--json', str(tmp_path / 'ranks.json')]), nprocs=2)
+    ranks = strict_json(tmp_path / 'ranks.json')
+    assert ranks['settings']['world_size'] == 2 and ranks['time_ms']['n'] == 4  # 3 - 1 per rank
+    for task in ('seg', 'depth'):
+        for k, v in single[task].items():
+            if k == 'reliability':
+                assert ranks[task][k]['count'] == v['count']
+                assert ranks[task][k]['accuracy'] == v['accuracy']
+                assert ranks[task][k]['confidence'] == pytest.approx(v['confidence'], rel=1e-12)
+            elif isinstance(v, float):  # float64 sums added in another order
+                assert ranks[task][k] == pytest.approx(v, rel=1e-12), k
+            else:
+                assert ranks[task][k] == v, k
