@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Subset
 
 import data
 import uq
-from heads import DeepSubEnsemble, load_model
+from heads import DeepSubEnsemble
 from train import setup_distributed
 
 DISPLAY_NAMES = {'segformer': 'SegFormer', 'depthformer': 'DepthFormer', 'segdepthformer': 'SegDepthFormer',
@@ -92,26 +92,6 @@ def get_parser():
 # ---------------------------------------------------------------------------------------------
 # models and methods
 
-def architecture(model):
-    cfg = model.config
-    return f"{cfg['name']}-{cfg['backbone']} with {cfg['num_classes']} classes"
-
-
-def load_models(paths):
-    """One model per checkpoint (on the CPU). A Deep Ensemble's members must be single models of
-    one architecture: vmap stacks their weights tensor by tensor."""
-    models = [load_model(p) for p in paths]  # a missing or foreign file raises, naming it
-    if len(models) > 1:
-        for path, model in zip(paths, models):
-            if isinstance(model, DeepSubEnsemble):
-                raise ValueError(f'{path} is a Deep Sub-Ensemble; the members of a Deep Ensemble '
-                                 'must be single models (evaluate a DSE on its own)')
-            if architecture(model) != architecture(models[0]):
-                raise ValueError(f'the members of a Deep Ensemble must share one architecture: '
-                                 f'{paths[0]} is {architecture(models[0])}, {path} is {architecture(model)}')
-    return models
-
-
 def resolve_method(method, models, paths):
     """The uncertainty method for these checkpoints: the one asked for if it fits, else the only
     one that does ('de' for several, 'dse' for a DSE, 'none' otherwise)."""
@@ -122,11 +102,11 @@ def resolve_method(method, models, paths):
                              f'(or leave --method out), not {method!r}')
         return 'de'
     if is_dse and method not in (None, 'dse'):
-        raise ValueError(f'{paths[0]} is a Deep Sub-Ensemble ({architecture(models[0])}): use --method dse '
+        raise ValueError(f'{paths[0]} is a Deep Sub-Ensemble ({uq.architecture(models[0])}): use --method dse '
                          f'(or leave --method out), not {method!r}')
     if not is_dse and method == 'dse':
         raise ValueError(f'--method dse needs a Deep Sub-Ensemble checkpoint (model dse, dse-segformer or '
-                         f'dse-depthformer); {paths[0]} holds {architecture(models[0])}')
+                         f'dse-depthformer); {paths[0]} holds {uq.architecture(models[0])}')
     if method == 'de':
         raise ValueError(f'--method de needs one checkpoint per member of the Deep Ensemble; got only {paths[0]}')
     return 'dse' if is_dse else method or 'none'
@@ -390,7 +370,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.data != 'synthetic' and not args.root:
         raise ValueError(f'--data {args.data} needs --root, the data set directory')
-    models = load_models(args.checkpoints)
+    models = uq.load_members(args.checkpoints)
     method = resolve_method(args.method, models, args.checkpoints)
     num_classes = data.NUM_CLASSES[args.data]
     if 'seg' in models[0].tasks and models[0].num_classes != num_classes:

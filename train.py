@@ -193,10 +193,11 @@ def score(metrics):
 # ---------------------------------------------------------------------------------------------
 # the loop
 
-def run(args, teacher=None, loss_weights=None):
-    """Train with the loss of Eq. 7, or, given a teacher (a uq.DeepEnsemble), distil with Eq. 11:
-    the teacher sees the colour-jittered 'image_teacher' and its mean softmax and predictive
-    variance (Eq. 10) are the student's targets. loss_weights: w2, w3 of Eq. 11."""
+def run(args, teacher=None, loss_weights=(10.0, 1.0)):
+    """Train with the loss of Eq. 7; or, given the checkpoints of a Deep Ensemble `teacher`,
+    distil it with Eq. 11 (distill.py): the teacher, frozen and run as one batched model, sees
+    the colour-jittered 'image_teacher', and its mean softmax and predictive variance (Eq. 10)
+    are the student's targets. loss_weights: w2, w3 of Eq. 11. Returns the trained model."""
     rank, world_size, device = setup_distributed(torch.device(args.device))
     ddp, master = world_size > 1, rank == 0
     log = print if master else (lambda *a, **k: None)
@@ -269,6 +270,13 @@ def run(args, teacher=None, loss_weights=None):
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
                     find_unused_parameters=isinstance(raw_model, DeepSubEnsemble))
     method = 'dse' if isinstance(raw_model, DeepSubEnsemble) else 'none'
+    if teacher is not None:
+        members = uq.load_members(teacher)
+        if set(members[0].tasks) != {'seg', 'depth'} or members[0].num_classes != num_classes:
+            raise ValueError(f'the teacher must be SegDepthFormers with {num_classes} classes; '
+                             f'{teacher[0]} is {uq.architecture(members[0])}')
+        teacher = uq.DeepEnsemble([m.to(device) for m in members])
+        log(f'teacher: a Deep Ensemble of {len(members)} x {uq.architecture(members[0])}')
 
     def checkpoint(path):
         states = [None] * world_size

@@ -80,7 +80,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
-from heads import DeepSubEnsemble
+from heads import DeepSubEnsemble, load_model
 from mit import mc_dropout
 
 # ---- Uncertainty methods ----
@@ -161,6 +161,26 @@ class DeepEnsemble:
             # members for that one op; the result is the same, so the warning is only noise
             warnings.filterwarnings('ignore', message='There is a performance drop')
             return vmap(member, in_dims=(0, 0, None))(self.params, self.buffers, images)
+
+
+def architecture(model):
+    cfg = model.config
+    return f"{cfg['name']}-{cfg['backbone']} with {cfg['num_classes']} classes"
+
+
+def load_members(paths):
+    """One model per checkpoint (on the CPU). Several are a Deep Ensemble, whose members must be
+    single models of one architecture: vmap stacks their weights tensor by tensor."""
+    models = [load_model(p) for p in paths]  # a missing or foreign file raises, naming it
+    if len(models) > 1:
+        for path, model in zip(paths, models):
+            if isinstance(model, DeepSubEnsemble):
+                raise ValueError(f'{path} is a Deep Sub-Ensemble; the members of a Deep Ensemble '
+                                 'must be single models (evaluate a DSE on its own)')
+            if architecture(model) != architecture(models[0]):
+                raise ValueError(f'the members of a Deep Ensemble must share one architecture: '
+                                 f'{paths[0]} is {architecture(models[0])}, {path} is {architecture(model)}')
+    return models
 
 
 def mc_dropout_samples(model, images, samples=10, dropout=0.2, chunk=None):

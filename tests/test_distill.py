@@ -1,0 +1,86 @@
+"""distill.py: EMUFormer end to end on tiny synthetic runs, and the teacher's wiring."""
+
+import json
+
+import pytest
+import torch
+
+import data
+import distill
+import losses
+import train
+import uq
+
+TINY = ['--data', 'synthetic', '--backbone', 'b0', '--synthetic-train', '8', '--synthetic-val', '4',
+        '--synthetic-size', '64', '64', '--batch-size', '4', '--lr', '6e-4', '--workers', '0',
+        '--log-every', '1', '--eval-every', '0', '--epochs', '1']
+
+
+@pytest.fixture(scope='module')
+def members(tmp_path_factory):
+    """A Deep Ensemble of three tiny SegDepthFormers (different seeds) and a SegFormer."""
+    root = tmp_path_factory.mktemp('members')
+    paths = []
+    for seed in range(3):
+        train.main([*TINY, '--seed', str(seed), '--out', str(root / f'm{seed}')])
+        paths.append(str(root / f'm{seed}' / 'last.pt'))
+    train.main([*TINY, '--model', 'segformer', '--out', str(root / 'seg')])
+    return paths, str(root / 'seg' / 'last.pt')
+
+
+def test_distill_end_to_end_reports_the_students_uncertainty(members, tmp_path):
+    paths, _ = members
+    student = distill.main([*TINY, '--teacher', *paths, '--student-init', paths[0], '--out', str(tmp_path)])
+    log = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    steps = [r for r in log if 'loss' in r]
+    assert len(steps) == 2 and all({'ce', 'gnll', 'kl', 'rmsle'} <= set(r) for r in steps)
+    for r in steps:  # Eq. 11 with the paper's weights
+        assert r['loss'] == pytest.approx(r['ce'] + r['gnll'] + 10 * r['kl'] + r['rmsle'], rel=1e-5)
+    final = log[-1]['eval']
+    for task in ('seg', 'depth'):
+        for key in ('p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu'):
+            assert 0 <= final[task][key] <= 1
+    init = torch.load(paths[0], weights_only=True)['model']
+    assert any(not torch.equal(v, init[k]) for k, v in student.state_dict().items())  # it trained
+
+
+def test_the_teacher_sees_the_jittered_image_and_its_targets_reach_eq_11(members, tmp_path, monkeypatch):
+    paths, _ = members
+    # the jitter replaced by a flat grey, so the teacher's input is recognisable
+    monkeypatch.setattr(data, 'color_jitter', lambda image, *a: torch.full_like(image, 0.5))
+    seen = []
+    real_predict, real_loss = uq.predict, losses.emuformer_loss
+
+    def spy_predict(model, images, method='none', **kw):
+        pred = real_predict(model, images, method, **kw)
+        if method == 'de':
+            seen.append({'teacher_input': images, 'pred': pred, 'ensemble': model})
+        return pred
+
+    def spy_loss(out, label, depth, log_probs, var, *a, **kw):
+        seen[-1].update(log_probs=log_probs, var=var)
+        return real_loss(out, label, depth, log_probs, var, *a, **kw)
+    monkeypatch.setattr(uq, 'predict', spy_predict)
+    monkeypatch.setattr(losses, 'emuformer_loss', spy_loss)
+    distill.main([*TINY, '--teacher', *paths, '--out', str(tmp_path)])
+    assert len(seen) == 2  # once per step
+    grey = (0.5 - torch.tensor(data.MEAN)) / torch.tensor(data.STD)
+    for s in seen:
+        x = s['teacher_input']  # (B, 3, H, W): grey where the image is, 0 in the crop's padding
+        assert isinstance(s['ensemble'], uq.DeepEnsemble) and len(s['ensemble']) == 3
+        assert ((x - grey[:, None, None]).abs() < 1e-5).logical_or(x == 0).all()
+        again = uq.summarize(s['ensemble'](x))  # the targets are the ensemble's Eq. 3/10 on that input
+        assert torch.allclose(s['log_probs'], again.log_probs, atol=1e-5)
+        assert torch.allclose(s['var'], again.depth_var, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_teachers_and_students_are_named(members, tmp_path):
+    paths, segformer = members
+    with pytest.raises(ValueError, match=f'the teacher must be SegDepthFormers.*{segformer}'):
+        distill.main([*TINY, '--teacher', segformer, '--out', str(tmp_path)])
+    with pytest.raises(ValueError, match='one architecture'):
+        distill.main([*TINY, '--teacher', paths[0], segformer, '--out', str(tmp_path)])
+    with pytest.raises(ValueError, match='student is a SegDepthFormer, not a dse'):
+        distill.main([*TINY, '--model', 'dse', '--teacher', *paths, '--out', str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match='nope.pt'):
+        distill.main([*TINY, '--teacher', str(tmp_path / 'nope.pt'), '--out', str(tmp_path)])
