@@ -1,0 +1,488 @@
+"""
+Table 1 of the paper, measured: parameters, multiply-adds, latency and FPS of every model and
+uncertainty method, for any backbone, input size, batch size and precision.
+
+Each row times the full prediction with uncertainty, image batch in, `uq.Prediction` out
+(mean softmax, entropy, depth mean and variance, all at the input size), through `uq.predict`:
+
+    SegFormer, DepthFormer, SegDepthFormer   one network, method 'none'
+    SegDepthFormer, textbook decoder        the same network with the literal SegFormer
+                                            decoder (heads.py), to see what the fold buys
+    MC Dropout (T)                          SegDepthFormer, method 'mcd', T passes
+    DSE (N)                                 Deep Sub-Ensemble, one encoder and N heads per task
+    DE batched / DE looped (N)              Deep Ensemble of N SegDepthFormers, built once,
+                                            run with vmap over stacked weights or as a loop
+    EMUFormer                               the student: a SegDepthFormer, so it must cost
+                                            the same (the paper's point)
+    MiT encoder                             our encoder alone, model.backbone(x)
+    HF SegFormer, HF encoder (--hf)         Hugging Face transformers' SegFormer with the same
+                                            config, random init, for comparison
+
+Timing: `--warmup` untimed iterations, then `--iters` timed ones under torch.inference_mode.
+On the GPU each iteration sits between a pair of CUDA events and the elapsed times are read
+after one synchronize at the end; on the CPU, which runs synchronously, it is time.perf_counter
+around each call. Latency is the mean +- std over the timed iterations, FPS = batch / latency.
+`--dtype bf16|fp16` runs under autocast (the weights stay fp32), `--channels-last` converts
+networks and input, `--compile` compiles each row's whole timed step (`--compile-mode
+reduce-overhead` records it as a CUDA graph, which removes launch overhead at batch 1).
+
+Multiply-adds (MACs). Table 1's "FLOPs" are multiply-adds, attention included. Counted here:
+every convolution, linear layer and matmul, attention's two matmuls QK^T and AV included
+(2 * B * heads * N * N_kv * head_dim); not counted: softmax, norms, GELU, bias additions and
+upsampling. With this convention SegFormer-B2 at 480x640 with 40 classes is 72.2G (Table 1:
+72.6G), DepthFormer-B2 71.7G (72.1G), SegDepthFormer-B2 119.4G (120.1G), and Hugging Face's
+SegFormer-B2 counts to the same 72.2G. Two columns:
+
+    MACs paper      as the paper counts them: the textbook SegFormer decoder, whose 4E -> E
+                    fuse conv at 1/4 resolution is most of the total; an ensemble or MC
+                    Dropout costs N (T) single passes, a DSE one encoder and N pairs of heads
+    MACs executed   what the timed step actually runs: the folded decoder of heads.py,
+                    including its small W_i L_i fold matmuls, which are paid once per forward
+                    call (MC Dropout's T passes run as one batch; SegDepthFormer-B2: 30.0G)
+
+Both are counted by running the row's networks under torch.utils.flop_counter.FlopCounterMode
+on the meta device: shapes only, no arithmetic, so even the Deep Ensemble takes a moment.
+
+Run (single process; a benchmark has nothing to gain from torchrun):
+
+    python bench.py                                  # all rows, B2, 480x640, batch 1, fp32
+    python bench.py --dtype bf16 --compile --compile-mode reduce-overhead
+    python bench.py --device cpu --threads 2 --warmup 1 --iters 3
+    python bench.py --hf                             # + Hugging Face (pip install transformers)
+    python bench.py --rows segdepthformer textbook encoder --json out/bench.json
+    python bench.py --train --batch 8 --dtype bf16   # training steps/s, folded vs textbook
+"""
+
+import argparse
+import json
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import heads
+import losses
+import mit
+import uq
+
+# ---------------------------------------------------------------------------------------------
+# Counting multiply-adds
+
+aten = torch.ops.aten
+
+
+def _attention_flops(q, k, v, *args, out_shape=None, **kwargs):
+    # FlopCounterMode has formulas for SDPA's CUDA kernels, and on the meta device SDPA
+    # decomposes into two counted bmm's, but the CPU kernel has no formula and would count 0.
+    # q (B, heads, N, d), k (B, heads, N_kv, d), v (B, heads, N_kv, d_v): QK^T and AV
+    B, h, N, d = q
+    N_kv, d_v = k[2], v[3]
+    return 2 * B * h * N * N_kv * (d + d_v)
+
+
+def _mv_flops(a, x, *args, out_shape=None, **kwargs):
+    # the fold's bias W_i b_i is a matrix-vector product, which FlopCounterMode skips; under
+    # vmap (the batched Deep Ensemble) it becomes a counted bmm, so count it everywhere
+    return 2 * a[0] * a[1]
+
+
+# formulas return FLOPs = 2 x MACs, FlopCounterMode's convention for matmuls and convs
+EXTRA_FORMULAS = {aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops, aten.mv: _mv_flops}
+
+
+def count_macs(fn, x):
+    """Multiply-adds of fn(x): convolutions, linear layers and matmuls, attention included."""
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as counter:
+        fn(x)
+    return counter.get_total_flops() // 2
+
+
+def count_params(modules):
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+def time_fn(fn, x, warmup, iters, device):
+    """fn(x) `warmup` times, then `iters` timed calls -> their latencies in milliseconds."""
+    for _ in range(warmup):
+        fn(x)
+    if device.type == 'cuda':
+        # kernels run asynchronously: events record when the GPU reaches each point, and one
+        # synchronize at the end waits for all of them instead of stalling every iteration
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(iters)]
+        torch.cuda.synchronize()
+        for start, end in events:
+            start.record()
+            fn(x)
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in events]
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def latency_stats(times, batch):
+    mean = statistics.mean(times)
+    return {'latency_ms_mean': mean, 'latency_ms_std': statistics.stdev(times), 'fps': batch * 1e3 / mean}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+
+ROWS = {  # --rows name: label in the table ({N}: members, {T}: samples)
+    'segformer': 'SegFormer',
+    'depthformer': 'DepthFormer',
+    'segdepthformer': 'SegDepthFormer',
+    'textbook': 'SegDepthFormer, textbook decoder',
+    'mcd': 'MC Dropout (T={T})',
+    'dse': 'DSE (N={N})',
+    'de-batched': 'DE batched (N={N})',
+    'de-looped': 'DE looped (N={N})',
+    'emuformer': 'EMUFormer',
+    'encoder': 'MiT encoder',
+    'hf': 'HF SegFormer',
+    'hf-encoder': 'HF SegFormer encoder',
+}
+HF_ROWS = ('hf', 'hf-encoder')
+
+
+class Textbook(nn.Module):
+    """A SegFormer/DepthFormer/SegDepthFormer whose forward runs the textbook decoder, so that
+    uq.predict times it exactly like the folded one."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x, textbook=True)
+
+
+def hf_segformer(backbone, num_classes):
+    """Hugging Face's SegformerForSemanticSegmentation with our backbone's config (random init,
+    its default decoder and attention implementation)."""
+    try:
+        from transformers import SegformerConfig, SegformerForSemanticSegmentation
+    except ImportError:
+        raise SystemExit("the Hugging Face rows need the optional package transformers, used only "
+                         "for this comparison: python -m pip install transformers") from None
+    cfg = mit.get_config(backbone)
+    config = SegformerConfig(
+        num_labels=num_classes, hidden_sizes=list(cfg.embed_dims), depths=list(cfg.depths),
+        num_attention_heads=list(cfg.num_heads), sr_ratios=list(cfg.sr_ratios),
+        mlp_ratios=[cfg.mlp_ratio] * 4, decoder_hidden_size=cfg.decoder_dim)
+    return SegformerForSemanticSegmentation(config)
+
+
+def make_row(key, args, cache):
+    """Build row `key` on the current default device -> (networks, step, paper_step).
+
+    step(x) is the timed prediction. paper_step(x) runs the same networks the way Table 1
+    counts them (textbook decoder, N or T whole passes) and is only run to count MACs.
+    cache keeps the Deep Ensemble's members, built once for the batched and the looped row.
+    """
+    build = lambda name, **kw: heads.build_model(name, args.backbone, args.num_classes, **kw).eval()
+    T, N = args.samples, args.members
+    if key in ('segformer', 'depthformer', 'segdepthformer', 'emuformer'):
+        model = build('segdepthformer' if key == 'emuformer' else key)
+        return [model], lambda x: uq.predict(model, x, 'none'), Textbook(model)
+    if key == 'textbook':
+        model = Textbook(build('segdepthformer'))
+        return [model], lambda x: uq.predict(model, x, 'none'), model
+    if key == 'mcd':
+        model = build('segdepthformer')
+        # textbook passes have no per-call work, so T passes cost one batch of T images
+        paper = lambda x: model(x.repeat(T, 1, 1, 1), textbook=True)
+        return [model], lambda x: uq.predict(model, x, 'mcd', samples=T), paper
+    if key == 'dse':
+        model = build('dse', num_members=N)
+
+        def paper(x):  # one encoder pass, then every head in its textbook form
+            features = model.backbone(x)
+            return [d.forward_textbook(features) for d in [*model.decode_heads, *model.depth_heads]]
+        return [model], lambda x: uq.predict(model, x, 'dse'), paper
+    if key in ('de-batched', 'de-looped'):
+        if 'members' not in cache:
+            cache['members'] = [build('segdepthformer') for _ in range(N)]
+        members = cache['members']
+        ensemble = uq.DeepEnsemble(members, batched=key == 'de-batched')
+        paper = lambda x: [m(x, textbook=True) for m in members]
+        return members, lambda x: uq.predict(ensemble, x, 'de'), paper
+    if key == 'encoder':
+        model = mit.MixVisionTransformer(args.backbone).eval()
+        return [model], model, model
+    if key == 'hf':
+        model = hf_segformer(args.backbone, args.num_classes).eval()
+
+        def step(x):
+            # HF returns logits at 1/4 resolution: upsample and summarize (softmax, entropy)
+            # like our models do inside uq.predict, so both rows do the same work
+            logits = model(pixel_values=x).logits
+            return uq.summarize({'seg_logits': heads.upsample(logits, x.shape[-2:]).unsqueeze(0)})
+        return [model], step, step
+    if key == 'hf-encoder':
+        model = hf_segformer(args.backbone, args.num_classes).segformer.eval()
+        return [model], model, model
+    raise ValueError(f"unknown row {key!r}: expected one of {', '.join(ROWS)}")
+
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def autocast(device, dtype):
+    """Mixed precision for bf16/fp16, nothing for fp32; the weights stay fp32 either way."""
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+def prepare(networks, step, args, device):
+    """Apply --channels-last, --dtype and --compile to a row built on `device`. (The batched
+    Deep Ensemble's stacked weights are copies taken when it was built; vmap reshapes them into
+    grouped convolutions anyway, so for it only the input's layout changes.)"""
+    if args.channels_last:
+        for m in networks:
+            m.to(memory_format=torch.channels_last)
+    dtype = DTYPES[args.dtype]
+
+    def run(x):
+        with autocast(device, dtype):
+            return step(x)
+    # the whole step is compiled, not only the network: uq.predict checks the model's class
+    # (a compiled wrapper would fail it), and the summary (softmax, entropy, variance) is
+    # elementwise work that fuses into the network's last kernels
+    return compile_fn(run, args.compile_mode) if args.compile else run
+
+
+def compile_fn(fn, mode):
+    # every row compiles the same code (run, uq.predict) around other networks, and dynamo
+    # stops recompiling a function after a few variants and runs it eagerly: start afresh
+    torch.compiler.reset()
+    return torch.compile(fn, mode=mode)
+
+
+def inference_rows(args, device):
+    """Count, build, time: one dict per selected row, in the order of ROWS."""
+    keys = [k for k in ROWS if k in args.rows or (args.hf and k in HF_ROWS)]
+    B, (H, W) = args.batch, args.size
+    meta_x = torch.empty(B, 3, H, W, device='meta')
+    x = torch.randn(B, 3, H, W, device=device)
+    if args.channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    rows, meta_cache, cache = [], {}, {}
+    for key in keys:
+        # counted on the meta device: shapes only, no memory, no arithmetic
+        with torch.device('meta'):
+            networks, step, paper_step = make_row(key, args, meta_cache)
+        row = {'key': key, 'name': ROWS[key].format(N=args.members, T=args.samples),
+               'params': count_params(networks),
+               'macs_paper': count_macs(paper_step, meta_x), 'macs_executed': count_macs(step, meta_x)}
+        torch.manual_seed(0)
+        with torch.device(device):
+            networks, step, _ = make_row(key, args, cache)
+        run = prepare(networks, step, args, device)
+        with torch.inference_mode():
+            times = time_fn(run, x, args.warmup, args.iters, device)
+        row.update(latency_stats(times, B), latencies_ms=times)
+        rows.append(row)
+        print(f"  {row['name']}: {row['latency_ms_mean']:.1f} ms", flush=True)
+        del networks, step, run  # free this row's networks before the next one is built
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Training steps
+
+def make_train_step(args, device, dtype, compile_, memory_format, textbook, label, depth):
+    """A fresh SegDepthFormer and its training step(x): forward and Eq. 7 loss (under autocast
+    for bf16/fp16, compiled with compile_), backward, AdamW step."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = heads.build_model('segdepthformer', args.backbone, args.num_classes).train()
+    model.to(memory_format=memory_format)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-5, fused=device.type == 'cuda')
+    # fp16 gradients can underflow, so fp16 scales the loss; bf16 has fp32's range and does not
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def loss_fn(x):
+        with autocast(device, dtype):  # forward and loss only; backward runs in the forward's dtypes
+            return losses.segdepth_loss(model(x, textbook=textbook), label, depth)[0]
+    loss_fn = compile_fn(loss_fn, args.compile_mode) if compile_ else loss_fn
+
+    def step(x):
+        scaler.scale(loss_fn(x)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return model, step
+
+
+def train_rows(args, device):
+    """Training-step throughput of SegDepthFormer, folded vs textbook decoder, in eager fp32 and
+    in the chosen settings (--dtype, --channels-last, --compile) when they differ from it."""
+    B, (H, W) = args.batch, args.size
+    x = torch.randn(B, 3, H, W, device=device)
+    label = torch.randint(args.num_classes, (B, H, W), device=device)
+    depth = torch.rand(B, H, W, device=device) * 9.5 + 0.5  # metres, all valid
+    settings = [('fp32 eager', torch.float32, False, False)]
+    if args.dtype != 'fp32' or args.compile or args.channels_last:
+        name = ', '.join([args.dtype] + ['channels_last'] * args.channels_last
+                         + [f'compiled ({args.compile_mode})' if args.compile else 'eager'])
+        settings.append((name, DTYPES[args.dtype], args.compile, args.channels_last))
+    rows = []
+    for setting, dtype, compile_, channels_last in settings:
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        for textbook in (False, True):
+            model, step = make_train_step(args, device, dtype, compile_, memory_format, textbook,
+                                          label, depth)
+            times = time_fn(step, x.to(memory_format=memory_format), args.warmup, args.iters, device)
+            mean = statistics.mean(times)
+            rows.append({'name': f"SegDepthFormer{', textbook' if textbook else ''} ({setting})",
+                         'setting': setting, 'textbook': textbook, 'params': count_params([model]),
+                         'step_ms_mean': mean, 'step_ms_std': statistics.stdev(times),
+                         'images_per_s': B * 1e3 / mean, 'step_times_ms': times})
+            print(f"  {rows[-1]['name']}: {mean:.1f} ms/step", flush=True)
+            del model, step  # free this model and its optimizer state before the next is built
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+def latency_ratios(rows):
+    """The comparisons the speed work is judged by: latency of the first row / the second
+    (below 1: the first is faster), for the pairs whose rows were run."""
+    latency = {r['key']: r['latency_ms_mean'] for r in rows}
+    pairs = [('segdepthformer', 'textbook'), ('segformer', 'hf'), ('segdepthformer', 'hf'),
+             ('encoder', 'hf-encoder'), ('de-batched', 'segdepthformer'), ('de-batched', 'de-looped')]
+    names = {r['key']: r['name'] for r in rows}
+    return {f"{names[a]} / {names[b]}": latency[a] / latency[b]
+            for a, b in pairs if a in latency and b in latency}
+
+
+def print_inference(rows, ratios, header):
+    print(header)
+    print("  params: every parameter of the networks a row runs (a Deep Ensemble: all members)")
+    print("  MACs paper: multiply-adds of convs, linears and matmuls incl. attention's QK^T and AV "
+          "(Table 1's 'FLOPs'), textbook decoder, N x single for DE, T x single for MCD, "
+          "encoder + N x heads for DSE; softmax, norms, GELU, biases, upsampling not counted")
+    print("  MACs executed: the same count of what the timed step runs (folded decoder incl. its "
+          "W_i L_i fold matmuls)")
+    print(f"{'row':<34}{'params (M)':>11}{'MACs paper (G)':>16}{'MACs exec (G)':>15}"
+          f"{'latency (ms)':>22}{'FPS':>9}")
+    for r in rows:
+        latency = f"{r['latency_ms_mean']:.2f} +- {r['latency_ms_std']:.2f}"
+        print(f"{r['name']:<34}{r['params'] / 1e6:>11.2f}{r['macs_paper'] / 1e9:>16.2f}"
+              f"{r['macs_executed'] / 1e9:>15.2f}{latency:>22}{r['fps']:>9.2f}")
+    for name, ratio in ratios.items():
+        print(f"latency {name}: {ratio:.3f} ({1 / ratio:.2f}x the speed)")
+
+
+def throughput_ratios(rows):
+    """images/s of the folded SegDepthFormer / its textbook form, in each setting and, for the
+    chosen setting, against the textbook form in eager fp32 (the training target's baseline)."""
+    speed = {(r['setting'], r['textbook']): r['images_per_s'] for r in rows}
+    ratios = {}
+    for setting in dict.fromkeys(r['setting'] for r in rows):
+        ratios[f"folded / textbook ({setting})"] = speed[setting, False] / speed[setting, True]
+        if setting != 'fp32 eager':
+            baseline = speed['fp32 eager', True]
+            ratios[f"folded ({setting}) / textbook (fp32 eager)"] = speed[setting, False] / baseline
+    return ratios
+
+
+def print_train(rows, ratios, header):
+    print(header)
+    print(f"{'training step':<52}{'params (M)':>11}{'ms/step':>22}{'images/s':>10}")
+    for r in rows:
+        ms = f"{r['step_ms_mean']:.1f} +- {r['step_ms_std']:.1f}"
+        print(f"{r['name']:<52}{r['params'] / 1e6:>11.2f}{ms:>22}{r['images_per_s']:>10.2f}")
+    for name, ratio in ratios.items():
+        print(f"images/s {name}: {ratio:.2f}x")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--backbone', default='b2', choices=list(mit.CONFIGS), help="MiT encoder (Table 1: b2)")
+    p.add_argument('--size', nargs=2, type=int, default=[480, 640], metavar=('H', 'W'),
+                   help="input size (NYUv2 as in Table 1: 480 640)")
+    p.add_argument('--num-classes', type=int, default=40, help="segmentation classes (NYUv2: 40)")
+    p.add_argument('--batch', type=int, default=1, help="images per step (FPS = batch / latency)")
+    p.add_argument('--rows', nargs='+', default=[k for k in ROWS if k not in HF_ROWS], choices=list(ROWS),
+                   metavar='ROW', help=f"rows to run, of: {', '.join(ROWS)} (default: all but hf*)")
+    p.add_argument('--members', type=int, default=10, help="N: Deep Ensemble members, DSE heads per task")
+    p.add_argument('--samples', type=int, default=10, help="T: MC Dropout passes")
+    p.add_argument('--hf', action='store_true',
+                   help="add the rows hf and hf-encoder: Hugging Face transformers' SegFormer "
+                        "(an optional package)")
+    p.add_argument('--train', action='store_true',
+                   help="time training steps of SegDepthFormer (folded vs textbook) instead of the table")
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   choices=['cpu', 'cuda'], help="default: cuda if available")
+    p.add_argument('--threads', type=int, help="torch.set_num_threads (CPU); default: PyTorch's choice")
+    p.add_argument('--dtype', default='fp32', choices=list(DTYPES),
+                   help="bf16/fp16: autocast, the weights stay fp32")
+    p.add_argument('--channels-last', action='store_true', help="channels_last networks and input")
+    p.add_argument('--compile', action='store_true', help="torch.compile each timed step")
+    p.add_argument('--compile-mode', default='default',
+                   choices=['default', 'reduce-overhead', 'max-autotune'],
+                   help="torch.compile mode (reduce-overhead: CUDA graphs, for small batches on the GPU)")
+    p.add_argument('--warmup', type=int, default=5, help="untimed iterations first (compiling happens here)")
+    p.add_argument('--iters', type=int, default=20, help="timed iterations (at least 2, for a std)")
+    p.add_argument('--json', metavar='PATH', help="also write settings and rows to this JSON file")
+    args = p.parse_args(argv)
+    if args.iters < 2:
+        p.error("--iters must be at least 2 (the std needs two timings)")
+    if args.train and args.hf:
+        p.error("--hf compares inference; --train times SegDepthFormer only")
+    if args.compile_mode != 'default' and not args.compile:
+        p.error("--compile-mode needs --compile")
+    return args
+
+
+def main(argv=None):
+    """Run the benchmark; returns the rows (a list of dicts, as written to --json)."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    (H, W), dtype = args.size, args.dtype
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+    header = (f"{name} ({torch.get_num_threads()} CPU threads), {dtype}"
+              f"{', channels_last' if args.channels_last else ''}"
+              f"{f', compiled ({args.compile_mode})' if args.compile else ', eager'}, "
+              f"MiT-{args.backbone.upper()}, {H}x{W}, batch {args.batch}, {args.num_classes} classes, "
+              f"torch {torch.__version__}; {'CUDA events' if device.type == 'cuda' else 'wall clock'}, "
+              f"{args.warmup} warm-up + {args.iters} timed iterations")
+    settings = {**vars(args), 'device_name': name, 'threads': torch.get_num_threads(),
+                'torch': torch.__version__}
+    if args.train:
+        rows = train_rows(args, device)
+        ratios = throughput_ratios(rows)
+        print_train(rows, ratios, header)
+        report = {'settings': settings, 'train_rows': rows, 'throughput_ratios': ratios}
+    else:
+        rows = inference_rows(args, device)
+        ratios = latency_ratios(rows)
+        print_inference(rows, ratios, header)
+        report = {'settings': settings, 'rows': rows, 'latency_ratios': ratios}
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(report, f, indent=1)
+    return rows
+
+
+if __name__ == '__main__':
+    main()
