@@ -87,16 +87,27 @@ class AllMLPDecoder(nn.Module):
         nn.init.zeros_(self.linear_pred.bias)
 
     def stage_map(self, i):
-        """Stage i's fold (0-based): the (E, C_i) matrix W_i L_i and the bias W_i b_i."""
+        """Stage i's fold (0-based): the (E, C_i) matrix W_i L_i and the bias W_i b_i. In eval
+        mode BatchNorm is a fixed per-channel affine map s * z + t, which commutes with the sum
+        too: s scales every stage's rows, t joins stage 1's bias, and no BatchNorm runs at all."""
         E = self.embed_dim
         linear = getattr(self, f'linear_c{i + 1}').proj
         W = self.linear_fuse.conv.weight.flatten(1)  # (E, 4E, 1, 1) -> (E, 4E)
         W_i = W[:, (3 - i) * E:(4 - i) * E]  # the concatenation order is c4, c3, c2, c1
-        return W_i @ linear.weight, W_i @ linear.bias
+        M, c = W_i @ linear.weight, W_i @ linear.bias
+        if self.training:  # BatchNorm normalises with the batch's statistics: it runs after the sum
+            return M, c
+        bn = self.linear_fuse.bn
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        t = bn.bias - bn.running_mean * s if i == 0 else 0
+        return s[:, None] * M, s * c + t
 
-    def predict(self, z):
-        """(B, E, h, w) fused features -> (B, out_dim, h, w) at 1/4 resolution."""
-        return self.linear_pred(self.dropout(F.relu(self.linear_fuse.bn(z))))
+    def predict(self, x):
+        """(B, E, h, w) = ReLU(BN(fused features)) -> (B, out_dim, h, w) at 1/4 resolution."""
+        x = self.dropout(x).permute(0, 2, 3, 1)  # (B, E, h, w) -> (B, h, w, E)
+        # linear_pred is a 1x1 conv, i.e. a matmul over channels; as one it reads a head's
+        # channel slice of the grouped map (a strided view) without copying it first
+        return F.linear(x, self.linear_pred.weight.flatten(1), self.linear_pred.bias).permute(0, 3, 1, 2)
 
     def forward(self, features):
         return self.predict(fuse_stages([self], features)[0])
@@ -109,24 +120,29 @@ class AllMLPDecoder(nn.Module):
             x = getattr(self, f'linear_c{i + 1}').proj(f.flatten(2).transpose(1, 2))  # (B, h*w, E)
             x = x.transpose(1, 2).unflatten(2, f.shape[-2:])  # (B, h*w, E) -> (B, E, h, w)
             e.append(x if i == 0 else upsample(x, size))
-        return self.predict(self.linear_fuse.conv(torch.cat(e[::-1], dim=1)))
+        z = self.linear_fuse.conv(torch.cat(e[::-1], dim=1))
+        return self.predict(F.relu(self.linear_fuse.bn(z)))
 
 
 def fuse_stages(decoders, features):
-    """The folded decoder up to the BatchNorm for several decoders at once.
+    """The folded decoder up to its ReLU, for several decoders at once.
 
     features: the encoder's four maps [(B, C_i, h_i, w_i)]. Returns one (B, E, h_1, w_1) map per
-    decoder, equal to its linear_fuse.conv(concat(...)) of the textbook form.
+    decoder, equal to ReLU(linear_fuse.bn(linear_fuse.conv(concat(...)))) of the textbook form.
     """
     size = features[0].shape[-2:]
-    z = 0
     for i, f in enumerate(features):
         maps = [d.stage_map(i) for d in decoders]
         weight = torch.cat([m for m, _ in maps])  # (G*E, C_i) for G decoders
         bias = torch.cat([b for _, b in maps])
         y = F.conv2d(f, weight[:, :, None, None], bias)  # (B, G*E, h_i, w_i), at the stage's resolution
-        z = z + (y if i == 0 else upsample(y, size))
-    return z.chunk(len(decoders), dim=1)
+        if i == 0:
+            z = y
+        else:
+            z += upsample(y, size)  # in place: the sum at 1/4 resolution is the large tensor here
+    if not decoders[0].training:  # BatchNorm is folded into stage_map: ReLU is all that is left
+        return F.relu(z, inplace=True).chunk(len(decoders), dim=1)
+    return [F.relu(d.linear_fuse.bn(z_d), inplace=True) for d, z_d in zip(decoders, z.chunk(len(decoders), dim=1))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +151,8 @@ def fuse_stages(decoders, features):
 def outputs(task, z, size):
     """A head's 1/4-resolution output -> the model's output dict at the input size. Upsampling
     comes before the activations, as the paper does for the softmax (Section 3.2.1)."""
-    z = upsample(z, size)
+    # contiguous first: the softmax over classes is 4x slower on a channels_last map
+    z = upsample(z.contiguous(), size)
     if task == 'seg':
         return {'seg_logits': z}
     return {'depth_mean': F.relu(z[:, 0]),        # Eq. 4

@@ -117,13 +117,17 @@ def summarize(samples):
     pred = Prediction()
     if 'seg_logits' in samples:
         z = samples['seg_logits'].float()  # (S, B, K, H, W)
-        # log q = log(1/S sum_t softmax(z_t)) = logsumexp_t log_softmax(z_t) - log S: no log 0
-        pred.log_probs = torch.logsumexp(F.log_softmax(z, dim=2), dim=0) - math.log(z.shape[0])
+        S = z.shape[0]
+        if S == 1:  # a single network: no mixture, and no full-resolution work to do for one
+            pred.log_probs = F.log_softmax(z[0], dim=1)
+        else:  # log q = log(1/S sum_t softmax(z_t)) = logsumexp_t log_softmax(z_t) - log S: no log 0
+            pred.log_probs = torch.logsumexp(F.log_softmax(z, dim=2), dim=0) - math.log(S)
         pred.entropy = -(pred.log_probs.exp() * pred.log_probs).sum(dim=1)  # Eq. 3
     if 'depth_mean' in samples:
         mu, var = samples['depth_mean'].float(), samples['depth_var'].float()  # (S, B, H, W)
         pred.depth_mean = mu.mean(dim=0)
-        pred.depth_var = var.mean(dim=0) + mu.var(dim=0, correction=0)  # Eq. 10 (1/S, not 1/(S-1))
+        # Eq. 10 (1/S, not 1/(S-1)); one sample has no spread of means: s^2 itself
+        pred.depth_var = var.mean(dim=0) + mu.var(dim=0, correction=0) if len(mu) > 1 else var[0]
     return pred
 
 
