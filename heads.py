@@ -135,7 +135,9 @@ def fuse_stages(decoders, features):
         maps = [d.stage_map(i) for d in decoders]
         weight = torch.cat([m for m, _ in maps])  # (G*E, C_i) for G decoders
         bias = torch.cat([b for _, b in maps])
-        y = F.conv2d(f, weight[:, :, None, None], bias)  # (B, G*E, h_i, w_i), at the stage's resolution
+        # a 1x1 conv at the stage's resolution, written as the matmul it is over the channels of
+        # the channels_last features (under vmap, a Deep Ensemble's, one batched matmul)
+        y = F.linear(f.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)  # (B, G*E, h_i, w_i)
         if i == 0:
             z = y
         else:
