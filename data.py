@@ -99,6 +99,7 @@ NUM_CLASSES = {'nyuv2': 40, 'cityscapes': 19, 'synthetic': len(SYNTHETIC_CLASSES
 CLASS_NAMES = {'nyuv2': NYUV2_CLASSES, 'cityscapes': CITYSCAPES_CLASSES, 'synthetic': SYNTHETIC_CLASSES}
 PALETTES = {'nyuv2': NYUV2_PALETTE, 'cityscapes': CITYSCAPES_PALETTE, 'synthetic': SYNTHETIC_PALETTE}
 CROP_SIZES = {'nyuv2': (480, 640), 'cityscapes': (768, 768)}  # paper Section 4, (H, W)
+TEACHER_JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue of the teacher's input
 
 # -----------------------------------------------------------------------------
 # augmentations
@@ -180,8 +181,9 @@ class JointTransform:
     colour), IGNORE_INDEX in the label and 0 (invalid) in the depth where the scaled image is
     smaller, horizontal flip with p = 0.5.
     train=False: the full image, only normalised.
-    teacher_jitter adds 'image_teacher': the same pixels colour-jittered with strengths
-    `jitter` = (brightness, contrast, saturation, hue), EMUFormer's teacher input (Section 3.3).
+    teacher_jitter = (brightness, contrast, saturation, hue) strengths adds 'image_teacher': the
+    same pixels colour-jittered, EMUFormer's teacher input (Section 3.3; the paper gives no
+    strengths, TEACHER_JITTER are torchvision's usual ones).
 
     All randomness comes from the global torch RNG: torch.manual_seed makes a run repeatable,
     and the DataLoader reseeds torch in each worker, so workers draw different augmentations.
@@ -190,7 +192,7 @@ class JointTransform:
     """
 
     def __init__(self, crop_size=None, train=False, scale=(0.5, 2.0), flip=True,
-                 teacher_jitter=False, jitter=(0.4, 0.4, 0.4, 0.1)):
+                 teacher_jitter=None):
         if train and crop_size is None:
             raise ValueError('a training JointTransform needs crop_size=(H, W)')
         self.crop_size = crop_size
@@ -198,7 +200,6 @@ class JointTransform:
         self.scale = scale
         self.flip = flip
         self.teacher_jitter = teacher_jitter
-        self.jitter = jitter
 
     def __call__(self, image, label, depth, name):
         if not image.shape[:2] == label.shape == depth.shape:
@@ -219,7 +220,7 @@ class JointTransform:
                   'depth': _pad_to(depth, size, 0.0),
                   'name': name}
         if self.teacher_jitter:
-            sample['image_teacher'] = _pad_to(normalize(color_jitter(image, *self.jitter)), size, 0.0)
+            sample['image_teacher'] = _pad_to(normalize(color_jitter(image, *self.teacher_jitter)), size, 0.0)
         return sample
 
 
@@ -536,7 +537,7 @@ class SyntheticScenes(Dataset):
 # -----------------------------------------------------------------------------
 
 
-def build_dataset(name, root, split, train, crop_size=None, teacher_jitter=False,
+def build_dataset(name, root, split, train, crop_size=None, teacher_jitter=None,
                   num_images=None, size=(96, 128), seed=0, annotation_noise=True):
     """The data set `name` ('nyuv2', 'cityscapes' or 'synthetic') of split 'train' or 'val'.
 

@@ -193,11 +193,12 @@ def score(metrics):
 # ---------------------------------------------------------------------------------------------
 # the loop
 
-def run(args, teacher=None, loss_weights=(10.0, 1.0)):
+def run(args, teacher=None, loss_weights=(10.0, 1.0), jitter=data.TEACHER_JITTER):
     """Train with the loss of Eq. 7; or, given the checkpoints of a Deep Ensemble `teacher`,
     distil it with Eq. 11 (distill.py): the teacher, frozen and run as one batched model, sees
     the colour-jittered 'image_teacher', and its mean softmax and predictive variance (Eq. 10)
-    are the student's targets. loss_weights: w2, w3 of Eq. 11. Returns the trained model."""
+    are the student's targets. loss_weights: w2, w3 of Eq. 11; jitter: the strengths of the
+    teacher's colour jitter. Returns the trained model."""
     rank, world_size, device = setup_distributed(torch.device(args.device))
     ddp, master = world_size > 1, rank == 0
     log = print if master else (lambda *a, **k: None)
@@ -217,7 +218,7 @@ def run(args, teacher=None, loss_weights=(10.0, 1.0)):
     synthetic = dict(size=tuple(args.synthetic_size))  # the same scenes for every --seed
     train_set = SeededSamples(data.build_dataset(
         args.data, args.root, 'train', train=True, crop_size=args.crop and tuple(args.crop),
-        teacher_jitter=teacher is not None, num_images=args.synthetic_train, **synthetic), args.seed)
+        teacher_jitter=jitter if teacher is not None else None, num_images=args.synthetic_train, **synthetic), args.seed)
     val_set = data.build_dataset(args.data, args.root, 'val', train=False,
                                  num_images=args.synthetic_val, **synthetic)
     # each rank evaluates every world_size-th image, no padding: the summed metrics are exact

@@ -324,7 +324,7 @@ def test_scale_crop_flip_keep_image_label_depth_aligned():
 def test_padding_values_at_bottom_right():
     image, label, depth = coded_sample()
     torch.manual_seed(0)
-    transform = data.JointTransform((40, 56), train=True, scale=(0.5, 0.5), teacher_jitter=True)
+    transform = data.JointTransform((40, 56), train=True, scale=(0.5, 0.5), teacher_jitter=data.TEACHER_JITTER)
     sample = transform(image, label, depth, 'x')
     # scaled to 24 x 32, the whole image is the crop, padded below and to the right
     for key, value in (('image', 0.0), ('image_teacher', 0.0), ('label', 255), ('depth', 0.0)):
@@ -359,7 +359,7 @@ def test_flip_is_the_same_for_image_label_and_depth():
 def test_teacher_image_same_geometry_other_colours():
     image, label, depth = coded_sample()
     plain = data.JointTransform((40, 56), train=True)
-    jitter = data.JointTransform((40, 56), train=True, teacher_jitter=True)
+    jitter = data.JointTransform((40, 56), train=True, teacher_jitter=data.TEACHER_JITTER)
     for seed in range(6):
         torch.manual_seed(seed)
         a = plain(image, label, depth, 'x')
@@ -421,7 +421,7 @@ def test_eval_is_only_normalisation():
 
 def test_seeded_augmentation_is_reproducible():
     image, label, depth = coded_sample()
-    transform = data.JointTransform((40, 56), train=True, teacher_jitter=True)
+    transform = data.JointTransform((40, 56), train=True, teacher_jitter=data.TEACHER_JITTER)
 
     def run(seed):
         torch.manual_seed(seed)
@@ -483,7 +483,7 @@ def test_synthetic_shapes_and_dtypes_for_any_size():
         assert sample['image'].shape == (3, *size) and sample['image'].dtype == torch.float32
         assert sample['label'].shape == size and sample['label'].dtype == torch.int64
         assert sample['depth'].shape == size and sample['depth'].dtype == torch.float32
-    ds = data.build_dataset('synthetic', None, 'train', train=True, teacher_jitter=True,
+    ds = data.build_dataset('synthetic', None, 'train', train=True, teacher_jitter=data.TEACHER_JITTER,
                             num_images=4, size=(48, 64))
     sample = ds[3]
     assert sample['image'].shape == sample['image_teacher'].shape == (3, 48, 64)  # cropped to the full size
