@@ -139,9 +139,8 @@ class DeepEnsemble:
     one call (a conv becomes a grouped conv, a matmul a batched matmul), which keeps a GPU busy
     where a loop of N small passes would not. A CPU has no idle units to fill, and there the
     loop is faster (10 SegDepthFormer-B0 at 480x640 on 2 threads, uncertainty included: 3.7 s
-    batched, 2.9 s looped;
-    bench.py measures both). batched=False is that plain loop, kept to check against and to
-    benchmark. Either way self(images) returns samples (N, B, ...). Members are
+    batched, 2.9 s looped; bench.py measures both). batched=False is that plain loop, kept to
+    check against and to benchmark. Either way self(images) returns samples (N, B, ...). Members are
     used in eval mode and without gradients (the ensemble is a fixed teacher or evaluator).
     """
 
