@@ -19,7 +19,8 @@ because a 1x1 conv commutes with upsampling, and up() maps a constant to the sam
 each stage can be taken straight to the fused width E at its own low resolution with the
 (E x C_i) matrix W_i L_i, and the (E x 4E) fuse conv on 4E channels at 1/4 resolution, three
 quarters of SegFormer-B2's multiply-adds, disappears. BatchNorm, ReLU, dropout and the
-prediction layer come after the sum and are unchanged. `AllMLPDecoder.forward` computes this
+prediction layer come after the sum and are unchanged, except that in eval mode BatchNorm is a
+fixed per-channel affine map, which folds into the W_i L_i too. `AllMLPDecoder.forward` computes this
 form (in training and inference, gradients flow to the original parameters through W_i L_i);
 `forward_textbook` is the literal one, kept as the reference the tests compare against.
 The parameters and their names are those of the official SegFormerHead (`linear_c1..4.proj`,
@@ -144,7 +145,8 @@ def fuse_stages(decoders, features):
             z += upsample(y, size)  # in place: the sum at 1/4 resolution is the large tensor here
     if not decoders[0].training:  # BatchNorm is folded into stage_map: ReLU is all that is left
         return F.relu(z, inplace=True).chunk(len(decoders), dim=1)
-    return [F.relu(d.linear_fuse.bn(z_d), inplace=True) for d, z_d in zip(decoders, z.chunk(len(decoders), dim=1))]
+    return [F.relu(d.linear_fuse.bn(z_d), inplace=True)
+            for d, z_d in zip(decoders, z.chunk(len(decoders), dim=1))]
 
 
 # ---------------------------------------------------------------------------------------------
