@@ -260,6 +260,8 @@ def run(args, teacher=None, loss_weights=(10.0, 1.0), jitter=data.TEACHER_JITTER
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
         step, best = ckpt['step'], ckpt['best']
+        # each rank continues its own dropout stream; resumed on more ranks than it was saved
+        # with, a new rank takes rank 0's (the weights and batches are exact either way)
         set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0], device)
         log(f'resumed from {last} at step {step}')
 
