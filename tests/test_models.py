@@ -261,27 +261,60 @@ def noisy_batchnorm(model):
     return model
 
 
+def away_from_the_kinks(model, x, margin=1.0):
+    """Shift the inputs of the model's two ReLUs (each decoder's after its BatchNorm, and Eq. 4's
+    on the depth mean) to at least `margin` on x, by raising the bias just before each.
+
+    In fp32 the folded and textbook forms round differently, by ~1e-6 relative. A pixel whose
+    pre-ReLU value lies within that of 0 can fall on either side of the kink in the two forms,
+    and that one pixel moves a gradient by its whole contribution: how many such pixels there
+    are depends on the CPU's kernels, not on the algebra. Away from the kinks both forms are the
+    same smooth function, and what is left between them is round-off alone. (The float64 test
+    below keeps the kinks: there round-off is 1e-16 and no pixel lands that close to 0.)
+    A bias shift moves a BatchNorm output by exactly that much in train mode (the batch
+    statistics are of its input) and in eval mode; the same seed gives the same masks."""
+    decoders = [m for m in model.modules() if isinstance(m, heads.AllMLPDecoder)]
+    low = {}
+    hooks = [d.linear_fuse.bn.register_forward_hook(
+        lambda m, args, out, d=d: low.__setitem__(d, out.min().item())) for d in decoders]
+    with torch.no_grad():
+        torch.manual_seed(1)
+        model(x, textbook=True)
+        for d in decoders:
+            d.linear_fuse.bn.bias += max(margin - low[d], 0.0)
+        for h in hooks:
+            h.remove()
+        torch.manual_seed(1)
+        depth_z = model.depth_head.forward_textbook(model.backbone(x))[:, 0]  # before Eq. 4's ReLU
+        model.depth_head.linear_pred.bias[0] += max(margin - depth_z.min().item(), 0.0)
+    return model
+
+
 @pytest.mark.parametrize('backbone', ['b0', 'b2'])  # decoder widths 256 and 768, both encoder widths
 @pytest.mark.parametrize('train', [False, True])
 def test_decoder_fold_equals_textbook_fp32(backbone, train):
     torch.manual_seed(0)
-    model = noisy_batchnorm(build_model('segdepthformer', backbone, 11).train(train))
-    (fold, g_fold), (book, g_book) = fold_and_textbook(model, torch.randn(2, 3, 70, 90), torch.float32)
+    x = torch.randn(2, 3, 70, 90)
+    model = away_from_the_kinks(noisy_batchnorm(build_model('segdepthformer', backbone, 11).train(train)), x)
+    (fold, g_fold), (book, g_book) = fold_and_textbook(model, x, torch.float32)
     for k in book:
         assert max_rel(fold[k], book[k]) <= 1e-5, k
     # Relative to each gradient's own size, but at least 1% of the largest one: in train mode
     # BatchNorm's backward cancels the gradient of the stage biases down to ~1e-4 of the
-    # largest, and there both forms carry fp32 rounding of that order (the float64 test below
-    # shows that the two forms are the same function there too).
+    # largest, and there both forms carry fp32 rounding of that order. A gradient sums ~10^4
+    # pixel contributions, in another order in each form: the round-off that leaves is ~2e-6
+    # of that size, and 2e-5 allows 10x that for other kernels (the float64 test below shows
+    # that the two forms are the same function).
     scale = max(g.abs().max() for g in g_book.values())
     for n in g_book:
-        assert (g_fold[n] - g_book[n]).abs().max() <= 1e-5 * max(g_book[n].abs().max(), 0.01 * scale), n
+        assert (g_fold[n] - g_book[n]).abs().max() <= 2e-5 * max(g_book[n].abs().max(), 0.01 * scale), n
 
 
+@pytest.mark.parametrize('backbone', ['b0', 'b2'])
 @pytest.mark.parametrize('train', [False, True])
-def test_decoder_fold_is_exact_in_float64(train):
+def test_decoder_fold_is_exact_in_float64(backbone, train):
     torch.manual_seed(0)
-    model = noisy_batchnorm(build_model('segdepthformer', 'b0', 11).train(train))
+    model = noisy_batchnorm(build_model('segdepthformer', backbone, 11).train(train))
     (fold, g_fold), (book, g_book) = fold_and_textbook(model, torch.randn(2, 3, 70, 90), torch.float64)
     for k in book:
         assert max_rel(fold[k], book[k]) <= 1e-12, k
