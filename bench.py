@@ -22,7 +22,7 @@ Timing: `--warmup` untimed iterations, then `--iters` timed ones under torch.inf
 On the GPU each iteration sits between a pair of CUDA events and the elapsed times are read
 after one synchronize at the end; on the CPU, which runs synchronously, it is time.perf_counter
 around each call. Latency is the mean +- std over the timed iterations, FPS = batch / latency.
-`--dtype bf16|fp16` runs under autocast (the weights stay fp32), `--channels-last` converts
+`--precision bf16|fp16` runs under autocast (the weights stay fp32), `--channels-last` converts
 networks and input, `--compile` compiles each row's whole timed step (`--compile-mode
 reduce-overhead` records it as a CUDA graph, which removes launch overhead at batch 1).
 
@@ -46,18 +46,17 @@ on the meta device: shapes only, no arithmetic, so even the Deep Ensemble takes 
 Run (single process; a benchmark has nothing to gain from torchrun):
 
     python bench.py                                  # all rows, B2, 480x640, batch 1, fp32
-    python bench.py --dtype bf16 --compile --compile-mode reduce-overhead
+    python bench.py --precision bf16 --compile --compile-mode reduce-overhead
     python bench.py --device cpu --threads 2 --warmup 1 --iters 3
     python bench.py --hf                             # + Hugging Face (pip install transformers)
     python bench.py --rows segdepthformer textbook encoder --json out/bench.json
-    python bench.py --train --batch 8 --dtype bf16   # training steps/s, folded vs textbook
+    python bench.py --train --batch 8 --precision bf16   # training steps/s, folded vs textbook
 """
 
 import argparse
 import json
 import statistics
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -66,6 +65,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import heads
 import losses
 import mit
+import plumbing
 import uq
 
 # ---------------------------------------------------------------------------------------------
@@ -236,25 +236,17 @@ def make_row(key, args, cache):
     raise ValueError(f"unknown row {key!r}: expected one of {', '.join(ROWS)}")
 
 
-DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
-def autocast(device, dtype):
-    """Mixed precision for bf16/fp16, nothing for fp32; the weights stay fp32 either way."""
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-
 def prepare(networks, step, args, device):
-    """Apply --channels-last, --dtype and --compile to a row built on `device`. (The batched
+    """Apply --channels-last, --precision and --compile to a row built on `device`. (The batched
     Deep Ensemble's stacked weights are copies taken when it was built; vmap reshapes them into
     grouped convolutions anyway, so for it only the input's layout changes.)"""
     if args.channels_last:
         for m in networks:
             m.to(memory_format=torch.channels_last)
-    dtype = DTYPES[args.dtype]
+    dtype = plumbing.DTYPES[args.precision]
 
     def run(x):
-        with autocast(device, dtype):
+        with plumbing.autocast(device, dtype):
             return step(x)
     # the whole step is compiled, not only the network: uq.predict checks the model's class
     # (a compiled wrapper would fail it), and the summary (softmax, entropy, variance) is
@@ -313,7 +305,7 @@ def make_train_step(args, device, dtype, compile_, memory_format, textbook, labe
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def loss_fn(x):
-        with autocast(device, dtype):  # forward and loss only; backward runs in the forward's dtypes
+        with plumbing.autocast(device, dtype):  # forward and loss only; backward runs in the forward's dtypes
             return losses.segdepth_loss(model(x, textbook=textbook), label, depth)[0]
     loss_fn = compile_fn(loss_fn, args.compile_mode) if compile_ else loss_fn
 
@@ -327,16 +319,16 @@ def make_train_step(args, device, dtype, compile_, memory_format, textbook, labe
 
 def train_rows(args, device):
     """Training-step throughput of SegDepthFormer, folded vs textbook decoder, in eager fp32 and
-    in the chosen settings (--dtype, --channels-last, --compile) when they differ from it."""
+    in the chosen settings (--precision, --channels-last, --compile) when they differ from it."""
     B, (H, W) = args.batch, args.size
     x = torch.randn(B, 3, H, W, device=device)
     label = torch.randint(args.num_classes, (B, H, W), device=device)
     depth = torch.rand(B, H, W, device=device) * 9.5 + 0.5  # metres, all valid
-    settings = [('fp32 eager', torch.float32, False, False)]
-    if args.dtype != 'fp32' or args.compile or args.channels_last:
-        name = ', '.join([args.dtype] + ['channels_last'] * args.channels_last
+    settings = [('fp32 eager', None, False, False)]
+    if args.precision != 'fp32' or args.compile or args.channels_last:
+        name = ', '.join([args.precision] + ['channels_last'] * args.channels_last
                          + [f'compiled ({args.compile_mode})' if args.compile else 'eager'])
-        settings.append((name, DTYPES[args.dtype], args.compile, args.channels_last))
+        settings.append((name, plumbing.DTYPES[args.precision], args.compile, args.channels_last))
     rows = []
     for setting, dtype, compile_, channels_last in settings:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -432,7 +424,7 @@ def parse_args(argv):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    choices=['cpu', 'cuda'], help="default: cuda if available")
     p.add_argument('--threads', type=int, help="torch.set_num_threads (CPU); default: PyTorch's choice")
-    p.add_argument('--dtype', default='fp32', choices=list(DTYPES),
+    p.add_argument('--precision', default='fp32', choices=list(plumbing.DTYPES),
                    help="bf16/fp16: autocast, the weights stay fp32")
     p.add_argument('--channels-last', action='store_true', help="channels_last networks and input")
     p.add_argument('--compile', action='store_true', help="torch.compile each timed step")
@@ -458,7 +450,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    (H, W), dtype = args.size, args.dtype
+    (H, W), dtype = args.size, args.precision
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
     header = (f"{name} ({torch.get_num_threads()} CPU threads), {dtype}"
               f"{', channels_last' if args.channels_last else ''}"

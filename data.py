@@ -6,7 +6,7 @@ augmentations (Section 4) and the colour jitter on the teacher's input (Section 
 A sample is a dict of tensors:
     'image'          float32 (3, H, W)  RGB in [0, 1], then normalised with ImageNet MEAN / STD
     'label'          int64   (H, W)     class ids 0..K-1, IGNORE_INDEX (255) = unlabelled
-    'depth'          float32 (H, W)     metres, 0 = no measurement
+    'depth'          float32 (H, W)     metres, 0 = no measurement (valid_depth says which count)
     'name'           str
     'image_teacher'  float32 (3, H, W)  only with teacher_jitter: the same crop, scale and flip
                                         as 'image' but colour-jittered (EMUFormer's teacher input)
@@ -28,15 +28,19 @@ On-disk layouts:
         ROOT/camera/{split}/<city>/<city>_<seq>_<frame>_camera.json
     Synthetic (6 classes): no files, every scene is drawn on the fly from (seed, index).
 
+Two conventions hold for every data set and are defined here, once, for the whole project:
+IGNORE_INDEX marks a pixel without a class, and valid_depth says which ground-truth depths are
+measurements. Depth beyond a data set's MAX_DEPTH (the --max-depth of train.py and evaluate.py)
+is made invalid when a sample is read, so no loss and no metric ever sees it.
+
 Use build_dataset(name, root, split, train) to get any of them with the right transform.
 """
 
 import argparse
 import json
 import math
-import os
-import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +49,19 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-IGNORE_INDEX = 255
+from mit import MIN_SIZE
+from plumbing import save_atomic
+
+IGNORE_INDEX = 255  # the label of a pixel without a class (unlabelled, Cityscapes' void classes)
+
+
+def valid_depth(depth):
+    """Which ground-truth depths count (numpy arrays and torch tensors alike): a measurement is
+    > 0 and finite. Missing depth is stored as 0 (no stereo match, no Kinect return); NaN and inf
+    compare false with everything, so they are invalid too."""
+    return (depth > 0) & (depth < math.inf)
+
+
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics of RGB in [0, 1]: the encoder was pre-trained on them
 STD = (0.229, 0.224, 0.225)
 
@@ -99,7 +115,19 @@ NUM_CLASSES = {'nyuv2': 40, 'cityscapes': 19, 'synthetic': len(SYNTHETIC_CLASSES
 CLASS_NAMES = {'nyuv2': NYUV2_CLASSES, 'cityscapes': CITYSCAPES_CLASSES, 'synthetic': SYNTHETIC_CLASSES}
 PALETTES = {'nyuv2': NYUV2_PALETTE, 'cityscapes': CITYSCAPES_PALETTE, 'synthetic': SYNTHETIC_PALETTE}
 CROP_SIZES = {'nyuv2': (480, 640), 'cityscapes': (768, 768)}  # paper Section 4, (H, W)
+# The farthest depth that counts, in metres (the paper gives none). NYUv2: the Kinect measures
+# up to about 10 m, the usual evaluation cap. Cityscapes: stereo depth error grows with the
+# square of the distance (a disparity of 1/256 pixel, the PNG's step, is ~120 km); 80 m, the
+# cap of the usual driving-scene depth evaluations, keeps the measurements that mean something.
+# Synthetic: the back wall of a room is at most 9 m away.
+MAX_DEPTH = {'nyuv2': 10.0, 'cityscapes': 80.0, 'synthetic': 10.0}
 TEACHER_JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue of the teacher's input
+
+
+def describe(name, **extra):
+    """What a checkpoint carries about its data set: the class names and their palette, so
+    that a model labels its output without the data set at hand (plus `extra`)."""
+    return {'data': name, 'classes': list(CLASS_NAMES[name]), 'palette': PALETTES[name].tolist(), **extra}
 
 # -----------------------------------------------------------------------------
 # augmentations
@@ -180,31 +208,45 @@ class JointTransform:
     crop_size = (H, W) padded at the bottom/right with 0 in the normalised image (the mean
     colour), IGNORE_INDEX in the label and 0 (invalid) in the depth where the scaled image is
     smaller, horizontal flip with p = 0.5.
-    train=False: the full image, only normalised.
+    train=False: the full image, only normalised; it must be at least MIN_SIZE on each side.
+    max_depth: depths beyond it become 0 (invalid) before anything else happens.
     teacher_jitter = (brightness, contrast, saturation, hue) strengths adds 'image_teacher': the
     same pixels colour-jittered, EMUFormer's teacher input (Section 3.3; the paper gives no
     strengths, TEACHER_JITTER are torchvision's usual ones).
 
-    All randomness comes from the global torch RNG: torch.manual_seed makes a run repeatable,
-    and the DataLoader reseeds torch in each worker, so workers draw different augmentations.
-    (A torch.Generator held by the transform would be copied into every worker, which would
-    then all draw the same crops.)
+    All randomness comes from the global torch RNG, so the caller decides the stream: train.py
+    seeds it per sample from (seed, epoch, index). The arithmetic runs on one thread wherever
+    it runs: resizing and the jitter's matrix product round differently when split over more
+    threads, and a DataLoader worker has one while the main process has all of them, so without
+    this the same sample would differ in the last bits between --workers 0 and --workers 2.
     """
 
     def __init__(self, crop_size=None, train=False, scale=(0.5, 2.0), flip=True,
-                 teacher_jitter=None):
+                 teacher_jitter=None, max_depth=math.inf):
         if train and crop_size is None:
             raise ValueError('a training JointTransform needs crop_size=(H, W)')
+        if train and min(crop_size) < MIN_SIZE:
+            raise ValueError(f'crop size {tuple(crop_size)} is below the encoder\'s minimum of '
+                             f'{MIN_SIZE}x{MIN_SIZE} pixels')
         self.crop_size = crop_size
         self.train = train
         self.scale = scale
         self.flip = flip
         self.teacher_jitter = teacher_jitter
+        self.max_depth = max_depth
 
     def __call__(self, image, label, depth, name):
         if not image.shape[:2] == label.shape == depth.shape:
             raise ValueError(f'sample {name}: image {image.shape[:2]}, label {label.shape} and '
                              f'depth {depth.shape} must have the same height and width')
+        if not self.train and min(label.shape) < MIN_SIZE:
+            raise ValueError(f'sample {name}: image of {label.shape[0]}x{label.shape[1]} pixels is below the '
+                             f'encoder\'s minimum of {MIN_SIZE}x{MIN_SIZE}')
+        depth = np.where(depth > self.max_depth, 0, depth).astype(np.float32)  # beyond the cap: invalid
+        with _one_thread():
+            return self._transform(image, label, depth, name)
+
+    def _transform(self, image, label, depth, name):
         image = torch.from_numpy(image).permute(2, 0, 1).float() / 255  # (H, W, 3) uint8 -> (3, H, W) in [0, 1]
         label, depth = torch.from_numpy(label), torch.from_numpy(depth)
         size = label.shape
@@ -224,12 +266,14 @@ class JointTransform:
         return sample
 
 
-def seed_worker(worker_id):
-    """worker_init_fn for a DataLoader: seed numpy and random from the worker's torch seed (the
-    recipe of PyTorch's reproducibility notes; recent DataLoaders already do the same)."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+@contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # -----------------------------------------------------------------------------
@@ -251,11 +295,29 @@ def _image(path):
 
 def _png(path):
     with Image.open(path) as im:
-        return np.array(im)  # (H, W) as stored: uint8 or uint16
+        return np.array(im)  # as stored: (H, W) uint8 or uint16, (H, W, 3) for RGB
+
+
+def _label_png(path):
+    """A label image: one channel of class ids (a palette PNG reads as its indices)."""
+    label = _png(path)
+    if label.ndim != 2:
+        raise ValueError(f'{path} is an image with {label.shape[2]} channels (RGB colours?) where a '
+                         f'single-channel label image of class ids was expected')
+    return label
 
 
 def _npy(path):
     return np.load(path).astype(np.float32)
+
+
+def _disparity_png(path):
+    """Cityscapes' disparity: a 16-bit PNG (an 8-bit one would give depths of kilometres)."""
+    p = _png(path)
+    if p.dtype != np.uint16 and p.dtype != np.int32:  # PIL reads 16-bit greyscale as uint16 or int32
+        raise ValueError(f'{path} is a {p.dtype} image with shape {p.shape}; expected the 16-bit '
+                         f'single-channel disparity PNG of Cityscapes (disparity = (p - 1) / 256)')
+    return p.astype(np.float32)
 
 
 def _camera(path):
@@ -295,20 +357,13 @@ class NYUv2(Dataset):
         name = self.names[i]
         image = _read(self.root / 'images' / f'{name}.jpg', _image)
         label_path = self.root / 'segmentation' / f'{name}.png'
-        raw = _read(label_path, _png).astype(np.int64)
+        raw = _read(label_path, _label_png).astype(np.int64)
         if raw.max() > 40:
             raise ValueError(f'{label_path}: class id {raw.max()} > 40; expected the 40-class '
                              f'labels (0 = unlabelled, 1..40), not the raw 894 NYUv2 classes')
         label = np.where(raw == 0, IGNORE_INDEX, raw - 1)  # 1..40 -> 0..39, 0 -> ignore
         depth = _read(self.root / 'depth' / f'{name}.npy', _npy)
         return self.transform(image, label, depth, name)
-
-
-def _save_atomic(path, save):
-    """save(tmp) then rename to path: a killed run leaves no half-written file under its name."""
-    tmp = path.with_name(path.stem + '.tmp' + path.suffix)  # keep the suffix: PIL and numpy read it
-    save(tmp)
-    os.replace(tmp, path)
 
 
 def convert_nyuv2(mat, splits, mapping, out):
@@ -345,16 +400,16 @@ def convert_nyuv2(mat, splits, mapping, out):
                 image = f['images'][i - 1].transpose(2, 1, 0)  # (3, W, H) -> (H, W, 3)
                 label = to_40[f['labels'][i - 1].T]  # (W, H) -> (H, W), raw ids -> 0..40
                 depth = f['depths'][i - 1].T.astype(np.float32)  # (W, H) -> (H, W) metres
-                _save_atomic(paths[0], lambda p: Image.fromarray(image).save(p, quality=95))
-                _save_atomic(paths[1], lambda p: Image.fromarray(label).save(p))
-                _save_atomic(paths[2], lambda p: np.save(p, depth))
+                save_atomic(paths[0], lambda f: Image.fromarray(image).save(f, format='JPEG', quality=95))
+                save_atomic(paths[1], lambda f: Image.fromarray(label).save(f, format='PNG'))
+                save_atomic(paths[2], lambda f: np.save(f, depth))
             if k % 50 == 0 or k == len(todo):
                 rate = k / (time.time() - start)
                 eta = (len(todo) - k) / rate
                 print(f'{k}/{len(todo)} samples, {rate:.1f}/s, ETA {eta:.0f} s', flush=True)
     for split, ids in split_ids.items():  # last: a listed sample is a finished one
         names = ''.join(f'{i:06d}\n' for i in ids)
-        _save_atomic(out / 'gt_sets' / f'{split}.txt', lambda p: p.write_text(names))
+        save_atomic(out / 'gt_sets' / f'{split}.txt', lambda f: f.write(names.encode()))
 
 
 # -----------------------------------------------------------------------------
@@ -365,8 +420,8 @@ class Cityscapes(Dataset):
     """Cityscapes in its official layout (see the module docstring); split is 'train' or 'val'.
     Depth comes from the stereo disparity: a pixel p > 0 of the 16-bit disparity PNG means
     d = (p - 1) / 256 pixels, and depth = baseline * fx / d metres; p = 0 (no match) and p = 1
-    (d = 0, infinitely far) are invalid, 0. Depth is not clipped (d = 1 pixel is about 470 m
-    away), so the loss and the metrics choose their own maximum depth."""
+    (d = 0, infinitely far) are invalid, 0. Far depths (d = 1 pixel is about 470 m away) are
+    cut at MAX_DEPTH['cityscapes'] by the transform, as for every data set."""
 
     def __init__(self, root, split, transform):
         self.root = Path(root)
@@ -393,10 +448,9 @@ class Cityscapes(Dataset):
         name = path.name.removesuffix('_leftImg8bit.png')
         city = path.parent.name
         image = _read(path, _image)
-        label_ids = _read(self.root / 'gtFine' / self.split / city / f'{name}_gtFine_labelIds.png', _png)
+        label_ids = _read(self.root / 'gtFine' / self.split / city / f'{name}_gtFine_labelIds.png', _label_png)
         label = _CITYSCAPES_TRAIN_ID[label_ids]
-        p = _read(self.root / 'disparity' / self.split / city / f'{name}_disparity.png', _png)
-        p = p.astype(np.float32)
+        p = _read(self.root / 'disparity' / self.split / city / f'{name}_disparity.png', _disparity_png)
         baseline, fx = _read(self.root / 'camera' / self.split / city / f'{name}_camera.json', _camera)
         disparity = (p - 1) / 256
         valid = disparity > 0  # p > 1
@@ -537,22 +591,25 @@ class SyntheticScenes(Dataset):
 # -----------------------------------------------------------------------------
 
 
-def build_dataset(name, root, split, train, crop_size=None, teacher_jitter=None,
+def build_dataset(name, root, split, train, crop_size=None, teacher_jitter=None, max_depth=None,
                   num_images=None, size=(96, 128), seed=0, annotation_noise=True):
     """The data set `name` ('nyuv2', 'cityscapes' or 'synthetic') of split 'train' or 'val'.
 
     train chooses the augmentations (JointTransform), independently of the split; crop_size
     defaults to the paper's: (480, 640) NYUv2, (768, 768) Cityscapes, the full size for the
-    synthetic scenes. Synthetic only (root is ignored): num_images (default 200 train / 50
-    val), size (H, W), seed and annotation_noise; the val scenes use seed + 1_000_003 so
-    that no nearby training seed draws them.
+    synthetic scenes; max_depth defaults to MAX_DEPTH[name]. Synthetic only (root is ignored):
+    num_images (default 200 train / 50 val), size (H, W), seed and annotation_noise; the val
+    scenes use seed + 1_000_003 so that no nearby training seed draws them.
     """
     if name not in NUM_CLASSES:
         raise ValueError(f'unknown data set {name!r}; valid: {", ".join(NUM_CLASSES)}')
     if split not in ('train', 'val'):
         raise ValueError(f"unknown split {split!r}; valid: train, val")
+    if name != 'synthetic' and not root:
+        raise ValueError(f'--data {name} needs --root, the data set directory')
     crop_size = crop_size or CROP_SIZES.get(name, size)
-    transform = JointTransform(crop_size, train=train, teacher_jitter=teacher_jitter)
+    transform = JointTransform(crop_size, train=train, teacher_jitter=teacher_jitter,
+                               max_depth=max_depth or MAX_DEPTH[name])
     if name == 'nyuv2':
         return NYUv2(root, split, transform)
     if name == 'cityscapes':

@@ -48,7 +48,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mit import MixVisionTransformer, get_config, load_file, load_strict, read_checkpoint
+from mit import MixVisionTransformer, get_config
+from plumbing import load_file, load_strict, read_state_dict
 
 
 def upsample(x, size):
@@ -155,10 +156,12 @@ def fuse_stages(decoders, features):
 def outputs(task, z, size):
     """A head's 1/4-resolution output -> the model's output dict at the input size. Upsampling
     comes before the activations, as the paper does for the softmax (Section 3.2.1)."""
-    # contiguous first: the softmax over classes is 4x slower on a channels_last map
-    z = upsample(z.contiguous(), size)
     if task == 'seg':
-        return {'seg_logits': z}
+        # contiguous first: the softmax over classes is 4x slower on a channels_last map
+        return {'seg_logits': upsample(z.contiguous(), size)}
+    # depth in float32 whatever autocast does (no autocast list lowers these ops): in half
+    # precision Softplus underflows to 0 below about -17, where the loss's 1/s^2 then overflows
+    z = upsample(z.float(), size)
     return {'depth_mean': F.relu(z[:, 0]),        # Eq. 4
             'depth_var': F.softplus(z[:, 1])}     # Eq. 5
 
@@ -238,6 +241,7 @@ class DeepSubEnsemble(nn.Module):
 
 SINGLE_MODELS = {'segformer': SegFormer, 'depthformer': DepthFormer, 'segdepthformer': SegDepthFormer}
 DSE_TASKS = {'dse': ('seg', 'depth'), 'dse-segformer': ('seg',), 'dse-depthformer': ('depth',)}
+MODEL_NAMES = [*SINGLE_MODELS, *DSE_TASKS]
 
 
 def build_model(name, backbone='b2', num_classes=40, **kwargs):
@@ -251,8 +255,7 @@ def build_model(name, backbone='b2', num_classes=40, **kwargs):
     elif name in DSE_TASKS:
         model = DeepSubEnsemble(backbone, num_classes, DSE_TASKS[name], **kwargs)
     else:
-        raise ValueError(f"unknown model {name!r}: expected one of "
-                         f"{', '.join([*SINGLE_MODELS, *DSE_TASKS])}")
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)}")
     model.config = dict(name=name, backbone=backbone, num_classes=num_classes, **kwargs)
     return model
 
@@ -262,16 +265,19 @@ def load_segformer_checkpoint(model, path):
     'backbone.' and 'decode_head.', into a SegFormer with the same number of classes. The head's
     unused 'conv_seg' (mmseg's base class creates it; SegFormer predicts with linear_pred) is
     dropped; everything else must match exactly."""
-    state = {k: v for k, v in read_checkpoint(path).items() if not k.startswith('decode_head.conv_seg.')}
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith('decode_head.conv_seg.')}
     load_strict(model, state, path)
 
 
 def load_model(path):
     """Rebuild a model from a checkpoint written by train.py or distill.py: a dict with the
-    model's weights under 'model' and build_model's arguments under 'config'."""
+    model's weights under 'model', build_model's arguments under 'config', and what else it
+    knows under 'meta' (data.describe: the classes and their palette, the objective), which
+    the model keeps as model.meta."""
     ckpt = load_file(path)
     if not isinstance(ckpt, dict) or 'config' not in ckpt:
         raise ValueError(f"{path}: no 'config' entry; expected a checkpoint written by train.py or distill.py")
     model = build_model(**ckpt['config'])
     load_strict(model, ckpt['model'], path)
+    model.meta = ckpt.get('meta', {})
     return model

@@ -33,17 +33,17 @@ Layout: inside a stage the tokens are kept as (B, N, C) with N = h*w in row-majo
 as a map, (B, N, C) is a (B, C, h, w) tensor in channels_last memory format, so going between
 the two for the convolutions is a free view, not a copy (`tokens_to_map`, `map_to_tokens`).
 
-MC Dropout (paper Section 4) needs every dropout layer switched on at test time at a chosen rate
-and nothing else changed; `mc_dropout(model, p)` does that for any model built from these
-modules and the decoders of heads.py.
+The dropout layers (attention probabilities, projections, Mix-FFN) are off by default, as in
+the official models; MC Dropout (uq.mc_dropout) switches them on at test time.
 """
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from plumbing import load_strict, read_state_dict
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,11 @@ CONFIGS = {
     'b4': MiTConfig(depths=(3, 8, 27, 3)),
     'b5': MiTConfig(depths=(3, 6, 40, 3)),
 }
+
+
+# The smallest input side: stage 1 reduces its keys and values with an 8x8 stride-8 conv on a
+# ceil(H/4) map, which needs at least 8 rows and columns, i.e. H, W >= 29.
+MIN_SIZE = 29
 
 
 def get_config(backbone):
@@ -107,7 +112,7 @@ class Attention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         # scaled_dot_product_attention takes the rate as an argument; the module is kept so that
-        # model.train()/eval() and mc_dropout() switch attention dropout like any other
+        # model.train()/eval() and uq.mc_dropout() switch attention dropout like any other
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -209,9 +214,8 @@ class MixVisionTransformer(nn.Module):
         self.apply(init_weights)
 
     def forward(self, x):
-        if x.ndim != 4 or x.shape[1] != 3 or min(x.shape[-2:]) < 29:
-            # stage 1 reduces keys/values with an 8x8 stride-8 conv on a ceil(H/4) map
-            raise ValueError(f"expected images (B, 3, H, W) with H, W >= 29, got {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != 3 or min(x.shape[-2:]) < MIN_SIZE:
+            raise ValueError(f"expected images (B, 3, H, W) with H, W >= {MIN_SIZE}, got {tuple(x.shape)}")
         features = []
         for i in range(1, 5):
             x, H, W = getattr(self, f'patch_embed{i}')(x)
@@ -234,76 +238,11 @@ def init_weights(m):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-def load_file(path):
-    """torch.load onto the CPU (tensors and plain Python only), with errors that name the file."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {path}") from None
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
-
-
-def read_checkpoint(path):
-    """The state dict in a .pth file: bare, or wrapped under 'state_dict' or 'model'."""
-    ckpt = load_file(path)
-    for key in ('state_dict', 'model'):
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            return ckpt[key]
-    return ckpt
-
-
-def load_strict(module, state, source):
-    """load_state_dict(strict=True), but a mismatch names every missing and unexpected key and
-    every shape conflict, and says which file they came from."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        lines = [f"{source} does not match {type(module).__name__}:"]
-        for title, items in (('missing keys', missing), ('unexpected keys', unexpected),
-                             ('shape conflicts', shapes)):
-            if items:
-                lines.append(f"  {len(items)} {title}: " + ', '.join(items[:20])
-                             + (' ...' if len(items) > 20 else ''))
-        raise ValueError('\n'.join(lines))
-    module.load_state_dict(state)
-
+# The official ImageNet weights (reading and strict loading: plumbing.py)
 
 def load_pretrained(encoder, path):
     """Load an official ImageNet checkpoint (mit_b0.pth .. mit_b5.pth) into a
     MixVisionTransformer. The ImageNet classifier ('head.*') is not part of the encoder and is
     dropped; everything else must match exactly."""
-    state = {k: v for k, v in read_checkpoint(path).items() if not k.startswith('head.')}
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith('head.')}
     load_strict(encoder, state, path)
-
-
-# ---------------------------------------------------------------------------------------------
-# MC Dropout
-
-@contextmanager
-def mc_dropout(model, p):
-    """Monte Carlo Dropout (Gal & Ghahramani): inside this block every dropout layer of `model`
-    samples a fresh mask at rate p, even in eval mode; BatchNorm keeps its running statistics
-    and stochastic depth stays off, so the only randomness is dropout's. Rates and modes are
-    restored on exit.
-
-        model.eval()
-        with mc_dropout(model, 0.2):
-            samples = [model(x) for _ in range(10)]
-    """
-    layers = [m for m in model.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
-    saved = [(m.p, m.training) for m in layers]
-    for m in layers:
-        m.p = p
-        m.train()
-    try:
-        yield model
-    finally:
-        for m, (rate, training) in zip(layers, saved):
-            m.p = rate
-            m.train(training)

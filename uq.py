@@ -68,24 +68,50 @@ result does not depend on batch size, batch order or the number of DDP ranks. Ev
     print(seg.compute(), dep.compute())
 """
 
-import contextlib
 import copy
 import math
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
+import plumbing
+from data import IGNORE_INDEX, valid_depth
 from heads import DeepSubEnsemble, load_model
-from mit import mc_dropout
 
 # ---- Uncertainty methods ----
 
 METHODS = ('none', 'mcd', 'dse', 'de')
+
+
+@contextmanager
+def mc_dropout(model, p):
+    """Monte Carlo Dropout (Gal & Ghahramani): inside this block every dropout layer of `model`
+    samples a fresh mask at rate p, even in eval mode; BatchNorm keeps its running statistics
+    and stochastic depth stays off, so the only randomness is dropout's. Rates and modes are
+    restored on exit.
+
+        model.eval()
+        with mc_dropout(model, 0.2):
+            samples = [model(x) for _ in range(10)]
+    """
+    layers = [m for m in model.modules() if isinstance(m, (nn.Dropout, nn.Dropout2d))]
+    saved = [(m.p, m.training) for m in layers]
+    for m in layers:
+        m.p = p
+        m.train()
+    try:
+        yield model
+    finally:
+        for m, (rate, training) in zip(layers, saved):
+            m.p = rate
+            m.train(training)
 
 
 @dataclass
@@ -122,7 +148,9 @@ def summarize(samples):
             pred.log_probs = F.log_softmax(z[0], dim=1)
         else:  # log q = log(1/S sum_t softmax(z_t)) = logsumexp_t log_softmax(z_t) - log S: no log 0
             pred.log_probs = torch.logsumexp(F.log_softmax(z, dim=2), dim=0) - math.log(S)
-        pred.entropy = -(pred.log_probs.exp() * pred.log_probs).sum(dim=1)  # Eq. 3
+        # Eq. 3; entr(q) = -q log q, and 0 where q = 0 (a masked or overflowed logit), where
+        # q * log q would be 0 * -inf = NaN
+        pred.entropy = torch.special.entr(pred.log_probs.exp()).sum(dim=1)
     if 'depth_mean' in samples:
         mu, var = samples['depth_mean'].float(), samples['depth_var'].float()  # (S, B, H, W)
         pred.depth_mean = mu.mean(dim=0)
@@ -169,7 +197,8 @@ class DeepEnsemble:
             return vmap(member, in_dims=(0, 0, None))(self.params, self.buffers, images)
 
 
-def architecture(model):
+def describe(model):
+    """E.g. 'segdepthformer-b0 with 6 classes', to name an architecture in a message."""
     cfg = model.config
     return f"{cfg['name']}-{cfg['backbone']} with {cfg['num_classes']} classes"
 
@@ -183,9 +212,9 @@ def load_members(paths):
             if isinstance(model, DeepSubEnsemble):
                 raise ValueError(f'{path} is a Deep Sub-Ensemble; the members of a Deep Ensemble '
                                  'must be single models (evaluate a DSE on its own)')
-            if architecture(model) != architecture(models[0]):
+            if describe(model) != describe(models[0]):
                 raise ValueError(f'the members of a Deep Ensemble must share one architecture: '
-                                 f'{paths[0]} is {architecture(models[0])}, {path} is {architecture(model)}')
+                                 f'{paths[0]} is {describe(models[0])}, {path} is {describe(model)}')
     return models
 
 
@@ -233,9 +262,6 @@ def predict(model, images, method='none', samples=10, dropout=0.2, chunk=None):
 
 
 # ---- Metrics ----
-
-IGNORE_INDEX = 255  # label of unlabelled pixels; they count in no segmentation metric
-
 
 def _ratio(numerator, denominator):
     # An empty denominator (nothing to measure) gives NaN: no number is invented.
@@ -314,8 +340,9 @@ class SegMetrics(StreamingMetric):
       ECE = sum_m |B_m|/n * |acc(B_m) - conf(B_m)| = sum_m |correct_m - sum conf_m| / n.
     - Uncertainty quality (see StreamingMetric) with accurate iff prediction == label,
       the threshold being the mean uncertainty over each image's labelled pixels.
-    compute() -> {'miou', 'iou' (list of K), 'pixel_acc', 'ece', 'p_accurate_certain',
-    'p_uncertain_inaccurate', 'pavpu'}, Python floats, NaN where nothing was counted.
+    compute() -> {'pixels' (labelled, counted), 'miou', 'iou' (list of K), 'pixel_acc', 'ece',
+    'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu'}, Python floats, NaN where nothing
+    was counted.
     """
 
     def __init__(self, num_classes, num_bins=15, device='cpu'):
@@ -356,6 +383,7 @@ class SegMetrics(StreamingMetric):
         n = self.stats['bin_count'].sum().item()
         gap = (self.stats['bin_correct'] - self.stats['bin_confidence']).abs().sum().item()
         return {
+            'pixels': n,
             'miou': iou.nanmean().item(),
             'iou': iou.tolist(),
             'pixel_acc': _ratio(tp.sum().item(), n),
@@ -374,8 +402,9 @@ class DepthMetrics(StreamingMetric):
     delta = inf, so it is inaccurate. Uncertainty quality (see StreamingMetric) calls a
     pixel accurate iff delta < 1.25, the threshold being the mean uncertainty over each
     image's valid pixels.
-    compute() -> {'rmse', 'abs_rel', 'delta1', 'delta2', 'delta3', 'p_accurate_certain',
-    'p_uncertain_inaccurate', 'pavpu'}, Python floats, NaN where nothing was counted.
+    compute() -> {'pixels' (valid, counted), 'rmse', 'abs_rel', 'delta1', 'delta2', 'delta3',
+    'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu'}, Python floats, NaN where nothing
+    was counted.
     """
 
     DELTA_THRESHOLDS = (1.25, 1.25 ** 2, 1.25 ** 3)
@@ -393,7 +422,7 @@ class DepthMetrics(StreamingMetric):
         """mean: (B, H, W) predicted depth mu in metres (>= 0); uncertainty: (B, H, W),
         e.g. predictive variance; depth: (B, H, W) ground truth y in metres (valid iff > 0
         and finite)."""
-        valid = (depth > 0) & depth.isfinite()
+        valid = valid_depth(depth)
         mu, y = mean.double(), depth.double()
         delta = torch.maximum(mu / y, y / mu)  # (B, H, W), Eq. 13; garbage where not valid
         self._count_uncertainty(delta < 1.25, uncertainty, valid)
@@ -408,6 +437,7 @@ class DepthMetrics(StreamingMetric):
         n = self.stats['n'].item()
         d1, d2, d3 = self.stats['delta_counts'].tolist()
         return {
+            'pixels': n,
             'rmse': math.sqrt(_ratio(self.stats['squared_error'].item(), n)),
             'abs_rel': _ratio(self.stats['abs_rel'].item(), n),
             'delta1': _ratio(d1, n),
@@ -420,11 +450,11 @@ class DepthMetrics(StreamingMetric):
 # ---- Evaluation over a data set ----
 
 @torch.no_grad()
-def evaluate(model, loader, num_classes, method='none', device='cpu', autocast=None, on_batch=None,
+def evaluate(model, loader, num_classes, method='none', device='cpu', amp_dtype=None, on_batch=None,
              **method_kwargs):
     """Run `predict` over a loader of sample dicts and stream the metrics.
 
-    autocast: a context manager factory for the forward pass (e.g. bf16), or None.
+    amp_dtype: the autocast dtype of the forward passes (plumbing.autocast_dtype), None for fp32.
     on_batch(batch, pred, seconds): called after each batch (visualisation, logging), with the
     wall-clock seconds of predict() (the device synchronised, so GPU time is included).
     Returns {'seg': SegMetrics.compute() or None, 'depth': ... or None, 'times': [seconds],
@@ -436,11 +466,11 @@ def evaluate(model, loader, num_classes, method='none', device='cpu', autocast=N
     times = []
     for batch in loader:
         images = batch['image'].to(device, non_blocking=True)
-        sync(device)
+        plumbing.sync(device)
         start = time.perf_counter()
-        with autocast() if autocast else contextlib.nullcontext():
+        with plumbing.autocast(torch.device(device), amp_dtype):
             pred = predict(model, images, method, **method_kwargs)
-        sync(device)
+        plumbing.sync(device)
         times.append(time.perf_counter() - start)
         if pred.log_probs is not None:
             seg.update(pred.probs, batch['label'].to(device), pred.entropy)
@@ -457,18 +487,12 @@ def evaluate(model, loader, num_classes, method='none', device='cpu', autocast=N
             'times': times, 'seg_metrics': seg}
 
 
-def json_safe(x):
-    """Results -> JSON-able: NaN (a metric with nothing to count) and inf become null."""
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if isinstance(x, float):  # numpy's float64 is a float too
-        return float(x) if math.isfinite(x) else None
-    return x
-
-
-def sync(device):
-    if torch.device(device).type == 'cuda':
-        torch.cuda.synchronize()
-
+def nothing_counted(metrics):
+    """Notes on the tasks of an evaluation whose metrics had no pixel to count (NaN; null in
+    JSON): said out loud, so that a NaN is never read as a result."""
+    notes = []
+    if metrics['seg'] is not None and metrics['seg']['pixels'] == 0:
+        notes.append('segmentation: no labelled pixel (every label is IGNORE_INDEX), its metrics are NaN')
+    if metrics['depth'] is not None and metrics['depth']['pixels'] == 0:
+        notes.append('depth: no valid ground-truth depth (data.valid_depth), its metrics are NaN')
+    return notes

@@ -138,7 +138,7 @@ def test_hf_rows_say_what_to_install(monkeypatch):
 
 
 def test_train_steps(capsys):
-    rows = bench.main(TINY + ['--train', '--batch', '2', '--dtype', 'bf16'])
+    rows = bench.main(TINY + ['--train', '--batch', '2', '--precision', 'bf16'])
     assert [(r['setting'], r['textbook']) for r in rows] == [
         ('fp32 eager', False), ('fp32 eager', True), ('bf16, eager', False), ('bf16, eager', True)]
     for r in rows:

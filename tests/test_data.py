@@ -24,10 +24,10 @@ def unnormalize(image):
 # -----------------------------------------------------------------------------
 # NYUv2 (NYUD-MT layout)
 
-H, W = 12, 16
-# segmentation columns 0..3 = 0 (unlabelled), 4..7 = 1, 8..11 = 5, 12..15 = 40
-NYU_SEG = np.repeat(np.array([0, 1, 5, 40]), 4)[None].repeat(H, 0)
-NYU_LABEL = np.repeat(np.array([255, 0, 4, 39]), 4)[None].repeat(H, 0)
+H, W = 32, 48  # the smallest size the encoder takes is 29 x 29
+# segmentation columns in four bands: 0 (unlabelled), 1, 5, 40
+NYU_SEG = np.repeat(np.array([0, 1, 5, 40]), W // 4)[None].repeat(H, 0)
+NYU_LABEL = np.repeat(np.array([255, 0, 4, 39]), W // 4)[None].repeat(H, 0)
 
 
 def nyu_depth():
@@ -83,7 +83,7 @@ def test_nyuv2_rejects_raw_894_class_labels(nyu):
 def test_convert_nyuv2(tmp_path, capsys):
     h5py = pytest.importorskip('h5py')
     scipy_io = pytest.importorskip('scipy.io')
-    n, h, w = 5, 6, 8
+    n, h, w = 5, 30, 40  # at least the encoder's 29 x 29
     images = np.zeros((n, h, w, 3), np.uint8)
     for i in range(n):
         images[i] = (30 * i + 10, 255 - 30 * i, 120)  # flat colour per image: shows the index
@@ -145,6 +145,12 @@ BASELINE, FX = 0.2, 2000.0
 # depth = baseline * fx / ((p - 1) / 256): p = 257 -> d = 1 -> 400 m, 513 -> 200 m, 25601 -> 4 m,
 # 2 -> d = 1/256 -> 102400 m; p = 0 and p = 1 (d = 0) are invalid
 CS_DEPTH = np.array([0, 0, 400, 200, 4, 102400, 0, 0], np.float32)
+CS_H, CS_REPEAT = 32, 4  # a 32 x 32 image: each of the 8 columns above 4 pixels wide
+
+
+def cs_row(values):
+    """The 8 values of a fixture row as the (32, 32) image of them."""
+    return np.repeat(np.asarray(values), CS_REPEAT)[None].repeat(CS_H, 0)
 
 
 def write_cityscapes(root):
@@ -152,12 +158,12 @@ def write_cityscapes(root):
         stem = f'{city}_000000_000019'
         for kind in ('leftImg8bit', 'gtFine', 'disparity', 'camera'):
             (root / kind / split / city).mkdir(parents=True)
-        image = np.zeros((4, 8, 3), np.uint8)
-        image[..., 0] = np.arange(8) * 30  # a horizontal ramp
+        image = np.zeros((CS_H, 8 * CS_REPEAT, 3), np.uint8)
+        image[..., 0] = cs_row(np.arange(8) * 30)  # a horizontal ramp
         Image.fromarray(image).save(root / 'leftImg8bit' / split / city / f'{stem}_leftImg8bit.png')
-        Image.fromarray(CS_IDS.astype(np.uint8)[None].repeat(4, 0)).save(
+        Image.fromarray(cs_row(CS_IDS).astype(np.uint8)).save(
             root / 'gtFine' / split / city / f'{stem}_gtFine_labelIds.png')
-        Image.fromarray(CS_DISP.astype(np.uint16)[None].repeat(4, 0)).save(
+        Image.fromarray(cs_row(CS_DISP).astype(np.uint16)).save(
             root / 'disparity' / split / city / f'{stem}_disparity.png')
         camera = {'extrinsic': {'baseline': BASELINE, 'pitch': 0.04, 'x': 1.7},
                   'intrinsic': {'fx': FX, 'fy': FX, 'u0': 4.0, 'v0': 2.0}}
@@ -172,13 +178,57 @@ def cityscapes(tmp_path):
 
 def test_cityscapes_reads_train_ids_and_metres(cityscapes):
     for split, city in (('train', 'aachen'), ('val', 'lindau')):
-        ds = data.build_dataset('cityscapes', cityscapes, split, train=False)
+        ds = data.build_dataset('cityscapes', cityscapes, split, train=False, max_depth=1e6)
         assert len(ds) == 1
         sample = ds[0]
         assert sample['name'] == f'{city}_000000_000019'
-        assert torch.equal(sample['label'], torch.from_numpy(CS_TRAIN)[None].repeat(4, 1))
-        assert torch.allclose(sample['depth'], torch.from_numpy(CS_DEPTH)[None].repeat(4, 1), rtol=1e-6)
-        assert torch.allclose(unnormalize(sample['image'])[0, 0] * 255, torch.arange(8.0) * 30, atol=1e-3)
+        assert torch.equal(sample['label'], torch.from_numpy(cs_row(CS_TRAIN)))
+        assert torch.allclose(sample['depth'], torch.from_numpy(cs_row(CS_DEPTH)).float(), rtol=1e-6)
+        ramp = torch.from_numpy(cs_row(np.arange(8.0) * 30)).float()
+        assert torch.allclose(unnormalize(sample['image'])[0] * 255, ramp, atol=1e-3)
+
+
+def test_depth_beyond_max_depth_is_invalid(cityscapes, nyu):
+    # Cityscapes' default cap is 80 m: 400 m, 200 m and the 102 km of a disparity of 2 are invalid
+    depth = data.build_dataset('cityscapes', cityscapes, 'train', train=False)[0]['depth']
+    assert torch.equal(depth, torch.from_numpy(cs_row(np.where(CS_DEPTH > 80, 0, CS_DEPTH))).float())
+    capped = data.build_dataset('cityscapes', cityscapes, 'train', train=False, max_depth=300)[0]['depth']
+    assert torch.equal(capped, torch.from_numpy(cs_row(np.where(CS_DEPTH > 300, 0, CS_DEPTH))).float())
+    near = data.build_dataset('nyuv2', nyu, 'train', train=False, max_depth=5.0)[0]['depth']
+    assert torch.equal(near, torch.from_numpy(np.where(nyu_depth() > 5, 0, nyu_depth())))
+    # the cap holds for training crops as well: one place, before any augmentation
+    crop = data.build_dataset('nyuv2', nyu, 'train', train=True, crop_size=(32, 32), max_depth=5.0)[0]['depth']
+    assert crop.max() <= 5.0 and crop.max() > 0
+
+
+def test_cityscapes_8_bit_disparity_is_refused(cityscapes):
+    path = cityscapes.parent / CS_FILES[2]
+    Image.fromarray(cs_row(CS_DISP % 256).astype(np.uint8)).save(path)  # 8-bit: depths of kilometres
+    with pytest.raises(RuntimeError, match=re.escape(str(path)) + '.*uint8.*16-bit'):
+        data.build_dataset('cityscapes', cityscapes, 'train', train=False)[0]
+
+
+def test_rgb_label_image_is_named(nyu, cityscapes):
+    path = nyu / 'segmentation' / '000001.png'
+    Image.fromarray(np.stack([NYU_SEG.astype(np.uint8)] * 3, -1)).save(path)
+    with pytest.raises(RuntimeError, match=re.escape(str(path)) + '.*3 channels.*single-channel'):
+        data.build_dataset('nyuv2', nyu, 'train', train=False)[0]
+    path = cityscapes.parent / CS_FILES[1]
+    Image.fromarray(np.zeros((CS_H, 32, 3), np.uint8)).save(path)
+    with pytest.raises(RuntimeError, match=re.escape(str(path)) + '.*single-channel'):
+        data.build_dataset('cityscapes', cityscapes, 'train', train=False)[0]
+
+
+def test_images_below_the_encoders_minimum_are_named(tmp_path):
+    root = tmp_path / 'small'
+    write_nyu(root)
+    np.save(root / 'depth' / '000003.npy', np.ones((20, 40), np.float32))
+    Image.fromarray(np.zeros((20, 40), np.uint8)).save(root / 'segmentation' / '000003.png')
+    Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(root / 'images' / '000003.jpg')
+    with pytest.raises(ValueError, match="sample 000003: image of 20x40 pixels is below the encoder's minimum of 29x29"):
+        data.build_dataset('nyuv2', root, 'val', train=False)[0]
+    with pytest.raises(ValueError, match="crop size .16, 64. is below the encoder's minimum"):
+        data.build_dataset('nyuv2', root, 'train', train=True, crop_size=(16, 64))
 
 
 def test_cityscapes_palette_and_mapping():
@@ -240,9 +290,9 @@ def test_size_mismatch_names_the_sample(nyu, cityscapes):
     np.save(nyu / 'depth' / '000002.npy', np.ones((H, W + 1), np.float32))
     with pytest.raises(ValueError, match='sample 000002'):
         data.build_dataset('nyuv2', nyu, 'train', train=False)[1]
-    Image.fromarray(np.zeros((4, 9), np.uint8)).save(cityscapes.parent / CS_FILES[1])
+    Image.fromarray(np.zeros((CS_H, 33), np.uint8)).save(cityscapes.parent / CS_FILES[1])
     with pytest.raises(ValueError, match='sample aachen_000000_000019'):
-        data.build_dataset('cityscapes', cityscapes, 'train', train=True, crop_size=(4, 4))[0]
+        data.build_dataset('cityscapes', cityscapes, 'train', train=True, crop_size=(32, 32))[0]
 
 
 def test_empty_or_wrong_root_lists_the_expected_layout(tmp_path):
@@ -269,6 +319,8 @@ def test_unknown_names_are_refused(tmp_path):
         data.build_dataset('kitti', tmp_path, 'train', train=True)
     with pytest.raises(ValueError, match='train, val'):
         data.build_dataset('synthetic', None, 'test', train=False)
+    with pytest.raises(ValueError, match='--data nyuv2 needs --root'):
+        data.build_dataset('nyuv2', None, 'train', train=False)
     with pytest.raises(ValueError, match='crop_size'):
         data.JointTransform(train=True)
 
@@ -449,8 +501,7 @@ class Repeated(torch.utils.data.Dataset):
 def test_dataloader_workers_draw_different_reproducible_augmentations():
     def labels(seed):
         torch.manual_seed(seed)
-        loader = torch.utils.data.DataLoader(Repeated(4), batch_size=1, num_workers=2,
-                                             worker_init_fn=data.seed_worker)
+        loader = torch.utils.data.DataLoader(Repeated(4), batch_size=1, num_workers=2)
         return [batch['label'] for batch in loader]
 
     first = labels(0)

@@ -1,4 +1,5 @@
-"""distill.py: EMUFormer end to end on tiny synthetic runs, and the teacher's wiring."""
+"""distill.py: EMUFormer end to end on tiny synthetic runs, the teacher's wiring, the student's
+architecture from its checkpoints, and an exact resume after a kill."""
 
 import json
 
@@ -10,27 +11,30 @@ import distill
 import losses
 import train
 import uq
+from test_train import assert_same_checkpoints, kill_at, read_log, run_script, without_times
 
-TINY = ['--data', 'synthetic', '--backbone', 'b0', '--synthetic-train', '8', '--synthetic-val', '4',
+TINY = ['--data', 'synthetic', '--synthetic-train', '8', '--synthetic-val', '4',
         '--synthetic-size', '64', '64', '--batch-size', '4', '--lr', '6e-4', '--workers', '0',
         '--log-every', '1', '--eval-every', '0', '--epochs', '1']
 
 
 @pytest.fixture(scope='module')
 def members(tmp_path_factory):
-    """A Deep Ensemble of three tiny SegDepthFormers (different seeds) and a SegFormer."""
+    """A Deep Ensemble of three tiny B0 SegDepthFormers (different seeds) and a SegFormer."""
     root = tmp_path_factory.mktemp('members')
     paths = []
     for seed in range(3):
-        train.main([*TINY, '--seed', str(seed), '--out', str(root / f'm{seed}')])
+        train.main([*TINY, '--backbone', 'b0', '--seed', str(seed), '--out', str(root / f'm{seed}')])
         paths.append(str(root / f'm{seed}' / 'last.pt'))
-    train.main([*TINY, '--model', 'segformer', '--out', str(root / 'seg')])
+    train.main([*TINY, '--backbone', 'b0', '--model', 'segformer', '--out', str(root / 'seg')])
     return paths, str(root / 'seg' / 'last.pt')
 
 
 def test_distill_end_to_end_reports_the_students_uncertainty(members, tmp_path):
     paths, _ = members
+    # no --backbone: the student is a B0 like its init, not the parser's B2
     student = distill.main([*TINY, '--teacher', *paths, '--student-init', paths[0], '--out', str(tmp_path)])
+    assert student.config['backbone'] == 'b0'
     log = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
     steps = [r for r in log if 'loss' in r]
     assert len(steps) == 2 and all({'ce', 'gnll', 'kl', 'rmsle'} <= set(r) for r in steps)
@@ -42,6 +46,7 @@ def test_distill_end_to_end_reports_the_students_uncertainty(members, tmp_path):
             assert 0 <= final[task][key] <= 1
     init = torch.load(paths[0], weights_only=True)['model']
     assert any(not torch.equal(v, init[k]) for k, v in student.state_dict().items())  # it trained
+    assert torch.load(tmp_path / 'last.pt', weights_only=True)['meta']['objective'] == 'eq11'
 
 
 def test_the_teacher_sees_the_jittered_image_and_its_targets_reach_eq_11(members, tmp_path, monkeypatch):
@@ -77,10 +82,39 @@ def test_the_teacher_sees_the_jittered_image_and_its_targets_reach_eq_11(members
 def test_bad_teachers_and_students_are_named(members, tmp_path):
     paths, segformer = members
     with pytest.raises(ValueError, match=f'the teacher must be SegDepthFormers.*{segformer}'):
-        distill.main([*TINY, '--teacher', segformer, '--out', str(tmp_path)])
+        distill.main([*TINY, '--teacher', segformer, '--out', str(tmp_path / 'a')])
     with pytest.raises(ValueError, match='one architecture'):
-        distill.main([*TINY, '--teacher', paths[0], segformer, '--out', str(tmp_path)])
+        distill.main([*TINY, '--teacher', paths[0], segformer, '--out', str(tmp_path / 'b')])
     with pytest.raises(ValueError, match='student is a SegDepthFormer, not a dse'):
-        distill.main([*TINY, '--model', 'dse', '--teacher', *paths, '--out', str(tmp_path)])
+        distill.main([*TINY, '--model', 'dse', '--teacher', *paths, '--out', str(tmp_path / 'c')])
     with pytest.raises(FileNotFoundError, match='nope.pt'):
-        distill.main([*TINY, '--teacher', str(tmp_path / 'nope.pt'), '--out', str(tmp_path)])
+        distill.main([*TINY, '--teacher', str(tmp_path / 'nope.pt'), '--out', str(tmp_path / 'd')])
+    # a real conflict, in one line
+    with pytest.raises(ValueError, match=r'^--backbone b2 conflicts with --student-init .*m0/last.pt, a b0 '
+                                         r'SegDepthFormer; leave --backbone out$'):
+        distill.main([*TINY, '--backbone', 'b2', '--teacher', *paths, '--student-init', paths[0],
+                      '--out', str(tmp_path / 'e')])
+    with pytest.raises(ValueError, match='--student-init .* is not a SegDepthFormer'):
+        distill.main([*TINY, '--teacher', *paths, '--student-init', segformer, '--out', str(tmp_path / 'f')])
+
+
+def test_killed_distillation_resumes_exactly(members, tmp_path):
+    # building the teacher draws from the random state: it must come before the resumed state
+    paths, _ = members
+    common = ['distill.py', *TINY, '--epochs', '4', '--synthetic-train', '12', '--save-every', '1',
+              '--log-every', '2', '--eval-every', '2', '--dropout', '0.1', '--teacher', *paths,
+              '--student-init', paths[0]]
+    straight = run_script([*common, '--out', str(tmp_path / 'a')])
+    assert straight.wait(300) == 0, straight.stdout.read()
+    killed = run_script([*common, '--out', str(tmp_path / 'b')])
+    stopped_at = kill_at(killed, tmp_path / 'b' / 'last.pt', 4)
+    assert 4 <= stopped_at < 12, 'the run was not killed mid-run'
+    resumed = run_script([*common, '--out', str(tmp_path / 'b'), '--resume'])
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert_same_checkpoints(tmp_path / 'a' / 'last.pt', tmp_path / 'b' / 'last.pt')
+    a, b = torch.load(tmp_path / 'a' / 'last.pt', weights_only=True), torch.load(tmp_path / 'b' / 'last.pt',
+                                                                                  weights_only=True)
+    for k, v in a['model'].items():  # BatchNorm's running statistics too
+        assert torch.equal(v, b['model'][k]), k
+    assert without_times(read_log(tmp_path / 'a')) == without_times(read_log(tmp_path / 'b'))

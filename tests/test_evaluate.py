@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader
 
 import data
 import evaluate
+import figures
+import plumbing
 import uq
 from heads import build_model, load_model
 
@@ -103,7 +105,7 @@ def test_row_and_json_equal_uq(case, ckpt, tmp_path, capsys):
 
     # the numbers are uq's own, column by column; a missing task is null
     kwargs = {'samples': 3, 'dropout': 0.2} if method == 'mcd' else {}
-    expected = uq.json_safe(direct(paths, method, **kwargs))
+    expected = plumbing.json_safe(direct(paths, method, **kwargs))
     has_seg, has_depth = key != 'depthformer', key != 'segformer'
     assert (result['seg'] is None) == (not has_seg) and (result['depth'] is None) == (not has_depth)
     if has_seg:
@@ -146,16 +148,9 @@ def test_reliability_bins_in_json(ckpt):
 
 
 def test_json_safe_turns_nan_into_null():
-    x = uq.json_safe({'a': math.nan, 'b': [np.float64('nan'), 1.5, np.float64(2), math.inf], 'c': None, 'd': 3})
+    x = plumbing.json_safe({'a': math.nan, 'b': [np.float64('nan'), 1.5, np.float64(2), math.inf], 'c': None, 'd': 3})
     assert x == {'a': None, 'b': [None, 1.5, 2.0, None], 'c': None, 'd': 3}
     json.dumps(x, allow_nan=False)
-
-
-def figure_geometry(rows):
-    """Where evaluate.save_figure puts the panel in row r, column c: (x, y) of its pixels."""
-    s = evaluate.panel_scale(SIZE[1])
-    cell_w, cell_h = SIZE[1] * s + evaluate.PAD, evaluate.TITLE_HEIGHT + SIZE[0] * s + evaluate.PAD
-    return s, lambda r, c: (evaluate.PAD + c * cell_w, evaluate.PAD + r * cell_h + evaluate.TITLE_HEIGHT)
 
 
 def test_save_vis_writes_figure5_panels(ckpt, tmp_path):
@@ -169,12 +164,12 @@ def test_save_vis_writes_figure5_panels(ckpt, tmp_path):
     batch = next(iter(DataLoader(torch.utils.data.Subset(dataset, [3]), 1)))
     pred = uq.predict(load_model(ckpt['segdepthformer']), batch['image'])
     palette = data.PALETTES['synthetic']
-    rows = evaluate.figure_panels(batch, pred, 0, palette, K)
+    rows = figures.prediction_panels(batch['image'], pred, 0, palette, K, batch['label'], batch['depth'])
     assert [len(r) for r in rows] == [5, 5] and rows[1][0] is None
     for row in rows:
         for panel in row:
-            assert panel is None or panel[1].shape == (*SIZE, 3) and panel[1].dtype == np.uint8
-    (_, image), (_, truth), (_, seg), (_, error), (_, entropy) = rows[0]
+            assert panel is None or panel.pixels.shape == (*SIZE, 3) and panel.pixels.dtype == np.uint8
+    image, truth, seg, error, entropy = (p.pixels for p in rows[0])
     colours = {tuple(c) for c in palette}
     assert {tuple(c) for c in seg.reshape(-1, 3)} <= colours
     assert len({tuple(c) for c in seg.reshape(-1, 3)}) > 1  # the random model predicts several classes
@@ -182,24 +177,30 @@ def test_save_vis_writes_figure5_panels(ckpt, tmp_path):
     assert ignore.any() and (truth[ignore] == 0).all() and (error[ignore] == 0).all()
     assert {tuple(c) for c in truth[~ignore]} <= colours
     wrong = (pred.pred[0].numpy() != batch['label'][0].numpy()) & ~ignore
-    assert (error[wrong] == evaluate.WRONG).all() and (error[~wrong & ~ignore] == 255).all()
+    assert (error[wrong] == figures.WRONG).all() and (error[~wrong & ~ignore] == 255).all()
     assert image.std() > 10 and entropy.std() > 1  # not blank
-    depth_truth = rows[1][1][1]
+    depth_truth = rows[1][1].pixels
     invalid = batch['depth'][0].numpy() <= 0
     assert invalid.any() and (depth_truth[invalid] == 0).all() and (depth_truth[~invalid].sum(-1) > 0).all()
+    # every continuous map has a colour bar with its range and unit; categorical ones have none
+    assert [p.bar is not None for p in rows[0]] == [False, False, False, False, True]
+    assert [p.bar[3] for p in rows[1][1:]] == ['m', 'm', 'm', 'm'] and rows[0][4].bar[1:] == (0, np.log(K), 'nats')
 
-    # the PNG: two rows of five enlarged panels, the predicted segmentation where it belongs
+    # the PNG: two rows of five enlarged panels, each where figure_layout says
     figure = np.array(Image.open(out / f'{names[3]}.png').convert('RGB'))
-    s, at = figure_geometry(rows)
-    assert figure.shape[1] == evaluate.PAD + 5 * (SIZE[1] * s + evaluate.PAD)
-    assert figure.shape[0] > evaluate.PAD + 2 * (evaluate.TITLE_HEIGHT + SIZE[0] * s + evaluate.PAD)  # + legend
+    s, cell_w, cell_h, origin = figures.figure_layout(rows)
+    assert figure.shape[1] == figures.PAD + 5 * cell_w
+    assert figure.shape[0] > figures.PAD + figures.TITLE_HEIGHT + 2 * cell_h  # + the legend
     for r, c, pixels in ((0, 2, seg), (0, 0, image), (1, 1, depth_truth)):
-        x, y = at(r, c)
+        x, y = origin(r, c)
         shown = figure[y:y + SIZE[0] * s, x:x + SIZE[1] * s]
         assert np.array_equal(shown[::s, ::s], pixels)
+    x, y = origin(1, 4)  # the depth std's colour bar runs from inferno's dark end to its bright end
+    bar = figure[y + SIZE[0] * s + 5, x:x + SIZE[1] * s].astype(int)
+    assert bar[2].sum() < 100 and bar[-3].sum() > 600
 
     reliability = Image.open(out / 'reliability.png')
-    assert reliability.size == (640, 520) and np.array(reliability.convert('L')).std() > 10
+    assert reliability.size == (640, 536) and np.array(reliability.convert('L')).std() > 10
 
 
 def test_save_vis_depth_only_has_one_row_and_no_reliability(ckpt, tmp_path):
@@ -207,9 +208,46 @@ def test_save_vis_depth_only_has_one_row_and_no_reliability(ckpt, tmp_path):
     evaluate.main([ckpt['depthformer'], *SYNTHETIC, '--save-vis', str(out), '--num-vis', '1'])
     files = list(out.iterdir())
     assert len(files) == 1
-    s, _ = figure_geometry(None)
-    assert Image.open(files[0]).size == (evaluate.PAD + 5 * (SIZE[1] * s + evaluate.PAD),
-                                         evaluate.PAD + evaluate.TITLE_HEIGHT + SIZE[0] * s + evaluate.PAD)
+    s = figures.panel_scale(SIZE[1])
+    cell_w = SIZE[1] * s + figures.PAD
+    cell_h = figures.TITLE_HEIGHT + SIZE[0] * s + figures.BAR_HEIGHT + figures.PAD
+    legend = figures.LEGEND_LINE + figures.PAD  # one line: what black means
+    assert Image.open(files[0]).size == (figures.PAD + 5 * cell_w,
+                                         figures.PAD + figures.TITLE_HEIGHT + cell_h + legend)
+
+
+def test_outputs_are_checked_before_the_work_and_never_replaced_silently(ckpt, tmp_path, monkeypatch):
+    evaluated = []
+    monkeypatch.setattr(uq, 'evaluate', lambda *a, **kw: evaluated.append(1))
+    blocked = tmp_path / 'file'
+    blocked.write_text('a file where a folder should be')
+    with pytest.raises(OSError, match=f'--json {blocked / "r.json"}: cannot write'):
+        evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--json', str(blocked / 'r.json')])
+    with pytest.raises(OSError, match='--save-vis .*cannot write'):
+        evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--save-vis', str(blocked / 'vis')])
+    (tmp_path / 'r.json').write_text('{"an": "earlier result"}')
+    with pytest.raises(FileExistsError, match='--json .*r.json already holds a result; pass --overwrite'):
+        evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--json', str(tmp_path / 'r.json')])
+    (tmp_path / 'vis').mkdir()
+    (tmp_path / 'vis' / 'x.png').write_bytes(b'')
+    with pytest.raises(FileExistsError, match='--save-vis .*vis already holds a result'):
+        evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--save-vis', str(tmp_path / 'vis')])
+    assert not evaluated and (tmp_path / 'r.json').read_text() == '{"an": "earlier result"}'
+    monkeypatch.undo()
+    result = evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--json', str(tmp_path / 'r.json'), '--overwrite'])
+    assert strict_json(tmp_path / 'r.json') == result
+
+
+def test_warmup_longer_than_the_data_still_times(ckpt, capsys):
+    result = evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--warmup', '10'])
+    assert result['time_ms']['n'] == 1 and result['time_ms']['warmup'] == 5 and result['time_ms']['mean'] > 0
+    assert '--warmup 10 asked, but a rank had only 6 batches' in capsys.readouterr().out
+
+
+def test_the_student_of_distill_is_named_emuformer(ckpt, tmp_path):
+    state = torch.load(ckpt['segdepthformer'], weights_only=True)
+    torch.save({**state, 'meta': data.describe('synthetic', objective='eq11')}, tmp_path / 'student.pt')
+    assert evaluate.main([str(tmp_path / 'student.pt'), *SYNTHETIC])['label'] == 'EMUFormer-B0'
 
 
 def test_bad_inputs_are_named(ckpt, tmp_path):

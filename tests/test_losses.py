@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import losses
+from heads import build_model
 
 B, K, H, W = 2, 5, 4, 3
 
@@ -83,7 +84,7 @@ def ref_depth(per_pixel, mean, var, depth):
     return total / max(n, 1)
 
 
-def ref_gnll(mean, var, depth, min_var=1e-6):
+def ref_gnll(mean, var, depth, min_var=1e-4):
     def per_pixel(y, mu, s2):
         s2 = max(s2, min_var)
         return 0.5 * ((y - mu) ** 2 / s2 + math.log(s2))
@@ -213,7 +214,7 @@ def test_gaussian_nll_hand_made():
 def test_gaussian_nll_floor_keeps_a_gradient():
     # s^2 = 0 is floored to min_var in value, but it still gets pushed up (gradient < 0)
     mean, var = torch.tensor([[[1.0]]]), torch.tensor([[[0.0]]], requires_grad=True)
-    loss = losses.gaussian_nll(mean, var, torch.tensor([[[2.0]]]), min_var=1e-6)
+    loss = losses.gaussian_nll(mean, var, torch.tensor([[[2.0]]]))
     assert loss.item() == pytest.approx(ref_gnll(np_(mean), np_(var), np.array([[[2.0]]])), rel=1e-6)
     loss.backward()
     assert var.grad.item() < 0 and math.isfinite(var.grad.item())
@@ -242,12 +243,42 @@ def test_gaussian_nll_bf16_autocast_underflowing_variance_is_finite():
 
 
 def test_gaussian_nll_fp16_inputs_do_not_overflow():
-    # (80 - 0)^2 / 1e-6 = 6.4e9 is inf in fp16 (max 65504); the loss works in float32
+    # (80 - 0)^2 / 1e-4 = 6.4e7 is inf in fp16 (max 65504); the loss works in float32
     mean = torch.zeros(1, 1, 2, dtype=torch.float16)
     var = torch.zeros(1, 1, 2, dtype=torch.float16)
     loss = losses.gaussian_nll(mean, var, torch.full((1, 1, 2), 80.0))
     assert_scalar_f32(loss)
-    assert loss.item() == pytest.approx(0.5 * (6400 / 1e-6 + math.log(1e-6)), rel=1e-6)
+    assert loss.item() == pytest.approx(0.5 * (6400 / 1e-4 + math.log(1e-4)), rel=1e-6)
+
+
+def test_fp16_training_of_the_depth_head_is_stable():
+    # The worst start: every pixel's variance at the floor and metres of error. Under fp16
+    # autocast with GradScaler the steps must go through and the variance must rise; with a
+    # 1e-6 floor, or the head's Softplus in fp16 (where it underflows to 0), every gradient
+    # overflowed fp16 and GradScaler skipped every step.
+    torch.manual_seed(0)
+    model = build_model('depthformer', 'b0', 5, drop_path_rate=0.0).train()
+    with torch.no_grad():
+        model.depth_head.linear_pred.bias[1] = math.log(math.expm1(losses.MIN_VAR))  # Softplus = the floor
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)  # Adam moves each weight by ~lr a step
+    scaler = torch.amp.GradScaler('cpu')
+    x, depth = torch.randn(2, 3, 64, 64), torch.rand(2, 64, 64) * 5 + 1
+    variances, taken = [], 0
+    for _ in range(30):
+        with torch.autocast('cpu', dtype=torch.float16):
+            out = model(x)
+            loss = losses.gaussian_nll(out['depth_mean'], out['depth_var'], depth)
+        assert out['depth_var'].dtype == torch.float32 and (out['depth_var'] > 0).all()
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        taken += scaler.get_scale() >= scale  # the scale is cut exactly when a step is skipped
+        variances.append(out['depth_var'].mean().item())
+    assert taken >= 10, taken  # after GradScaler found its scale, the steps go through
+    assert variances[-1] > 1.5 * variances[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_mse_matches_reference(gen):

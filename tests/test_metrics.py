@@ -139,6 +139,7 @@ def seg_reference(probs, label, unc, num_classes, num_bins=15):
             ece += len(in_bin) / n * abs(acc - conf)
 
     return {
+        'pixels': n,
         'miou': sum(present) / len(present) if present else float('nan'),
         'iou': iou,
         'pixel_acc': sum(p == l for p, l in zip(preds, labels)) / n if n else float('nan'),
@@ -167,6 +168,7 @@ def depth_reference(mean, unc, depth):
     n = len(sq)
     frac = lambda t: sum(d < t for d in deltas) / n if n else float('nan')
     return {
+        'pixels': n,
         'rmse': math.sqrt(sum(sq) / n) if n else float('nan'),
         'abs_rel': sum(rel) / n if n else float('nan'),
         'delta1': frac(1.25),
@@ -184,8 +186,8 @@ def assert_close(got, want, tol=1e-12):
         np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=key)  # NaN == NaN here
 
 
-SEG_KEYS = {'miou', 'iou', 'pixel_acc', 'ece', 'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu'}
-DEPTH_KEYS = {'rmse', 'abs_rel', 'delta1', 'delta2', 'delta3',
+SEG_KEYS = {'pixels', 'miou', 'iou', 'pixel_acc', 'ece', 'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu'}
+DEPTH_KEYS = {'pixels', 'rmse', 'abs_rel', 'delta1', 'delta2', 'delta3',
               'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu'}
 
 
@@ -196,7 +198,7 @@ def test_seg_matches_reference():
     got = run_seg([seg]).compute()
     want = seg_reference(*seg, num_classes=K)
     assert set(got) == SEG_KEYS
-    assert all(type(v) is float for k, v in got.items() if k != 'iou')
+    assert all(type(v) is float for k, v in got.items() if k not in ('iou', 'pixels')) and type(got['pixels']) is int
     assert all(type(v) is float for v in got['iou']) and len(got['iou']) == K
     assert 0 < got['ece'] and 0 < got['p_uncertain_inaccurate'] < 1  # a non-trivial case
     assert_close(got, want)
@@ -207,7 +209,7 @@ def test_depth_matches_reference():
     got = run_depth([depth]).compute()
     want = depth_reference(*depth)
     assert set(got) == DEPTH_KEYS
-    assert all(type(v) is float for v in got.values())
+    assert all(type(v) is float for k, v in got.items() if k != 'pixels') and type(got['pixels']) is int
     assert want['delta1'] < want['delta2'] < want['delta3'] < 1  # every band is populated
     assert_close(got, want)
 
@@ -255,9 +257,11 @@ def test_all_ignore_image_contributes_nothing():
 def test_nothing_counted_gives_nan():
     seg = run_seg([(torch.full((1, 2, 2, 2), 0.5), torch.full((1, 2, 2), 255), torch.ones(1, 2, 2))], 2)
     got = seg.compute()
-    assert all(math.isnan(v) for v in got.pop('iou') + list(got.values()))
-    depth = run_depth([(torch.ones(1, 2, 2), torch.ones(1, 2, 2), torch.zeros(1, 2, 2))])
-    assert all(math.isnan(v) for v in depth.compute().values())
+    assert got.pop('pixels') == 0 and all(math.isnan(v) for v in got.pop('iou') + list(got.values()))
+    depth = run_depth([(torch.ones(1, 2, 2), torch.ones(1, 2, 2), torch.zeros(1, 2, 2))]).compute()
+    assert depth.pop('pixels') == 0 and all(math.isnan(v) for v in depth.values())
+    notes = uq.nothing_counted({'seg': seg.compute(), 'depth': dict(depth, pixels=0)})
+    assert len(notes) == 2 and 'no labelled pixel' in notes[0] and 'no valid ground-truth depth' in notes[1]
 
 
 def test_single_class():

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 import heads
 import mit
+import uq
 from heads import build_model
 
 # The official architecture, written out independently of mit.py: per stage
@@ -347,14 +348,14 @@ def test_mc_dropout_switches_only_dropout_layers():
     others = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, mit.DropPath, nn.LayerNorm))]
     assert dropouts and others
     rates = [m.p for m in dropouts]
-    with mit.mc_dropout(model, 0.5):
+    with uq.mc_dropout(model, 0.5):
         assert all(m.training and m.p == 0.5 for m in dropouts)
         assert not any(m.training for m in others)
         a, b = model(x)['seg_logits'], model(x)['seg_logits']
         assert not torch.allclose(a, b) and not torch.allclose(a, ref)
     assert [m.p for m in dropouts] == rates and not any(m.training for m in model.modules())
     assert torch.equal(model(x)['seg_logits'], ref)
-    with mit.mc_dropout(model, 0.0):  # the rate is the one set: p = 0 changes nothing
+    with uq.mc_dropout(model, 0.0):  # the rate is the one set: p = 0 changes nothing
         assert torch.allclose(model(x)['seg_logits'], ref, atol=1e-6)
 
 

@@ -1,14 +1,19 @@
-"""train.py: the schedule, exact resume after a kill, torchrun on CPU, and (slow) a real run."""
+"""train.py: the schedule, exact resume after a kill, one run per directory, checkpoints that are
+never non-finite, the global-batch loss under torchrun, and (slow) a real run."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import losses
@@ -31,6 +36,32 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
+def without_times(log):
+    """A log's records without what a wall clock decides."""
+    return [{k: v for k, v in r.items() if k not in ('ms_per_step', 'images_per_s')} for r in log]
+
+
+def kill_at(process, last, step, timeout=300):
+    """SIGKILL `process` once its last.pt holds at least `step`; -> the step last.pt holds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if last.exists() and torch.load(last, weights_only=True)['step'] >= step:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return torch.load(last, weights_only=True)['step']
+
+
+def assert_same_checkpoints(a, b):
+    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert a['step'] == b['step']
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        assert torch.equal(sa['exp_avg'], sb['exp_avg']) and torch.equal(sa['exp_avg_sq'], sb['exp_avg_sq'])
+
+
 def test_polynomial_schedule_is_eq_12():
     assert train.lr_at(0, 100, 6e-5, 0.9) == 6e-5
     assert train.lr_at(50, 100, 6e-5, 0.9) == pytest.approx(6e-5 * 0.5 ** 0.9)
@@ -49,40 +80,187 @@ def test_parameter_groups():
             assert g['weight_decay'] == (0.01 if p.ndim > 1 else 0.0), n  # not on norms and biases
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    common = ['train.py', *TINY, '--epochs', '3', '--save-every', '1']
+def test_killed_run_resumes_exactly_and_its_log_reads_as_one_run(tmp_path):
+    # a checkpoint every step and a log line every 3: the kill falls inside a log window, and
+    # the records logged after the checkpoint are written again after the resume
+    common = ['train.py', *TINY, '--epochs', '3', '--save-every', '1', '--log-every', '3', '--eval-every', '1']
     straight = run_script([*common, '--out', str(tmp_path / 'a')])
     assert straight.wait(300) == 0, straight.stdout.read()
 
     killed = run_script([*common, '--out', str(tmp_path / 'b')])
     last = tmp_path / 'b' / 'last.pt'
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill -9 once a checkpoint past the first epoch exists
-        if last.exists() and torch.load(last, weights_only=True)['step'] >= 5:
-            break
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    stopped_at = torch.load(last, weights_only=True)['step']
+    stopped_at = kill_at(killed, last, 5)
     assert 5 <= stopped_at < 12, 'the run was not killed mid-run'
 
-    resumed = run_script([*common, '--out', str(tmp_path / 'b'), '--resume'])
+    # resumed with two data workers where it ran with none: the batches are the same to the bit
+    resumed = run_script([*common, '--out', str(tmp_path / 'b'), '--resume', '--workers', '2'])
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert f'resumed from {last} at step {stopped_at}' in output
-    a = torch.load(tmp_path / 'a' / 'last.pt', weights_only=True)
-    b = torch.load(last, weights_only=True)
-    assert a['step'] == b['step'] == 12
-    for k in a['model']:
-        assert torch.equal(a['model'][k], b['model'][k]), k
-    for sa, sb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
-        assert torch.equal(sa['exp_avg'], sb['exp_avg']) and torch.equal(sa['exp_avg_sq'], sb['exp_avg_sq'])
+    assert_same_checkpoints(tmp_path / 'a' / 'last.pt', last)
+    assert_same_checkpoints(tmp_path / 'a' / 'best.pt', tmp_path / 'b' / 'best.pt')
+    assert without_times(read_log(tmp_path / 'a')) == without_times(read_log(tmp_path / 'b'))
+
+
+def test_augmentation_is_the_same_in_workers_and_in_the_main_process():
+    # a worker has one thread, the main process two: resizing used to round differently
+    dataset = train.SeededSamples(data.build_dataset('synthetic', None, 'train', train=True, num_images=6,
+                                                     teacher_jitter=data.TEACHER_JITTER), seed=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        main = [dataset[i] for i in range(6)]
+    finally:
+        torch.set_num_threads(threads)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+    for a, b in zip(main, loader):
+        for key in ('image', 'image_teacher', 'label', 'depth'):
+            assert torch.equal(a[key], b[key]), (a['name'], key)
+
+
+def test_a_run_directory_holds_one_run(tmp_path):
+    out = str(tmp_path / 'run')
+    train.main([*TINY, '--epochs', '1', '--out', out])
+    best = (tmp_path / 'run' / 'best.pt').read_bytes()
+    log = (tmp_path / 'run' / 'log.jsonl').read_text()
+    with pytest.raises(FileExistsError, match=f'--out {out} already holds a run.*--resume.*delete'):
+        train.main([*TINY, '--epochs', '1', '--lr', '1e-3', '--out', out])
+    assert (tmp_path / 'run' / 'best.pt').read_bytes() == best  # nothing was touched
+    assert (tmp_path / 'run' / 'log.jsonl').read_text() == log
+
+
+def test_resume_stops_with_a_message_that_names_the_file(tmp_path):
+    out = tmp_path / 'run'
+    with pytest.raises(FileNotFoundError, match=f'--resume: {out / "last.pt"} does not exist'):
+        train.main([*TINY, '--epochs', '1', '--out', str(out), '--resume'])
+    train.main([*TINY, '--epochs', '1', '--out', str(out)])
+    saved = (out / 'last.pt').read_bytes()
+    with pytest.raises(ValueError, match=r'other flags: --backbone b0 in the checkpoint, b2 now; '
+                                         r'--lr 0.0006 in the checkpoint, 0.001 now\. Resume with the same flags'):
+        train.main([*TINY, '--epochs', '1', '--backbone', 'b2', '--lr', '1e-3', '--out', str(out), '--resume'])
+    (out / 'last.pt').write_bytes(saved[:len(saved) // 2])  # truncated, as by a full disk
+    with pytest.raises(ValueError, match=f'{out / "last.pt"}: not a readable PyTorch checkpoint'):
+        train.main([*TINY, '--epochs', '2', '--out', str(out), '--resume'])
+
+
+def test_bad_flags_are_named_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match='--data nyuv2 needs --root'):
+        train.main(['--data', 'nyuv2', '--out', str(tmp_path / 'a')])
+    with pytest.raises(ValueError, match="--crop 16 64 is below the encoder's minimum of 29x29"):
+        train.main([*TINY, '--crop', '16', '64', '--out', str(tmp_path / 'b')])
+    with pytest.raises(ValueError, match="--synthetic-size 20 20 is below"):
+        train.main([*TINY, '--synthetic-size', '20', '20', '--out', str(tmp_path / 'c')])
+    blocked = tmp_path / 'file'
+    blocked.write_text('a file where the run directory should go')
+    with pytest.raises(OSError, match=f'--out {blocked / "run"}: cannot write'):
+        train.main([*TINY, '--out', str(blocked / 'run')])
+    assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
+    helped = train.get_parser().format_help()
+    assert 'segformer,depthformer,segdepthformer,dse' in helped and 'cuda or cpu' in helped
+
+
+def test_validation_with_nothing_to_count_still_keeps_a_best_checkpoint(tmp_path, monkeypatch, capsys):
+    real = data.build_dataset
+
+    def unlabelled_val(name, root, split, train, **kw):  # every label ignored, every depth missing
+        dataset = real(name, root, split, train, **kw)
+        dataset.transform = lambda *a, t=dataset.transform: {**t(*a), 'label': torch.full_like(t(*a)['label'], 255),
+                                                            'depth': torch.zeros_like(t(*a)['depth'])}
+        return dataset
+    monkeypatch.setattr(data, 'build_dataset', lambda *a, **kw: unlabelled_val(*a, **kw) if a[2] == 'val'
+                        else real(*a, **kw))
+    train.main([*TINY, '--epochs', '2', '--eval-every', '1', '--out', str(tmp_path)])
+    out = capsys.readouterr().out
+    assert 'no labelled pixel' in out and 'no valid ground-truth depth' in out
+    evals = [r['eval'] for r in read_log(tmp_path) if 'eval' in r]
+    assert len(evals) == 2 and evals[0]['seg']['miou'] is None and evals[0]['depth']['rmse'] is None
+    best = torch.load(tmp_path / 'best.pt', weights_only=True)
+    assert best['step'] == 4 and best['best'] != best['best']  # the first evaluation's, score NaN
+
+
+def test_non_finite_loss_stops_and_names_the_term(tmp_path, monkeypatch):
+    real = losses.segdepth_loss
+
+    def broken(out, label, depth, w1, depth_loss, across_ranks):
+        total, terms = real(out, label, depth, w1, depth_loss, across_ranks)
+        terms['gnll'] = terms['gnll'] * float('nan')
+        return total + terms['gnll'], terms
+    monkeypatch.setattr(losses, 'segdepth_loss', broken)
+    with pytest.raises(FloatingPointError, match='non-finite loss at step 1: loss, gnll.*no checkpoint was saved'):
+        train.main([*TINY, '--epochs', '1', '--out', str(tmp_path)])
+
+
+def test_a_diverged_run_never_saves_non_finite_weights(tmp_path):
+    # lr 1e3 blows the weights up within a few steps; the checkpoint the message names loads,
+    # is finite everywhere, and resumes
+    out = tmp_path / 'run'
+    with pytest.raises(FloatingPointError, match=f'the last good checkpoint is {out / "last.pt"}') as e:
+        train.main([*TINY, '--epochs', '4', '--lr', '1e3', '--save-every', '1', '--out', str(out)])
+    assert 'non-finite' in str(e.value)
+    ckpt = torch.load(out / 'last.pt', weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
+    assert not (out / 'best.pt').exists() or all(
+        torch.isfinite(v).all() for v in torch.load(out / 'best.pt', weights_only=True)['model'].values()
+        if v.is_floating_point())
+    with pytest.raises(FloatingPointError):  # it resumes, and diverges again at this lr
+        train.main([*TINY, '--epochs', '4', '--lr', '1e3', '--save-every', '1', '--out', str(out), '--resume'])
+
+
+def test_dse_trains_one_head_per_step(tmp_path):
+    torch.manual_seed(0)
+    model = train.main([*TINY, '--model', 'dse', '--num-members', '3', '--epochs', '1',
+                        '--out', str(tmp_path)])  # 4 steps: heads 0, 1, 2, 0
+    log = read_log(tmp_path)
+    assert [r['step'] for r in log if 'loss' in r] == [1, 2, 3, 4]
+    assert 'eval' in log[-1] and log[-1]['eval']['depth']['rmse'] > 0
+    assert isinstance(model, train.heads.DeepSubEnsemble)
+
+
+# ---------------------------------------------------------------------------------------------
+# several ranks
+
+def _gradient_rank(rank, port, batch, result):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = DDP(build_model('segdepthformer', 'b0', 6).eval())  # eval: BatchNorm's statistics aside
+    half = {k: v[rank * 2:(rank + 1) * 2] for k, v in batch.items()}
+    loss, _ = losses.segdepth_loss(model(half['image']), half['label'], half['depth'], across_ranks=True)
+    loss.backward()
+    if rank == 0:
+        result.update({n: p.grad.clone() for n, p in model.module.named_parameters()})
+    dist.destroy_process_group()
+
+
+def test_two_ranks_take_the_gradient_of_the_global_batch():
+    # four images, two per rank, with very different numbers of labelled and valid pixels, so
+    # that a rank-mean averaged over ranks would weigh them wrongly
+    torch.manual_seed(0)
+    batch = {'image': torch.randn(4, 3, 64, 64), 'label': torch.randint(6, (4, 64, 64)),
+             'depth': torch.rand(4, 64, 64) * 5 + 0.5}
+    batch['label'][:2, :, 8:] = 255
+    batch['depth'][2:, 4:] = 0
+    torch.manual_seed(0)
+    model = build_model('segdepthformer', 'b0', 6).eval()
+    loss, _ = losses.segdepth_loss(model(batch['image']), batch['label'], batch['depth'])
+    loss.backward()
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(_gradient_rank, args=(port, batch, result), nprocs=2)
+        ranks = dict(result)
+    for n, p in model.named_parameters():
+        # float sums in another order: 1e-5 of the largest gradient of the tensor
+        assert (ranks[n] - p.grad).abs().max() <= 1e-5 * p.grad.abs().max() + 1e-12, n
 
 
 def test_torchrun_two_ranks_follows_the_single_process_loss_curve(tmp_path):
     # The same global batch of 8 (4 per rank). No dropout or stochastic depth, so the only
-    # differences left are BatchNorm's statistics, over 4 images per rank instead of 8
-    # (SyncBatchNorm needs a GPU), and each rank averaging its loss over its own pixels.
+    # difference left is BatchNorm's statistics, over 4 images per rank instead of 8
+    # (SyncBatchNorm needs a GPU).
     common = [*TINY, '--synthetic-train', '32', '--batch-size', '8', '--epochs', '2',
               '--dropout', '0', '--drop-path', '0']
     single = run_script(['train.py', *common, '--out', str(tmp_path / 'one')])
@@ -99,28 +277,6 @@ def test_torchrun_two_ranks_follows_the_single_process_loss_curve(tmp_path):
     assert max(gaps) < 0.08 and sum(gaps) / len(gaps) < 0.03, (curve(one), curve(two))
     evals = [r['eval'] for r in two if 'eval' in r]
     assert len(evals) == 1 and 0 <= evals[0]['seg']['miou'] <= 1  # reduced over both ranks
-
-
-def test_non_finite_loss_stops_and_names_the_term(tmp_path, monkeypatch):
-    real = losses.segdepth_loss
-
-    def broken(out, label, depth, w1, depth_loss):
-        total, terms = real(out, label, depth, w1, depth_loss)
-        terms['gnll'] = terms['gnll'] * float('nan')
-        return total + terms['gnll'], terms
-    monkeypatch.setattr(losses, 'segdepth_loss', broken)
-    with pytest.raises(FloatingPointError, match='non-finite loss at step 1: loss, gnll'):
-        train.main([*TINY, '--epochs', '1', '--out', str(tmp_path)])
-
-
-def test_dse_trains_one_head_per_step(tmp_path):
-    torch.manual_seed(0)
-    model = train.main([*TINY, '--model', 'dse', '--num-members', '3', '--epochs', '1',
-                        '--out', str(tmp_path)])  # 4 steps: heads 0, 1, 2, 0
-    log = read_log(tmp_path)
-    assert [r['step'] for r in log if 'loss' in r] == [1, 2, 3, 4]
-    assert 'eval' in log[-1] and log[-1]['eval']['depth']['rmse'] > 0
-    assert isinstance(model, train.DeepSubEnsemble)
 
 
 @pytest.mark.slow

@@ -1,0 +1,257 @@
+"""
+Pictures, drawn with Pillow alone (no plotting library): Figure-5-like panels of a prediction
+and its uncertainty, the reliability diagram of the ECE, and line plots of curves. evaluate.py
+and predict.py draw with these.
+
+Every continuous map has a colour bar with its range and unit under it; black always means "no
+value here" (an unlabelled pixel, a missing ground-truth depth), and the legend says so. Colour
+maps are samples of matplotlib's viridis (depth: near purple, far yellow) and inferno
+(uncertainty: dark is certain), which are perceptually even and readable in grey.
+
+    rows = prediction_panels(image, pred, i, palette, num_classes, label=..., depth=...)
+    save_figure('out/x.png', rows, title='EMUFormer-B0 on synthetic_1000003_000003',
+                legend=class_legend(...) + BLACK_MEANS)
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+import data
+from plumbing import save_atomic
+
+
+def _lut(anchors):
+    """A (256, 3) uint8 colour map, linear between equally spaced anchor colours."""
+    anchors = np.array(anchors, dtype=np.float64)
+    x, t = np.linspace(0, 1, len(anchors)), np.linspace(0, 1, 256)
+    return np.stack([np.interp(t, x, anchors[:, c]) for c in range(3)], axis=1).round().astype(np.uint8)
+
+
+VIRIDIS = _lut([(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141),
+                (39, 173, 129), (92, 200, 99), (170, 220, 50), (253, 231, 37)])
+INFERNO = _lut([(0, 0, 4), (31, 12, 72), (85, 15, 109), (136, 34, 106), (186, 54, 85),
+                (227, 89, 51), (249, 140, 10), (249, 201, 50), (252, 255, 164)])
+ERRORS = _lut([(255, 255, 255), (255, 170, 130), (200, 0, 0)])  # white = right, red = wrong; black stays free
+WRONG = (200, 0, 0)
+BLACK_MEANS = [('black: unlabelled / no ground-truth depth', (0, 0, 0))]
+ERROR_LEGEND = [('right', (255, 255, 255)), ('wrong', WRONG)]
+
+
+def colorize(values, lut, low, high, valid=None):
+    """(H, W) values -> (H, W, 3) uint8 through `lut`, low..high onto its ends (clipped);
+    pixels outside `valid` are black."""
+    valid = np.ones(values.shape, bool) if valid is None else valid
+    t = np.clip((np.where(valid, values, low) - low) / max(high - low, 1e-12), 0, 1)
+    rgb = lut[np.rint(t * (len(lut) - 1)).astype(np.int64)]
+    rgb[~valid] = 0
+    return rgb
+
+
+def paint(label, palette):
+    """(H, W) class ids -> (H, W, 3) in the palette; IGNORE_INDEX is black."""
+    palette = np.asarray(palette, np.uint8)
+    ignore = label == data.IGNORE_INDEX
+    rgb = palette[np.where(ignore, 0, label)]
+    rgb[ignore] = 0
+    return rgb
+
+
+@dataclass
+class Panel:
+    title: str
+    pixels: np.ndarray       # (H, W, 3) uint8
+    bar: tuple = None        # (lut, low, high, unit): a colour bar under the panel
+
+
+def unnormalize(image):
+    """A normalised (3, H, W) image tensor -> (H, W, 3) uint8 RGB (undoes data.normalize)."""
+    mean, std = np.array(data.MEAN)[:, None, None], np.array(data.STD)[:, None, None]
+    rgb = (image.float().cpu().numpy() * std + mean).clip(0, 1)
+    return (rgb * 255).round().astype(np.uint8).transpose(1, 2, 0)  # (3, H, W) -> (H, W, 3)
+
+
+def prediction_panels(image, pred, i, palette, num_classes, label=None, depth=None):
+    """The panels of image i of a batch: rows of Panel, None for an empty cell.
+    Row 1, segmentation: input, ground truth, prediction, error (wrong red, right white),
+    entropy (Eq. 3) on 0..log K. Row 2, depth: ground truth and prediction on one colour scale,
+    |mu - y|, the predictive standard deviation (Eq. 10). image: (B, 3, H, W) normalised;
+    label, depth: the batch's ground truth, or None (predict.py), which leaves out the ground
+    truth and error panels. A task the model lacks has no row; the input opens the first row."""
+    rows = [[Panel('input', unnormalize(image[i]))]]
+    if pred.log_probs is not None:
+        seg = pred.pred[i].cpu().numpy()
+        entropy = pred.entropy[i].float().cpu().numpy()
+        if label is not None:
+            truth = label[i].numpy()
+            error = np.full((*truth.shape, 3), 255, np.uint8)
+            error[seg != truth] = WRONG
+            error[truth == data.IGNORE_INDEX] = 0
+            rows[0] += [Panel('ground truth', paint(truth, palette))]
+        rows[0] += [Panel('prediction', paint(seg, palette))]
+        if label is not None:
+            rows[0] += [Panel('segmentation error', error)]
+        rows[0] += [Panel('entropy (Eq. 3)', colorize(entropy, INFERNO, 0, math.log(num_classes)),
+                          (INFERNO, 0, math.log(num_classes), 'nats'))]
+    if pred.depth_mean is not None:
+        mu = pred.depth_mean[i].float().cpu().numpy()
+        sigma = pred.depth_var[i].float().cpu().sqrt().numpy()
+        panels = []
+        if depth is not None:
+            y = depth[i].numpy()
+            valid = data.valid_depth(y)
+            both = np.concatenate([y[valid], mu.ravel()])
+            low, high = both.min(), both.max()
+            error = np.abs(mu - y)
+            top = max(error[valid].max() if valid.any() else 0.0, 1e-6)
+            panels.append(Panel('GT depth', colorize(y, VIRIDIS, low, high, valid), (VIRIDIS, low, high, 'm')))
+        else:
+            low, high = mu.min(), mu.max()
+        panels.append(Panel('predicted depth', colorize(mu, VIRIDIS, low, high), (VIRIDIS, low, high, 'm')))
+        if depth is not None:
+            panels.append(Panel('|mu - y|', colorize(error, ERRORS, 0, top, valid), (ERRORS, 0, top, 'm')))
+        top = max(sigma.max(), 1e-6)
+        panels.append(Panel('depth std (Eq. 10)', colorize(sigma, INFERNO, 0, top), (INFERNO, 0, top, 'm')))
+        if len(rows[0]) == 1:  # depth only: one row after the input
+            rows[0] += panels
+        else:
+            rows.append([None] + panels)
+    return rows
+
+
+def class_legend(class_ids, palette, class_names):
+    """(name, colour) of the classes among class_ids (IGNORE_INDEX left out)."""
+    return [(class_names[k], palette[k]) for k in np.unique(class_ids) if k != data.IGNORE_INDEX]
+
+
+# ---------------------------------------------------------------------------------------------
+# the figure: a title, a grid of panels with colour bars, a legend
+
+FONT = ImageFont.load_default(size=12)  # Pillow's own font: no font files needed
+PAD, TITLE_HEIGHT, BAR_HEIGHT, MIN_PANEL_WIDTH, LEGEND_LINE = 6, 16, 26, 200, 16
+
+
+def panel_scale(width):
+    """Small images are enlarged by an integer factor (nearest) so that titles fit."""
+    return max(1, math.ceil(MIN_PANEL_WIDTH / width))
+
+
+def figure_layout(rows):
+    """(scale, cell width, cell height, origin(r, c)): where save_figure puts the pixels of the
+    panel in row r, column c (top-left corner, below the figure's title and the panel's)."""
+    h, w = next(p for row in rows for p in row if p is not None).pixels.shape[:2]
+    s = panel_scale(w)
+    bars = any(p is not None and p.bar is not None for row in rows for p in row)
+    cell_w, cell_h = w * s + PAD, TITLE_HEIGHT + h * s + (BAR_HEIGHT if bars else 0) + PAD
+    origin = lambda r, c: (PAD + c * cell_w, PAD + TITLE_HEIGHT + r * cell_h + TITLE_HEIGHT)
+    return s, cell_w, cell_h, origin
+
+
+def _legend_lines(legend, width):
+    """Wrap the legend's (name, rgb) entries into lines of (x, name, rgb) as wide as the figure."""
+    lines, x = [[]], PAD
+    for name, rgb in legend:
+        entry = 14 + FONT.getlength(name) + 12  # swatch, gap, name, space
+        if x + entry > width and lines[-1]:
+            lines.append([])
+            x = PAD
+        lines[-1].append((x, name, rgb))
+        x += entry
+    return lines if legend else []
+
+
+def _colour_bar(draw, canvas, x, y, width, bar):
+    lut, low, high, unit = bar
+    strip = Image.fromarray(np.repeat(lut[None], 8, axis=0)).resize((width, 8), Image.BILINEAR)
+    canvas.paste(strip, (x, y + 2))
+    draw.rectangle([x, y + 2, x + width - 1, y + 9], outline=(120, 120, 120))
+    high_text = f'{high:.3g} {unit}'
+    draw.text((x, y + 11), f'{low:.3g}', fill='black', font=FONT)
+    draw.text((x + width - FONT.getlength(high_text), y + 11), high_text, fill='black', font=FONT)
+
+
+def save_figure(path, rows, title, legend=()):
+    """Draw the figure: `title` on top, rows of Panel (None = empty cell) as a grid, each
+    enlarged by panel_scale with its title above and its colour bar below, then the legend
+    [(name, rgb)]. Written atomically as a PNG."""
+    s, cell_w, cell_h, origin = figure_layout(rows)
+    h, w = next(p for row in rows for p in row if p is not None).pixels.shape[:2]
+    width = PAD + max(len(row) for row in rows) * cell_w
+    lines = _legend_lines(legend, width)
+    height = PAD + TITLE_HEIGHT + len(rows) * cell_h + (len(lines) * LEGEND_LINE + PAD if lines else 0)
+    canvas = Image.new('RGB', (width, height), 'white')
+    draw = ImageDraw.Draw(canvas)
+    draw.text((PAD, PAD), title, fill='black', font=FONT)
+    for r, row in enumerate(rows):
+        for c, panel in enumerate(row):
+            if panel is None:
+                continue
+            x, y = origin(r, c)
+            draw.text((x, y - TITLE_HEIGHT), panel.title, fill='black', font=FONT)
+            canvas.paste(Image.fromarray(panel.pixels).resize((w * s, h * s), Image.NEAREST), (x, y))
+            if panel.bar is not None:
+                _colour_bar(draw, canvas, x, y + h * s, w * s, panel.bar)
+    top = PAD + TITLE_HEIGHT + len(rows) * cell_h
+    for k, line in enumerate(lines):
+        for x, name, rgb in line:
+            y = top + k * LEGEND_LINE
+            draw.rectangle([x, y + 2, x + 10, y + 12], fill=tuple(int(v) for v in rgb), outline='black')
+            draw.text((x + 14, y), name, fill='black', font=FONT)
+    save_atomic(path, lambda f: canvas.save(f, format='PNG'))
+
+
+# ---------------------------------------------------------------------------------------------
+# the reliability diagram
+
+def _count(n):
+    return f'{n / 1e6:.1f}M' if n >= 1e6 else f'{n / 1e3:.0f}k' if n >= 1e4 else str(n)
+
+
+def reliability_diagram(path, bins, ece, title):
+    """The reliability diagram of the ECE bins: accuracy per bin as bars against the diagonal
+    (perfect calibration), the bin's mean confidence as a red tick, its pixel count below."""
+    width, height, left, right, top, bottom = 640, 536, 64, 20, 60, 84
+    canvas = Image.new('RGB', (width, height), 'white')
+    draw = ImageDraw.Draw(canvas)
+    plot_w, plot_h = width - left - right, height - top - bottom
+    px = lambda v: left + v * plot_w  # confidence -> x pixel
+    py = lambda v: top + (1 - v) * plot_h  # accuracy -> y pixel
+    edges = bins['edges']
+    for m, (n, acc, conf) in enumerate(zip(bins['count'], bins['accuracy'], bins['confidence'])):
+        x0, x1 = px(edges[m]) + 1, px(edges[m + 1]) - 1
+        if n:
+            draw.rectangle([x0, py(acc), x1, py(0)], fill=(90, 140, 210), outline=(30, 60, 120))
+            draw.line([x0, py(conf), x1, py(conf)], fill=(200, 0, 0), width=3)
+        label = _count(n)
+        draw.text(((x0 + x1) / 2 - FONT.getlength(label) / 2, py(0) + 22), label, fill='black', font=FONT)
+    for k in range(0, 40, 2):  # the diagonal, dashed: 20 dashes
+        draw.line([px(k / 40), py(k / 40), px((k + 1) / 40), py((k + 1) / 40)], fill=(90, 90, 90), width=2)
+    _axes(canvas, draw, px, py, 'confidence', 'accuracy')
+    draw.text((6, py(0) + 22), 'pixels', fill='black', font=FONT)
+    total = sum(bins['count'])
+    ece_text = 'nan' if ece is None else f'{ece:.3f}'
+    draw.text((left, 8), title, fill='black', font=FONT)
+    draw.text((left, 24), f'Reliability: ECE {ece_text} over {total} labelled pixels, {len(edges) - 1} bins',
+              fill='black', font=FONT)
+    draw.text((left, 40), 'bars: accuracy   red: mean confidence   dashed: perfect calibration',
+              fill=(60, 60, 60), font=FONT)
+    save_atomic(path, lambda f: canvas.save(f, format='PNG'))
+
+
+def _axes(canvas, draw, px, py, xlabel, ylabel, xticks=(0, 0.2, 0.4, 0.6, 0.8, 1.0),
+          yticks=(0, 0.2, 0.4, 0.6, 0.8, 1.0), to_x=lambda v: v, to_y=lambda v: v):
+    """A box with ticks and labels; px/py map plot coordinates in [0, 1] to pixels, to_x/to_y
+    map a tick's value to plot coordinates."""
+    draw.rectangle([px(0), py(1), px(1), py(0)], outline='black')
+    for v in xticks:
+        draw.line([px(to_x(v)), py(0), px(to_x(v)), py(0) + 4], fill='black')
+        draw.text((px(to_x(v)) - 8, py(0) + 6), f'{v:.3g}', fill='black', font=FONT)
+    for v in yticks:
+        draw.line([px(0) - 4, py(to_y(v)), px(0), py(to_y(v))], fill='black')
+        draw.text((px(0) - 8 - FONT.getlength(f'{v:.3g}'), py(to_y(v)) - 7), f'{v:.3g}', fill='black', font=FONT)
+    draw.text((px(0.5) - FONT.getlength(xlabel) / 2, py(0) + 40), xlabel, fill='black', font=FONT)
+    axis = Image.new('RGB', (int(FONT.getlength(ylabel)) + 4, 14), 'white')
+    ImageDraw.Draw(axis).text((0, 0), ylabel, fill='black', font=FONT)
+    canvas.paste(axis.rotate(90, expand=True), (4, int(py(0.5) - axis.width / 2)))

@@ -1,0 +1,239 @@
+"""
+The plumbing every script shares, each piece defined once: how files are written and read, how
+a run finds its rank and device, which precision it computes in, and how it reports progress.
+Nothing here is about the paper; train.py, distill.py, evaluate.py, bench.py and predict.py
+point here from their docstrings.
+
+Files
+    save_atomic(path, write)    every result, checkpoint and converted sample is written to a
+                                temporary file, flushed to disk and renamed: a kill or a power
+                                loss leaves the old file or the new one, never half of one; a
+                                failed write (a full disk) removes the temporary file and names
+                                the file and the cause
+    check_output(path, flag)    before long work: can the output be written, and would it
+                                replace a result? (never silently: --overwrite says so)
+    load_file(path)             torch.load onto the CPU, tensors and plain Python only, with
+                                errors that name the file
+    read_state_dict, load_strict  a state dict out of any official or own checkpoint, loaded with
+                                strict key matching; a mismatch lists every missing, unexpected
+                                and misshapen key and names the file
+
+Distributed (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; a plain process is rank 0 of 1)
+    setup_distributed(device)   -> (rank, world_size, device)
+    eval_loader(...)            each rank's share of an evaluation set: every world_size-th
+                                sample, no padding, so that metric sums added over the ranks are
+                                exactly the single-process ones
+
+Precision (one flag, --precision, in every script)
+    fp32                        no autocast
+    bf16, fp16                  torch.autocast of the forward pass and the loss; the weights stay
+                                fp32; fp16 also needs GradScaler in training (bf16 has fp32's
+                                exponent range and does not)
+    auto                        bf16 on a GPU that has it, fp16 on an older GPU, fp32 on the CPU
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def save_atomic(path, write):
+    """write(f) into a temporary file beside `path` (opened 'wb'), flush it to the disk, and
+    rename it to `path`. The rename is atomic, and the fsync before it makes sure that what the
+    new name points to is on the disk, not only in the page cache (a rename without it can
+    leave an empty file after a power loss). If anything fails, the temporary file is removed,
+    so that a full disk is not kept full by it, and the error names `path` and the cause."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp')
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # a KeyboardInterrupt too: never leave the temporary file behind
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, Exception):
+            raise
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
+        cause = f'{type(e).__name__}: {e}' + ('' if free is None else f'; {free / 2**20:.0f} MiB free on its disk')
+        raise OSError(f'could not write {path} ({cause}); the previous file, if any, is unchanged') from e
+    directory = os.open(path.parent, os.O_RDONLY)  # and the rename itself, recorded in the folder
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def save_torch(obj, path):
+    save_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_json(obj, path):
+    """obj as indented JSON, atomically; NaN and inf are refused (json_safe turns them into null)."""
+    save_atomic(path, lambda f: f.write(json.dumps(obj, indent=2, allow_nan=False).encode() + b'\n'))
+
+
+def json_safe(x):
+    """Results -> JSON-able: NaN (a metric with nothing to count) and inf become null."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, float):  # numpy's float64 is a float too
+        return float(x) if math.isfinite(x) else None
+    return x
+
+
+def check_output(path, flag, overwrite=False, folder=False):
+    """Make sure now, before any long work, that `path` (a file, or a folder with folder=True)
+    can be written, and that writing it replaces no earlier result unless `overwrite`. `flag` is
+    the command-line flag that named it, for the message."""
+    path = Path(path)
+    taken = any(path.iterdir()) if folder and path.is_dir() else path.exists() and not folder
+    if taken and not overwrite:
+        raise FileExistsError(f'{flag} {path} already holds a result; pass --overwrite to replace it, '
+                              f'or choose another {flag}')
+    directory = path if folder else path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise OSError(f'{flag} {path}: cannot write to {directory} ({e.strerror or e})') from None
+
+
+def load_file(path):
+    """torch.load onto the CPU (tensors and plain Python only), with errors that name the file."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+
+
+def read_state_dict(path):
+    """The state dict in a .pth file: bare, or wrapped under 'state_dict' or 'model'."""
+    ckpt = load_file(path)
+    for key in ('state_dict', 'model'):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    return ckpt
+
+
+def load_strict(module, state, source):
+    """load_state_dict(strict=True), but a mismatch names every missing and unexpected key and
+    every shape conflict, and says which file they came from."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not match {type(module).__name__}:"]
+        for title, items in (('missing keys', missing), ('unexpected keys', unexpected),
+                             ('shape conflicts', shapes)):
+            if items:
+                lines.append(f"  {len(items)} {title}: " + ', '.join(items[:20])
+                             + (' ...' if len(items) > 20 else ''))
+        raise ValueError('\n'.join(lines))
+    module.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed
+
+
+def setup_distributed(device):
+    """torchrun's environment -> (rank, world_size, device); a plain process is rank 0 of 1.
+    Each rank takes the GPU of its LOCAL_RANK; NCCL between GPUs, gloo between CPU processes."""
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+        torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return int(os.environ['RANK']), world_size, device
+
+
+def eval_loader(dataset, batch_size, workers, rank, world_size, device):
+    """This rank's share of an evaluation set: every world_size-th sample and no padding (a
+    DistributedSampler would pad with duplicates), so that metric sums added over the ranks are
+    the single-process ones exactly. Its own generator: the loader then draws nothing from the
+    global RNG, whose stream (MC Dropout's masks, a resumed run's) stays the caller's."""
+    return DataLoader(Subset(dataset, range(rank, len(dataset), world_size)), batch_size,
+                      num_workers=workers, pin_memory=device.type == 'cuda', generator=torch.Generator())
+
+
+def default_workers():
+    """Data loader processes per rank: the cores this process may use, shared by the ranks
+    torchrun started on this machine, at most 4 (PyTorch warns about more than the cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(0, min(4, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision
+
+PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
+DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def autocast_dtype(precision, device):
+    """--precision -> the autocast dtype, None for fp32 (see the module docstring)."""
+    if precision != 'auto':
+        return DTYPES[precision]
+    if device.type != 'cuda':
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device, dtype):
+    """Autocast to dtype on device, or nothing for None (fp32)."""
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def sync(device):
+    """Wait for the device's queued work: around a timed region on a GPU."""
+    if torch.device(device).type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    return f'{seconds // 3600}h{seconds // 60 % 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+class Progress:
+    """One line per `every` seconds: 'what 120/654 | 3.2 images/s | eta 2m40s'."""
+
+    def __init__(self, what, total, unit='images', every=10.0, show=True):
+        self.what, self.total, self.unit, self.every, self.show = what, total, unit, every, show
+        self.start = self.shown = time.perf_counter()
+
+    def update(self, done):
+        now = time.perf_counter()
+        if not self.show or (now - self.shown < self.every and done < self.total):
+            return
+        self.shown = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = format_duration((self.total - done) / rate) if rate > 0 else '?'
+        print(f'{self.what} {done}/{self.total} | {rate:.2f} {self.unit}/s | eta {eta}', flush=True)

@@ -1,0 +1,100 @@
+"""plumbing.py: atomic writes that survive a full disk, output checks, checkpoint reading."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import plumbing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A disk that fills up after 64 KiB: the file-size limit makes every write beyond it fail with
+# EFBIG, as ENOSPC would (SIGXFSZ ignored, so the write returns the error instead of killing us)
+FULL_DISK = '''
+import resource, signal, sys, torch
+import plumbing
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+try:
+    plumbing.save_torch({'weights': torch.zeros(100_000)}, sys.argv[1])
+except OSError as e:
+    print(e)
+    sys.exit(3)
+'''
+
+
+def test_a_full_disk_names_the_file_removes_the_temporary_and_keeps_the_old_file(tmp_path):
+    path = tmp_path / 'last.pt'
+    plumbing.save_torch({'weights': torch.ones(3)}, path)
+    run = subprocess.run([sys.executable, '-c', FULL_DISK, str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert f'could not write {path}' in run.stdout and 'MiB free on its disk' in run.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['last.pt']  # no temporary file keeps the space
+    assert torch.equal(torch.load(path, weights_only=True)['weights'], torch.ones(3))  # the old file, whole
+
+
+def test_save_atomic_flushes_to_disk_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, 'fsync', lambda fd: events.append('fsync') or real_fsync(fd))
+    monkeypatch.setattr(os, 'replace', lambda a, b: events.append('rename') or real_replace(a, b))
+    plumbing.write_json({'a': 1}, tmp_path / 'r.json')
+    assert events == ['fsync', 'rename', 'fsync']  # the file, the rename, the folder's entry
+    assert json.loads((tmp_path / 'r.json').read_text()) == {'a': 1}
+
+
+def test_an_interrupted_write_leaves_no_temporary_file(tmp_path):
+    def write(f):
+        f.write(b'half')
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        plumbing.save_atomic(tmp_path / 'x.bin', write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_json_refuses_nan(tmp_path):
+    with pytest.raises(OSError, match='r.json'):
+        plumbing.write_json({'miou': float('nan')}, tmp_path / 'r.json')
+    assert list(tmp_path.iterdir()) == []
+    plumbing.write_json(plumbing.json_safe({'miou': float('nan')}), tmp_path / 'r.json')
+    assert json.loads((tmp_path / 'r.json').read_text()) == {'miou': None}
+
+
+def test_check_output(tmp_path):
+    plumbing.check_output(tmp_path / 'new' / 'deeper' / 'r.json', '--json')  # folders are made
+    assert (tmp_path / 'new' / 'deeper').is_dir()
+    (tmp_path / 'r.json').write_text('{}')
+    with pytest.raises(FileExistsError, match='--json .*r.json already holds a result; pass --overwrite'):
+        plumbing.check_output(tmp_path / 'r.json', '--json')
+    plumbing.check_output(tmp_path / 'r.json', '--json', overwrite=True)
+    plumbing.check_output(tmp_path / 'empty', '--out', folder=True)  # an empty folder holds nothing
+    with pytest.raises(FileExistsError, match='--out'):
+        plumbing.check_output(tmp_path, '--out', folder=True)
+    with pytest.raises(OSError, match='--json .*cannot write'):
+        plumbing.check_output(tmp_path / 'r.json' / 'x.json', '--json')
+
+
+def test_load_file_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match='nope.pt'):
+        plumbing.load_file(tmp_path / 'nope.pt')
+    (tmp_path / 'half.pt').write_bytes(b'PK\x03\x04 truncated zip')
+    with pytest.raises(ValueError, match='half.pt: not a readable PyTorch checkpoint'):
+        plumbing.load_file(tmp_path / 'half.pt')
+
+
+def test_precision_flag():
+    cpu = torch.device('cpu')
+    assert plumbing.autocast_dtype('auto', cpu) is None and plumbing.autocast_dtype('fp32', cpu) is None
+    assert plumbing.autocast_dtype('bf16', cpu) == torch.bfloat16
+    assert plumbing.autocast_dtype('fp16', cpu) == torch.float16
+
+
+def test_default_workers_fit_the_machine(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    assert plumbing.default_workers() == min(4, cores)
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', str(cores))  # as many ranks on this machine as cores
+    assert plumbing.default_workers() == 1
