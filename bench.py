@@ -209,7 +209,7 @@ def make_row(key, args, cache):
 
         def paper(x):  # one encoder pass, then every head in its textbook form
             features = model.backbone(x)
-            return [d.forward_textbook(features) for d in [*model.decode_heads, *model.depth_heads]]
+            return [d(features) for d in [*model.decode_heads, *model.depth_heads]]
         return [model], lambda x: uq.predict(model, x, 'dse'), paper
     if key in ('de-batched', 'de-looped'):
         if 'members' not in cache:

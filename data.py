@@ -41,6 +41,7 @@ import json
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -320,6 +321,10 @@ def _disparity_png(path):
     return p.astype(np.float32)
 
 
+def _layout_error(what, root, problem, layout_name, layout):
+    return f'{what} in {root}: {problem}; expected {layout_name}:\n' + '\n'.join(f'  {root}/{p}' for p in layout)
+
+
 def _camera(path):
     with open(path) as f:
         camera = json.load(f)
@@ -342,13 +347,10 @@ class NYUv2(Dataset):
         self.names = [] if missing else listing.read_text().split()
         if not self.names:
             problem = f'missing {", ".join(missing)}' if missing else f'{listing} lists no samples'
-            raise FileNotFoundError(
-                f'NYUv2 {split} in {self.root}: {problem}; expected the NYUD-MT layout:\n'
-                f'  {self.root}/images/<name>.jpg\n'
-                f'  {self.root}/segmentation/<name>.png  (0 = unlabelled, 1..40 = classes)\n'
-                f'  {self.root}/depth/<name>.npy  (float metres, 0 = invalid)\n'
-                f'  {self.root}/gt_sets/{split}.txt  (one <name> per line)\n'
-                f'make it with: python data.py convert-nyuv2 --help')
+            layout = ['images/<name>.jpg', 'segmentation/<name>.png  (0 = unlabelled, 1..40 = classes)',
+                      'depth/<name>.npy  (float metres, 0 = invalid)', f'gt_sets/{split}.txt  (one <name> per line)']
+            raise FileNotFoundError(_layout_error(f'NYUv2 {split}', self.root, problem, 'the NYUD-MT layout', layout)
+                                    + '\nmake it with: python data.py convert-nyuv2 --help')
 
     def __len__(self):
         return len(self.names)
@@ -433,12 +435,10 @@ class Cityscapes(Dataset):
         if missing or not self.images:
             problem = (f'missing {", ".join(missing)}' if missing else
                        f'no {self.root}/leftImg8bit/{split}/<city>/*_leftImg8bit.png')
-            raise FileNotFoundError(
-                f'Cityscapes {split} in {self.root}: {problem}; expected the official layout:\n'
-                f'  {self.root}/leftImg8bit/{split}/<city>/<city>_<seq>_<frame>_leftImg8bit.png\n'
-                f'  {self.root}/gtFine/{split}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png\n'
-                f'  {self.root}/disparity/{split}/<city>/<city>_<seq>_<frame>_disparity.png\n'
-                f'  {self.root}/camera/{split}/<city>/<city>_<seq>_<frame>_camera.json')
+            layout = [f'{kind}/{split}/<city>/<city>_<seq>_<frame>_{suffix}' for kind, suffix in (
+                ('leftImg8bit', 'leftImg8bit.png'), ('gtFine', 'gtFine_labelIds.png'),
+                ('disparity', 'disparity.png'), ('camera', 'camera.json'))]
+            raise FileNotFoundError(_layout_error(f'Cityscapes {split}', self.root, problem, 'the official layout', layout))
 
     def __len__(self):
         return len(self.images)
@@ -479,93 +479,136 @@ def _lambert(nx, ny, nz):
     return 0.35 + 0.65 * np.clip(nx * _LIGHT[0] + ny * _LIGHT[1] + nz * _LIGHT[2], 0, 1)
 
 
+@dataclass
+class _Room:
+    """A camera cam_h metres above the floor looking along it towards a back wall at wall_z, the
+    ceiling room_h above the floor; focal length f and principal point (cx, cy) in pixels, the
+    horizon at row cy. u (W,) and v (H, 1) are the pixel centres, dv = v - cy (> 0 below the
+    horizon)."""
+    cam_h: float
+    room_h: float
+    wall_z: float
+    f: float
+    cx: float
+    cy: float
+    u: np.ndarray
+    v: np.ndarray
+
+    @property
+    def dv(self):
+        return self.v - self.cy
+
+
+def _random_room(rng, size):
+    h, w = size
+    cam_h, room_h, wall_z = rng.uniform(1.2, 1.8), rng.uniform(2.6, 3.4), rng.uniform(4.0, 9.0)
+    f = w * rng.uniform(0.7, 1.0)  # focal length in pixels
+    cy = h * rng.uniform(0.4, 0.6)  # the horizon row moves with the camera's pitch
+    return _Room(cam_h, room_h, wall_z, f, w / 2, cy, np.arange(w) + 0.5, (np.arange(h) + 0.5)[:, None])
+
+
+class _ZBuffer:
+    """The nearest surface so far at every pixel: its depth, class, base colour and shading
+    (light, texture, fog). draw() paints a surface where it is nearer than what is there, so
+    nearer objects occlude farther ones and labels, depth and image agree."""
+
+    def __init__(self, size):
+        self.depth = np.full(size, np.inf)
+        self.label = np.zeros(size, np.int64)
+        self.base = np.zeros((*size, 3))
+        self.shade = np.zeros(size)
+
+    def draw(self, mask, z, shade, colour, cls):
+        z = np.broadcast_to(np.where(mask, z, np.inf), self.depth.shape)
+        near = z < self.depth
+        self.depth[near] = z[near]
+        self.shade[near] = np.broadcast_to(shade, self.depth.shape)[near]
+        self.base[near] = np.clip(colour, 0, 1)
+        self.label[near] = cls
+
+
+def _draw_room(zb, room, rng):
+    """Floor (0.6 m tiles), ceiling and the back wall (0.5 m wallpaper stripes): the depth of a
+    plane at height y is y * f / (row distance from the horizon)."""
+    r, u, dv = room, room.u, room.dv
+    floor_z = r.cam_h * r.f / np.maximum(dv, 1e-9)
+    seen = np.minimum(floor_z, r.wall_z)  # finite where the texture is visible at all
+    tiles = (np.floor((u - r.cx) * seen / r.f / 0.6) + np.floor(seen / 0.6)) % 2
+    zb.draw(dv > 0, floor_z, (0.8 + 0.2 * tiles) * _fog(seen), _COLOURS[FLOOR], FLOOR)
+    ceiling_z = (r.room_h - r.cam_h) * r.f / np.maximum(-dv, 1e-9)
+    zb.draw(dv < 0, ceiling_z, _fog(np.minimum(ceiling_z, r.wall_z)), _COLOURS[CEILING], CEILING)
+    stripes = 0.9 + 0.1 * np.cos(2 * np.pi * (u - r.cx) * r.wall_z / r.f / 0.5)
+    zb.draw(True, r.wall_z, stripes * _fog(r.wall_z), _COLOURS[WALL] + rng.uniform(-0.1, 0.1, 3), WALL)
+
+
+def _draw_object(zb, room, rng):
+    """A box, a ball or a floor-to-ceiling pillar standing on the floor, at a random place."""
+    r, u, dv = room, room.u, room.dv
+    cls = rng.choice([BOX, BALL, PILLAR], p=[0.45, 0.4, 0.15])
+    colour = _COLOURS[cls] + rng.uniform(-0.1, 0.1, 3)
+    z0 = rng.uniform(1.5, r.wall_z - 0.8)  # front of the object
+    x0 = rng.uniform(-0.8, 0.8) * z0 * r.cx / r.f  # lateral position, inside the view
+    if cls == BOX:
+        bw, bh, bd = rng.uniform(0.4, 1.2), rng.uniform(0.3, r.cam_h - 0.1), rng.uniform(0.3, 1.0)
+        front = ((abs(u - r.cx - r.f * x0 / z0) < r.f * bw / 2 / z0)
+                 & (dv > r.f * (r.cam_h - bh) / z0) & (dv < r.f * r.cam_h / z0))
+        zb.draw(front, z0, 0.8 * _fog(z0), colour, BOX)
+        top_z = (r.cam_h - bh) * r.f / np.maximum(dv, 1e-9)  # the lid, a plane below the camera
+        top = (dv > 0) & (top_z >= z0) & (top_z <= z0 + bd) & (abs((u - r.cx) * top_z / r.f - x0) < bw / 2)
+        zb.draw(top, top_z, _fog(np.minimum(top_z, r.wall_z)), colour, BOX)
+    elif cls == BALL:
+        radius = rng.uniform(0.2, 0.5)
+        zc = z0 + radius  # centre, resting on the floor
+        dx = (u - r.cx - r.f * x0 / zc) / (r.f * radius / zc)  # offsets in projected radii
+        dy = (dv - r.f * (r.cam_h - radius) / zc) / (r.f * radius / zc)
+        nz = np.sqrt(np.clip(1 - dx**2 - dy**2, 0, 1))
+        zb.draw(dx**2 + dy**2 < 1, zc - radius * nz, _lambert(dx, -dy, -nz) * _fog(zc), colour, BALL)
+    else:
+        radius = rng.uniform(0.1, 0.3)
+        zc = z0 + radius  # axis of a floor-to-ceiling column
+        dx = (u - r.cx - r.f * x0 / zc) / (r.f * radius / zc)
+        nz = np.sqrt(np.clip(1 - dx**2, 0, 1))
+        mask = (abs(dx) < 1) & (dv > -r.f * (r.room_h - r.cam_h) / zc) & (dv < r.f * r.cam_h / zc)
+        zb.draw(mask, zc - radius * nz, _lambert(dx, 0, -nz) * _fog(zc), colour, PILLAR)
+
+
+def _annotate(label, depth, room, rng):
+    """What real ground truth has (in place): a careless annotator's thin strokes labelled with
+    a wrong class or IGNORE_INDEX, and elliptic holes of depth 0 of a depth sensor."""
+    u, v = room.u, room.v
+    h, w = label.shape
+    for _ in range(rng.integers(1, 4)):
+        a, b = rng.uniform(0, 1, 2) * (w, h), rng.uniform(0, 1, 2) * (w, h)
+        ab = b - a
+        t = np.clip(((u - a[0]) * ab[0] + (v - a[1]) * ab[1]) / (ab @ ab + 1e-9), 0, 1)
+        stroke = np.hypot(u - a[0] - t * ab[0], v - a[1] - t * ab[1]) < rng.uniform(0.5, 1.5)
+        label[stroke] = IGNORE_INDEX if rng.random() < 0.5 else rng.integers(len(SYNTHETIC_CLASSES))
+    for _ in range(rng.integers(0, 3)):
+        (ex, ey), (rx, ry) = rng.uniform(0, 1, 2) * (w, h), rng.uniform(0.03, 0.12, 2) * (w, h)
+        depth[((u - ex) / rx) ** 2 + ((v - ey) / ry) ** 2 < 1] = 0
+
+
 def render_scene(rng, size, annotation_noise=True):
     """Draw a random room at size (H, W) -> image uint8 (H, W, 3), label int64 (H, W), depth
     float32 (H, W) in metres (z along the optical axis, like a depth sensor).
 
-    The camera, cam_h metres above the floor, looks along the floor towards a back wall at
-    wall_z; the ceiling is room_h above the floor. Every surface is painted into one z-buffer
-    with its depth, class, colour and shading; the nearest surface wins each pixel, so labels,
-    depth and image agree and nearer objects occlude farther ones. Floor (tiled) and ceiling
-    depth grow towards the horizon row cy; boxes, balls and pillars stand on the floor.
-    annotation_noise adds what real ground truth has: thin strokes labelled with a wrong class
-    or IGNORE_INDEX, and holes of depth 0.
+    Every surface is painted into one z-buffer with its depth, class, colour and shading; the
+    nearest surface wins each pixel. Floor (tiled) and ceiling depth grow towards the horizon;
+    2 to 5 boxes, balls and pillars stand on the floor. annotation_noise adds strokes of wrong
+    labels and holes in the depth (_annotate).
     """
-    h, w = size
-    cam_h, room_h, wall_z = rng.uniform(1.2, 1.8), rng.uniform(2.6, 3.4), rng.uniform(4.0, 9.0)
-    f = w * rng.uniform(0.7, 1.0)  # focal length in pixels
-    cx, cy = w / 2, h * rng.uniform(0.4, 0.6)  # the horizon row moves with the camera's pitch
-    u = np.arange(w) + 0.5  # (W,) pixel centres
-    v = (np.arange(h) + 0.5)[:, None]  # (H, 1)
-    dv = v - cy  # > 0 below the horizon
-    depth = np.full((h, w), np.inf)  # the z-buffer: nearest surface so far, with its
-    label = np.zeros((h, w), np.int64)  # class,
-    base = np.zeros((h, w, 3))  # base colour
-    shade = np.zeros((h, w))  # and shading (light, texture, fog)
-
-    def draw(mask, z, surface_shade, surface_colour, cls):
-        """Paint a surface of depth z on the pixels of mask where it is nearer than what is there."""
-        z = np.broadcast_to(np.where(mask, z, np.inf), (h, w))
-        near = z < depth
-        depth[near] = z[near]
-        shade[near] = np.broadcast_to(surface_shade, (h, w))[near]
-        base[near] = np.clip(surface_colour, 0, 1)
-        label[near] = cls
-
-    # the planes of the room: z = height * f / (row distance from the horizon)
-    floor_z = cam_h * f / np.maximum(dv, 1e-9)
-    seen = np.minimum(floor_z, wall_z)  # finite where the texture is visible at all
-    tiles = (np.floor((u - cx) * seen / f / 0.6) + np.floor(seen / 0.6)) % 2  # 0.6 m floor tiles
-    draw(dv > 0, floor_z, (0.8 + 0.2 * tiles) * _fog(seen), _COLOURS[FLOOR], FLOOR)
-    ceiling_z = (room_h - cam_h) * f / np.maximum(-dv, 1e-9)
-    draw(dv < 0, ceiling_z, _fog(np.minimum(ceiling_z, wall_z)), _COLOURS[CEILING], CEILING)
-    stripes = 0.9 + 0.1 * np.cos(2 * np.pi * (u - cx) * wall_z / f / 0.5)  # wallpaper, 0.5 m period
-    draw(True, wall_z, stripes * _fog(wall_z), _COLOURS[WALL] + rng.uniform(-0.1, 0.1, 3), WALL)
-
+    room = _random_room(rng, size)
+    zb = _ZBuffer(size)
+    _draw_room(zb, room, rng)
     for _ in range(rng.integers(2, 6)):
-        cls = rng.choice([BOX, BALL, PILLAR], p=[0.45, 0.4, 0.15])
-        colour = _COLOURS[cls] + rng.uniform(-0.1, 0.1, 3)
-        z0 = rng.uniform(1.5, wall_z - 0.8)  # front of the object
-        x0 = rng.uniform(-0.8, 0.8) * z0 * cx / f  # lateral position, inside the view
-        if cls == BOX:
-            bw, bh, bd = rng.uniform(0.4, 1.2), rng.uniform(0.3, cam_h - 0.1), rng.uniform(0.3, 1.0)
-            front = ((abs(u - cx - f * x0 / z0) < f * bw / 2 / z0)
-                     & (dv > f * (cam_h - bh) / z0) & (dv < f * cam_h / z0))
-            draw(front, z0, 0.8 * _fog(z0), colour, BOX)
-            top_z = (cam_h - bh) * f / np.maximum(dv, 1e-9)  # the lid, a plane below the camera
-            top = (dv > 0) & (top_z >= z0) & (top_z <= z0 + bd) & (abs((u - cx) * top_z / f - x0) < bw / 2)
-            draw(top, top_z, _fog(np.minimum(top_z, wall_z)), colour, BOX)
-        elif cls == BALL:
-            r = rng.uniform(0.2, 0.5)
-            zc = z0 + r  # centre, resting on the floor
-            dx = (u - cx - f * x0 / zc) / (f * r / zc)  # offsets in units of the projected radius
-            dy = (dv - f * (cam_h - r) / zc) / (f * r / zc)
-            nz = np.sqrt(np.clip(1 - dx**2 - dy**2, 0, 1))
-            draw(dx**2 + dy**2 < 1, zc - r * nz, _lambert(dx, -dy, -nz) * _fog(zc), colour, BALL)
-        else:
-            r = rng.uniform(0.1, 0.3)
-            zc = z0 + r  # axis of a floor-to-ceiling column
-            dx = (u - cx - f * x0 / zc) / (f * r / zc)
-            nz = np.sqrt(np.clip(1 - dx**2, 0, 1))
-            mask = (abs(dx) < 1) & (dv > -f * (room_h - cam_h) / zc) & (dv < f * cam_h / zc)
-            draw(mask, zc - r * nz, _lambert(dx, 0, -nz) * _fog(zc), colour, PILLAR)
-
-    depth = depth.astype(np.float32)  # the wall is everywhere: all finite
-    image = base * shade[..., None]  # (H, W, 3)
+        _draw_object(zb, room, rng)
+    depth = zb.depth.astype(np.float32)  # the wall is everywhere: all finite
+    image = zb.base * zb.shade[..., None]  # (H, W, 3)
     image += rng.normal(0, rng.uniform(0.01, 0.04), image.shape)  # sensor noise
     image = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
-
     if annotation_noise:
-        for _ in range(rng.integers(1, 4)):  # a careless annotator's strokes
-            a, b = rng.uniform(0, 1, 2) * (w, h), rng.uniform(0, 1, 2) * (w, h)
-            ab = b - a
-            t = np.clip(((u - a[0]) * ab[0] + (v - a[1]) * ab[1]) / (ab @ ab + 1e-9), 0, 1)
-            stroke = np.hypot(u - a[0] - t * ab[0], v - a[1] - t * ab[1]) < rng.uniform(0.5, 1.5)
-            label[stroke] = IGNORE_INDEX if rng.random() < 0.5 else rng.integers(len(SYNTHETIC_CLASSES))
-        for _ in range(rng.integers(0, 3)):  # elliptic holes of a depth sensor
-            (ex, ey), (rx, ry) = rng.uniform(0, 1, 2) * (w, h), rng.uniform(0.03, 0.12, 2) * (w, h)
-            depth[((u - ex) / rx) ** 2 + ((v - ey) / ry) ** 2 < 1] = 0
-    return image, label, depth
+        _annotate(zb.label, depth, room, rng)
+    return image, zb.label, depth
 
 
 class SyntheticScenes(Dataset):

@@ -169,40 +169,6 @@ COLUMNS = [('seg', 'miou', 'mIoU'), ('seg', 'ece', 'ECE'), ('seg', 'p_accurate_c
 
 
 def _number(value, digits=3):
-    return 'nan' if value is None else f'{value:.{digits}f}'  # None: NaN after uq.json_safe
-
-
-def format_row(result):
-    """Three lines: the task groups, the paper's column headers and the row of a json_safe result
-    ('-' for a task the model lacks, 'nan' for a metric with nothing to count)."""
-    first = max(len(result['label']), 20)
-    widths = [max(len(header), 6) for _, _, header in COLUMNS]
-    cells = [_number(result[task][key]) if result[task] else '-' for task, key, _ in COLUMNS]
-    time_cell = f"{_number(result['time_ms']['mean'], 2)} +- {_number(result['time_ms']['std'], 2)}"
-    seg_width, depth_width = sum(w + 2 for w in widths[:5]), sum(w + 2 for w in widths[5:])
-    groups = ' ' * (first + 2) + f"{'Semantic Segmentation':{seg_width}}{'Monocular Depth Estimation':{depth_width}}"
-    header = ' ' * first + ''.join(f'  {h:>{w}}' for (_, _, h), w in zip(COLUMNS, widths))
-    row = f"{result['label']:{first}}" + ''.join(f'  {c:>{w}}' for c, w in zip(cells, widths))
-    header, row = header + '  Inference Time [ms]', row + f'  {time_cell:>19}'
-    return '\n'.join([groups.rstrip(), header, row])
-
-
-def format_extras(result):
-    """The numbers outside the paper's columns: pixel accuracy, AbsRel, delta1..3, how timed."""
-    lines = []
-    if result['seg']:
-        lines.append(f"segmentation: pixel accuracy {_number(result['seg']['pixel_acc'])}")
-    if result['depth']:
-        d = result['depth']
-        lines.append(f"depth: AbsRel {_number(d['abs_rel'])}  delta1 {_number(d['delta1'])}  "
-                     f"delta2 {_number(d['delta2'])}  delta3 {_number(d['delta3'])}")
-    t, s = result['time_ms'], result['settings']
-    lines.append(f"time: {t['n']} batches of {s['batch_size']} image(s) on {s['device']} ({s['amp']} autocast), "
-                 f"after {t['warmup']} warm-up batches on each of {s['world_size']} rank(s)")
-    return '\n'.join(lines)
-
-
-def _number(value, digits=3):
     return 'nan' if value is None else f'{value:.{digits}f}'  # None: NaN after plumbing.json_safe
 
 

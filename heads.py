@@ -9,28 +9,31 @@ The decoder (SegFormer's "all-MLP" head; paper Figures 1-3) turns the encoder's 
     z   = W [u_4; u_3; u_2; u_1]   concatenate (4E channels) and fuse with a 1x1 conv to E
     out = P dropout(ReLU(BN(z)))   BatchNorm, ReLU, dropout 0.1, a 1x1 prediction layer
 
-The exact fold. Everything that happens before the BatchNorm is linear: the per-stage layers,
-the bilinear upsampling (a fixed weighted average of neighbours whose weights sum to one) and
-the fuse conv. Splitting W into its four column blocks W_i (one per stage),
+`AllMLPDecoder.forward` is exactly this, SegFormer's head. The parameters and their names are
+those of the official SegFormerHead (`linear_c1..4.proj`, `linear_fuse.conv`, `linear_fuse.bn`,
+`linear_pred`), so official checkpoints load.
+
+The exact fold (the second section of this file). Everything that happens before the
+BatchNorm is linear: the per-stage layers, the bilinear upsampling (a fixed weighted average of
+neighbours whose weights sum to one) and the fuse conv. Splitting W into its four column blocks
+W_i (one per stage),
 
     z = sum_i W_i up(L_i f_i + b_i) = sum_i up((W_i L_i) f_i + W_i b_i)
 
 because a 1x1 conv commutes with upsampling, and up() maps a constant to the same constant. So
 each stage can be taken straight to the fused width E at its own low resolution with the
-(E x C_i) matrix W_i L_i, and the (E x 4E) fuse conv on 4E channels at 1/4 resolution, three
-quarters of SegFormer-B2's multiply-adds, disappears. BatchNorm, ReLU, dropout and the
-prediction layer come after the sum and are unchanged, except that in eval mode BatchNorm is a
-fixed per-channel affine map, which folds into the W_i L_i too. `AllMLPDecoder.forward` computes this
-form (in training and inference, gradients flow to the original parameters through W_i L_i);
-`forward_textbook` is the literal one, kept as the reference the tests compare against.
-The parameters and their names are those of the official SegFormerHead (`linear_c1..4.proj`,
-`linear_fuse.conv`, `linear_fuse.bn`, `linear_pred`), so official checkpoints still load.
+(E x C_i) matrix W_i L_i, and the (E x 4E) fuse conv on 4E channels at 1/4 resolution
+disappears: at 480x640 with 40 classes that conv is 45.3G of SegFormer-B2's 72.2G
+multiply-adds (63%), and three quarters of SegDepthFormer-B2's, which has two heads. BatchNorm,
+ReLU, dropout and the prediction layer come after the sum and are unchanged, except that in
+eval mode BatchNorm is a fixed per-channel affine map, which folds into the W_i L_i too. The
+models compute this form (`fused_features`), in training and inference; gradients flow to the
+original parameters through W_i L_i. Several decoders reading the same features (the two
+heads of SegDepthFormer, the 2N heads of a Deep Sub-Ensemble) run as one grouped computation:
+their matrices W_i L_i are stacked, so each stage costs one matmul for all heads. The tests
+check the fold against `AllMLPDecoder.forward`.
 
-Several decoders reading the same features (the two heads of SegDepthFormer, the 2N heads of a
-Deep Sub-Ensemble) run as one grouped computation: their matrices W_i L_i are stacked so each
-stage costs one matmul for all heads (`fuse_stages`).
-
-Heads and outputs:
+Heads and outputs (`head_outputs`):
     segmentation  K logits; the softmax (Eq. 1) is taken later, after upsampling
     depth         2 channels: mean mu = ReLU(z_0) (Eq. 4), variance s^2 = Softplus(z_1) (Eq. 5)
 Every model returns the same dict, upsampled bilinearly to the input size:
@@ -41,7 +44,8 @@ A Deep Sub-Ensemble run with all heads returns the same keys with a leading head
 
 Models: SegFormer (segmentation), DepthFormer (depth), SegDepthFormer (both, shared encoder;
 the EMUFormer student has this architecture) and DeepSubEnsemble (one encoder, N heads per task).
-`build_model` makes any of them by name.
+`build_model` makes any of them by name, `load_model` from a checkpoint of train.py or
+distill.py (reading and strict loading: plumbing.py).
 """
 
 import torch
@@ -56,12 +60,19 @@ def upsample(x, size):
     return F.interpolate(x, size=size, mode='bilinear', align_corners=False)
 
 
-class MLP(nn.Module):
-    """The per-stage linear layer (named as in the official head)."""
+# ---------------------------------------------------------------------------------------------
+# SegFormer's all-MLP head
+
+class StageLinear(nn.Module):
+    """L_i: the linear layer that takes stage i's C_i channels to the decoder's width E."""
 
     def __init__(self, in_dim, embed_dim):
         super().__init__()
-        self.proj = nn.Linear(in_dim, embed_dim)
+        self.proj = nn.Linear(in_dim, embed_dim)  # named as in the official head
+
+    def forward(self, f):
+        x = self.proj(f.flatten(2).transpose(1, 2))  # (B, C_i, h, w) -> (B, h*w, E)
+        return x.transpose(1, 2).unflatten(2, f.shape[-2:])  # (B, h*w, E) -> (B, E, h, w)
 
 
 class ConvModule(nn.Module):
@@ -79,62 +90,63 @@ class AllMLPDecoder(nn.Module):
         super().__init__()
         self.embed_dim = embed_dim
         for i, dim in enumerate(in_dims):
-            setattr(self, f'linear_c{i + 1}', MLP(dim, embed_dim))
+            setattr(self, f'linear_c{i + 1}', StageLinear(dim, embed_dim))
         self.linear_fuse = ConvModule(4 * embed_dim, embed_dim)
         self.dropout = nn.Dropout2d(dropout)
         self.linear_pred = nn.Conv2d(embed_dim, out_dim, 1)
-        # the official initialisation: He (fan-out) for the fuse conv, N(0, 0.01) for the output
+        # He (fan-out) for the fuse conv, as mmcv's ConvModule. The prediction layer starts
+        # small, N(0, 0.01): mmseg's base class gives that to its conv_seg, the layer it predicts
+        # with; SegFormer predicts with linear_pred instead and leaves it at PyTorch's default.
         nn.init.kaiming_normal_(self.linear_fuse.conv.weight, mode='fan_out', nonlinearity='relu')
         nn.init.normal_(self.linear_pred.weight, std=0.01)
         nn.init.zeros_(self.linear_pred.bias)
 
-    def stage_map(self, i):
-        """Stage i's fold (0-based): the (E, C_i) matrix W_i L_i and the bias W_i b_i. In eval
-        mode BatchNorm is a fixed per-channel affine map s * z + t, which commutes with the sum
-        too: s scales every stage's rows, t joins stage 1's bias, and no BatchNorm runs at all."""
-        E = self.embed_dim
-        linear = getattr(self, f'linear_c{i + 1}').proj
-        W = self.linear_fuse.conv.weight.flatten(1)  # (E, 4E, 1, 1) -> (E, 4E)
-        W_i = W[:, (3 - i) * E:(4 - i) * E]  # the concatenation order is c4, c3, c2, c1
-        M, c = W_i @ linear.weight, W_i @ linear.bias
-        if self.training:  # BatchNorm normalises with the batch's statistics: it runs after the sum
-            return M, c
-        bn = self.linear_fuse.bn
-        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        t = bn.bias - bn.running_mean * s if i == 0 else 0
-        return s[:, None] * M, s * c + t
-
-    def predict(self, x):
-        """(B, E, h, w) = ReLU(BN(fused features)) -> (B, out_dim, h, w) at 1/4 resolution."""
-        x = self.dropout(x).permute(0, 2, 3, 1)  # (B, E, h, w) -> (B, h, w, E)
-        # linear_pred is a 1x1 conv, i.e. a matmul over channels; as one it reads a head's
-        # channel slice of the grouped map (a strided view) without copying it first
-        return F.linear(x, self.linear_pred.weight.flatten(1), self.linear_pred.bias).permute(0, 3, 1, 2)
-
     def forward(self, features):
-        return self.predict(fuse_stages([self], features)[0])
-
-    def forward_textbook(self, features):
-        """The decoder exactly as SegFormer writes it (the reference for the fold)."""
+        """The encoder's four maps [(B, C_i, h_i, w_i)] -> (B, out_dim, h_1, w_1), as SegFormer
+        writes it (the models run the fold below, which equals this)."""
         size = features[0].shape[-2:]
-        e = []
-        for i, f in enumerate(features):
-            x = getattr(self, f'linear_c{i + 1}').proj(f.flatten(2).transpose(1, 2))  # (B, h*w, E)
-            x = x.transpose(1, 2).unflatten(2, f.shape[-2:])  # (B, h*w, E) -> (B, E, h, w)
-            e.append(x if i == 0 else upsample(x, size))
-        z = self.linear_fuse.conv(torch.cat(e[::-1], dim=1))
+        e = [getattr(self, f'linear_c{i + 1}')(f) for i, f in enumerate(features)]  # (B, E, h_i, w_i)
+        u = [e[0]] + [upsample(x, size) for x in e[1:]]  # all at 1/4 resolution
+        z = self.linear_fuse.conv(torch.cat(u[::-1], dim=1))  # concatenated c4, c3, c2, c1: (B, 4E, h, w) -> (B, E, h, w)
         return self.predict(F.relu(self.linear_fuse.bn(z)))
 
+    def predict(self, x):
+        """(B, E, h, w) = ReLU(BN(fused features)) -> (B, out_dim, h, w): dropout, then the 1x1
+        prediction layer."""
+        x = self.dropout(x).permute(0, 2, 3, 1)  # (B, E, h, w) -> (B, h, w, E)
+        # a 1x1 conv is a matmul over channels; as one it reads a head's channel slice of the
+        # grouped map of fused_features (a strided view) without copying it first
+        return F.linear(x, self.linear_pred.weight.flatten(1), self.linear_pred.bias).permute(0, 3, 1, 2)
 
-def fuse_stages(decoders, features):
-    """The folded decoder up to its ReLU, for several decoders at once.
 
-    features: the encoder's four maps [(B, C_i, h_i, w_i)]. Returns one (B, E, h_1, w_1) map per
-    decoder, equal to ReLU(linear_fuse.bn(linear_fuse.conv(concat(...)))) of the textbook form.
-    """
+# ---------------------------------------------------------------------------------------------
+# The exact fold, for one decoder or several at once (module docstring)
+
+def fold(decoder, i):
+    """Stage i's fold (0-based) -> (M, c): the (E, C_i) matrix W_i L_i and the bias W_i b_i that
+    take the stage's features straight to the fused width. In eval mode BatchNorm is a fixed
+    per-channel affine map s * z + t, which commutes with the sum too: s scales every stage's
+    rows, t joins stage 1's bias, and no BatchNorm runs at all."""
+    E = decoder.embed_dim
+    linear = getattr(decoder, f'linear_c{i + 1}').proj
+    W = decoder.linear_fuse.conv.weight.flatten(1)  # (E, 4E, 1, 1) -> (E, 4E)
+    W_i = W[:, (3 - i) * E:(4 - i) * E]  # the concatenation order is c4, c3, c2, c1
+    M, c = W_i @ linear.weight, W_i @ linear.bias
+    if decoder.training:  # BatchNorm normalises with the batch's statistics: it runs after the sum
+        return M, c
+    bn = decoder.linear_fuse.bn
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    t = bn.bias - bn.running_mean * s if i == 0 else 0
+    return s[:, None] * M, s * c + t
+
+
+def fused_features(decoders, features):
+    """ReLU(BN(z)) of every decoder, through the fold: the encoder's four maps
+    [(B, C_i, h_i, w_i)] -> one (B, E, h_1, w_1) map per decoder, equal to what
+    AllMLPDecoder.forward computes before its prediction layer."""
     size = features[0].shape[-2:]
     for i, f in enumerate(features):
-        maps = [d.stage_map(i) for d in decoders]
+        maps = [fold(d, i) for d in decoders]
         weight = torch.cat([m for m, _ in maps])  # (G*E, C_i) for G decoders
         bias = torch.cat([b for _, b in maps])
         # a 1x1 conv at the stage's resolution, written as the matmul it is over the channels of
@@ -144,7 +156,7 @@ def fuse_stages(decoders, features):
             z = y
         else:
             z += upsample(y, size)  # in place: the sum at 1/4 resolution is the large tensor here
-    if not decoders[0].training:  # BatchNorm is folded into stage_map: ReLU is all that is left
+    if not decoders[0].training:  # BatchNorm is folded into the matrices: ReLU is all that is left
         return F.relu(z, inplace=True).chunk(len(decoders), dim=1)
     return [F.relu(d.linear_fuse.bn(z_d), inplace=True)
             for d, z_d in zip(decoders, z.chunk(len(decoders), dim=1))]
@@ -153,9 +165,10 @@ def fuse_stages(decoders, features):
 # ---------------------------------------------------------------------------------------------
 # Models
 
-def outputs(task, z, size):
-    """A head's 1/4-resolution output -> the model's output dict at the input size. Upsampling
-    comes before the activations, as the paper does for the softmax (Section 3.2.1)."""
+def head_outputs(task, z, size):
+    """A head's 1/4-resolution output -> the model's output dict at the input size: Eq. 4 and 5
+    for depth. Upsampling comes before the activations, as the paper does for the softmax
+    (Section 3.2.1)."""
     if task == 'seg':
         # contiguous first: the softmax over classes is 4x slower on a channels_last map
         return {'seg_logits': upsample(z.contiguous(), size)}
@@ -167,13 +180,14 @@ def outputs(task, z, size):
 
 
 def run_heads(heads, features, size, textbook=False):
-    """[(task, decoder)] on the encoder's features -> one output dict per head, at `size`."""
+    """[(task, decoder)] on the encoder's features -> one output dict per head, at `size`:
+    through the fold, or with textbook=True through AllMLPDecoder.forward (the reference)."""
     tasks, decoders = zip(*heads)
     if textbook:
-        z = [d.forward_textbook(features) for d in decoders]
+        z = [d(features) for d in decoders]
     else:
-        z = [d.predict(fused) for d, fused in zip(decoders, fuse_stages(decoders, features))]
-    return [outputs(t, zi, size) for t, zi in zip(tasks, z)]
+        z = [d.predict(fused) for d, fused in zip(decoders, fused_features(decoders, features))]
+    return [head_outputs(t, zi, size) for t, zi in zip(tasks, z)]
 
 
 class SegDepthFormer(nn.Module):

@@ -22,7 +22,7 @@ The loop, in nanoGPT's order, one function each below: setup (ranks, device, pre
 shared pieces are in plumbing.py), build_data, build_model (and the optimizer), resume, then
 per step train_step, log_window every --log-every steps, validate at the end of every
 --eval-every epochs, and save_checkpoint. The objective is a function loss_fn(out, batch) ->
-(loss, terms): Eq. 7 here (supervised_loss), Eq. 11 in distill.py.
+(loss, terms): Eq. 7 here (supervised_loss), EMUFormer's objective in distill.py.
 
 Reproducibility: the model's initialisation follows --seed, every sample's augmentation is
 drawn from its own seed (seed, epoch, index) on one thread, and the order of the samples from
@@ -89,7 +89,7 @@ def get_parser():
     a('--head-lr-mult', type=float, default=10.0, help="decoders' lr = this x lr (SegFormer's recipe)")
     a('--weight-decay', type=float, default=0.01, help='AdamW; not on norms and biases')
     a('--power', type=float, default=0.9, help='polynomial decay power of Eq. 12')
-    a('--w1', type=float, default=losses.W1, help='weight of the depth loss (Eq. 7, 11)')
+    a('--w1', type=float, default=losses.W1, help='weight of the depth loss (Eq. 7)')
     a('--depth-loss', default='gnll', choices=sorted(losses.DEPTH_LOSSES), help='gnll, or mse/huber for the ablation')
     a('--max-depth', type=float, help='metres; farther ground truth is invalid (default: data.MAX_DEPTH, '
                                       '10 nyuv2, 80 cityscapes, 10 synthetic)')

@@ -33,7 +33,7 @@ dimension S (S = 1 for none), and `summarize` turns samples into the same `Predi
 Eq. 10 is the law of total variance for an equal mixture of the S Gaussians N(mu_t, s_t^2):
 the first term is the aleatoric part (the mean of the variances each sample predicts), the
 second the epistemic part (how much the samples' means disagree). With S = 1 it is the head's
-own variance, so `none` needs no special case. The same Prediction of a Deep Ensemble is the
+own variance (summarize takes that shortcut, and the softmax's, for one sample). The same Prediction of a Deep Ensemble is the
 teacher's target for EMUFormer (log q for Eq. 8, sigma^2 for Eq. 9).
 
     teacher = DeepEnsemble(members)                 # stacks the weights once
@@ -166,9 +166,8 @@ class DeepEnsemble:
     the network once with torch.func.vmap over that stack: every layer processes all members in
     one call (a conv becomes a grouped conv, a matmul a batched matmul), which keeps a GPU busy
     where a loop of N small passes would not. A CPU has no idle units to fill, and there the
-    loop is faster (10 SegDepthFormer-B0 at 480x640 on 2 threads, uncertainty included: 3.7 s
-    batched, 2.9 s looped; bench.py measures both). batched=False is that plain loop, kept to
-    check against and to benchmark. Either way self(images) returns samples (N, B, ...). Members are
+    loop is faster (bench.py times both). batched=False is that plain loop, kept to check
+    against and to benchmark. Either way self(images) returns samples (N, B, ...). Members are
     used in eval mode and without gradients (the ensemble is a fixed teacher or evaluator).
     """
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import heads
 import mit
@@ -286,7 +287,7 @@ def away_from_the_kinks(model, x, margin=1.0):
         for h in hooks:
             h.remove()
         torch.manual_seed(1)
-        depth_z = model.depth_head.forward_textbook(model.backbone(x))[:, 0]  # before Eq. 4's ReLU
+        depth_z = model.depth_head(model.backbone(x))[:, 0]  # before Eq. 4's ReLU
         model.depth_head.linear_pred.bias[0] += max(margin - depth_z.min().item(), 0.0)
     return model
 
@@ -331,9 +332,9 @@ def test_fused_width_is_independent_of_grouping():
     dims, E = (32, 64, 160, 256), 256
     decoders = [heads.AllMLPDecoder(dims, E, k).eval() for k in (3, 2, 5)]
     feats = [torch.randn(2, c, 16 // s, 20 // s) for c, s in zip(dims, (1, 2, 4, 8))]
-    together = heads.fuse_stages(decoders, feats)
+    together = heads.fused_features(decoders, feats)
     for d, z in zip(decoders, together):
-        assert torch.allclose(z, heads.fuse_stages([d], feats)[0], atol=1e-5)
+        assert torch.allclose(z, heads.fused_features([d], feats)[0], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,3 +431,128 @@ def test_load_model_rebuilds_from_a_training_checkpoint(tmp_path):
     torch.save(model.state_dict(), path)
     with pytest.raises(ValueError, match="no 'config' entry"):
         heads.load_model(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The encoder against references written independently of mit.py
+
+def naive_attention(attn, x, H, W):
+    """Efficient self-attention written out: queries from every token; keys and values from the
+    (H, W) map shrunk by the sr conv (kernel = stride = R) and its LayerNorm; per head
+    softmax(q k^T / sqrt(d)) v; the output projection. kv's output channels are [k; v], each
+    split into heads of d contiguous channels (the official layout)."""
+    B, N, C = x.shape
+    heads_, d = attn.num_heads, C // attn.num_heads
+    q = x @ attn.q.weight.T + attn.q.bias
+    source = x
+    if attn.sr_ratio > 1:
+        grid = x.transpose(1, 2).reshape(B, C, H, W)  # token n = row-major pixel (n // W, n % W)
+        grid = F.conv2d(grid, attn.sr.weight, attn.sr.bias, stride=attn.sr_ratio)
+        source = F.layer_norm(grid.flatten(2).transpose(1, 2), (C,), attn.norm.weight, attn.norm.bias, attn.norm.eps)
+    kv = source @ attn.kv.weight.T + attn.kv.bias
+    k, v = kv[..., :C], kv[..., C:]
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(heads_):
+            s = slice(h * d, (h + 1) * d)
+            weights = torch.softmax(q[b, :, s] @ k[b, :, s].T / d ** 0.5, dim=-1)  # (N, N_kv)
+            out[b, :, s] = weights @ v[b, :, s]
+    return out @ attn.proj.weight.T + attn.proj.bias
+
+
+def naive_mit(encoder, x):
+    """The MiT forward written out with F ops and the naive attention: per stage an overlapping
+    patch embedding (conv, LayerNorm), pre-norm blocks x + attn(LN x), x + fc2(GELU(dw3x3(fc1(LN x)))),
+    the stage LayerNorm, and the tokens back to a (B, C, h, w) map."""
+    features = []
+    for i in range(1, 5):
+        embed = getattr(encoder, f'patch_embed{i}')
+        x = F.conv2d(x, embed.proj.weight, embed.proj.bias, stride=embed.proj.stride, padding=embed.proj.padding)
+        B, C, H, W = x.shape
+        t = F.layer_norm(x.flatten(2).transpose(1, 2), (C,), embed.norm.weight, embed.norm.bias, embed.norm.eps)
+        for block in getattr(encoder, f'block{i}'):
+            n1 = F.layer_norm(t, (C,), block.norm1.weight, block.norm1.bias, block.norm1.eps)
+            t = t + naive_attention(block.attn, n1, H, W)
+            n2 = F.layer_norm(t, (C,), block.norm2.weight, block.norm2.bias, block.norm2.eps)
+            mlp = block.mlp
+            hidden = n2 @ mlp.fc1.weight.T + mlp.fc1.bias
+            grid = hidden.transpose(1, 2).reshape(B, -1, H, W)
+            grid = F.conv2d(grid, mlp.dwconv.dwconv.weight, mlp.dwconv.dwconv.bias, padding=1, groups=grid.shape[1])
+            hidden = F.gelu(grid.flatten(2).transpose(1, 2))
+            t = t + hidden @ mlp.fc2.weight.T + mlp.fc2.bias
+        norm = getattr(encoder, f'norm{i}')
+        t = F.layer_norm(t, (C,), norm.weight, norm.bias, norm.eps)
+        x = t.transpose(1, 2).reshape(B, C, H, W)
+        features.append(x)
+    return features
+
+
+def randomised(module):
+    """Every parameter drawn at random (biases and norms included), so no term is a no-op."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 / max(1, p[0].numel()) ** 0.5 + (1.0 if p.ndim == 1 and p.numel() > 1 else 0))
+    return module
+
+
+@pytest.mark.parametrize('sr_ratio', [1, 2, 4])
+def test_attention_equals_the_naive_reference(sr_ratio):
+    torch.manual_seed(0)
+    attn = randomised(mit.Attention(40, 4, sr_ratio)).double().eval()
+    x = torch.randn(2, 12 * 16, 40, dtype=torch.float64)
+    assert torch.allclose(attn(x, 12, 16), naive_attention(attn, x, 12, 16), rtol=1e-10, atol=1e-12)
+
+
+def test_encoder_equals_the_naive_reference():
+    torch.manual_seed(0)
+    encoder = randomised(mit.MixVisionTransformer('b0')).double().eval()
+    x = torch.randn(2, 3, 45, 70, dtype=torch.float64)  # odd sizes: every stage rounds up
+    for got, want in zip(encoder(x), naive_mit(encoder, x)):
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_encoder_equals_hugging_face_segformer():
+    # their SegformerModel, written by others, with our weights copied over by name (the names
+    # of transformers 5, which keeps k and v apart where we keep them stacked as kv)
+    transformers = pytest.importorskip('transformers', minversion='5')  # an optional package
+    torch.manual_seed(0)
+    cfg = mit.get_config('b0')
+    config = transformers.SegformerConfig(
+        hidden_sizes=list(cfg.embed_dims), depths=list(cfg.depths), num_attention_heads=list(cfg.num_heads),
+        sr_ratios=list(cfg.sr_ratios), mlp_ratios=[cfg.mlp_ratio] * 4, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+    theirs = transformers.SegformerModel(config).double().eval()
+    ours = randomised(mit.MixVisionTransformer('b0')).double().eval()
+    names = {}  # their module -> ours
+    for i in range(4):
+        names[f'stages.{i}.patch_embeddings.proj'] = f'patch_embed{i + 1}.proj'
+        names[f'stages.{i}.patch_embeddings.layer_norm'] = f'patch_embed{i + 1}.norm'
+        names[f'stages.{i}.layer_norm'] = f'norm{i + 1}'
+        for j in range(cfg.depths[i]):
+            hf, me = f'stages.{i}.blocks.{j}.', f'block{i + 1}.{j}.'
+            for a, b in [('layernorm_before', 'norm1'), ('layernorm_after', 'norm2'), ('attention.q_proj', 'attn.q'),
+                         ('attention.o_proj', 'attn.proj'), ('attention.sequence_reduction.sequence_reduction', 'attn.sr'),
+                         ('attention.sequence_reduction.layer_norm', 'attn.norm'), ('mlp.fc1', 'mlp.fc1'),
+                         ('mlp.dwconv.dwconv', 'mlp.dwconv.dwconv'), ('mlp.fc2', 'mlp.fc2')]:
+                names[hf + a] = me + b
+            names[hf + 'attention.k_proj'] = names[hf + 'attention.v_proj'] = me + 'attn.kv'
+    mine, copied = ours.state_dict(), {}
+    for name in theirs.state_dict():
+        module, kind = name.rsplit('.', 1)
+        value = mine[f'{names[module]}.{kind}']
+        if module.endswith('k_proj'):
+            value = value[:len(value) // 2]  # kv's output channels are [k; v]
+        elif module.endswith('v_proj'):
+            value = value[len(value) // 2:]
+        copied[name] = value
+    theirs.load_state_dict(copied)
+    for module, layer in theirs.named_modules():  # transformers 5 has LayerNorm eps 1e-5 everywhere,
+        if isinstance(layer, nn.LayerNorm):          # the official model 1e-6 in the blocks and stage norms
+            layer.eps = ours.get_submodule(names[module]).eps
+    x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        hidden = theirs(pixel_values=x, output_hidden_states=True).hidden_states
+        assert len(hidden) == 4
+        for got, want in zip(ours(x), hidden):
+            assert torch.allclose(got, want, rtol=1e-9, atol=1e-10)

@@ -143,3 +143,19 @@ def test_evaluate_streams_the_same_numbers_at_any_batch_size():
         for key, value in dep.compute().items():
             assert r['depth'][key] == pytest.approx(value, rel=1e-6, nan_ok=True), key
     assert uq.evaluate(build_model('depthformer', 'b0', 6), torch.utils.data.DataLoader(dataset, batch_size=4), 6)['seg'] is None
+
+
+def test_entropy_is_zero_for_a_class_of_probability_zero():
+    # a masked logit (-inf) gives q_c = 0 exactly: its term is 0 (the limit of q log q), not
+    # 0 * -inf = NaN, which made the image's threshold NaN and every pixel "certain"
+    z = torch.randn(1, 2, 3, 4, 5)  # one sample, 2 images, 3 classes
+    z[:, 0, 2, 0, 0] = -float('inf')
+    for samples in (z, z.repeat(3, 1, 1, 1, 1)):  # one sample, and a mixture of three
+        pred = uq.summarize({'seg_logits': samples})
+        assert torch.isfinite(pred.entropy).all()
+        q = samples[0, 0, :2, 0, 0].softmax(0)
+        assert pred.entropy[0, 0, 0].item() == pytest.approx(-(q * q.log()).sum().item(), rel=1e-5)
+    seg = uq.SegMetrics(3)
+    seg.update(pred.probs, torch.zeros(2, 4, 5, dtype=torch.long), pred.entropy)
+    n_ac, n_au, n_ic, n_iu = seg.stats['uncertainty_counts'].tolist()
+    assert n_au + n_iu > 0  # the image with the masked logit has uncertain pixels too
