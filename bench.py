@@ -10,13 +10,18 @@ Each row times the full prediction with uncertainty, image batch in, `uq.Predict
                                             decoder (heads.py), to see what the fold buys
     MC Dropout (T)                          SegDepthFormer, method 'mcd', T passes
     DSE (N)                                 Deep Sub-Ensemble, one encoder and N heads per task
-    DE batched / DE looped (N)              Deep Ensemble of N SegDepthFormers, built once,
-                                            run with vmap over stacked weights or as a loop
+    DE (N)                                  Deep Ensemble of N SegDepthFormers, built once, run
+                                            the way uq.DeepEnsemble chooses for the device
+    DE batched / DE looped (N)              the same, forced: vmap over the stacked weights, or
+                                            a loop over the members
     EMUFormer                               the student: a SegDepthFormer, so it must cost
                                             the same (the paper's point)
     MiT encoder                             our encoder alone, model.backbone(x)
     HF SegFormer, HF encoder (--hf)         Hugging Face transformers' SegFormer with the same
                                             config, random init, for comparison
+
+The samples of MC Dropout, the DSE's heads and the DE's members go the way uq.predict chooses
+for the device: one pass at a time on a CPU, all at once on a GPU.
 
 Timing: `--warmup` untimed iterations, then `--iters` timed ones under torch.inference_mode.
 On the GPU each iteration sits between a pair of CUDA events and the elapsed times are read
@@ -25,6 +30,12 @@ around each call. Latency is the mean +- std over the timed iterations, FPS = ba
 `--precision bf16|fp16` runs under autocast (the weights stay fp32), `--channels-last` converts
 networks and input, `--compile` compiles each row's whole timed step (`--compile-mode
 reduce-overhead` records it as a CUDA graph, which removes launch overhead at batch 1).
+"x single" is a row's latency over SegDepthFormer's in the same run.
+
+Memory ("peak"): what one prediction needs at its peak beyond the networks' weights and the
+input: CUDA's peak allocation on a GPU; on a CPU the peak resident memory of a fresh process
+that runs the row (peak_memory), since an allocator that keeps freed memory would hide a peak
+from a measurement inside this one.
 
 Multiply-adds (MACs). Table 1's "FLOPs" are multiply-adds, attention included. Counted here:
 every convolution, linear layer and matmul, attention's two matmuls QK^T and AV included
@@ -38,7 +49,8 @@ SegFormer-B2 counts to the same 72.2G. Two columns:
                     Dropout costs N (T) single passes, a DSE one encoder and N pairs of heads
     MACs executed   what the timed step actually runs: the folded decoder of heads.py,
                     including its small W_i L_i fold matmuls, which are paid once per forward
-                    call (MC Dropout's T passes run as one batch; SegDepthFormer-B2: 30.0G)
+                    call, and the entropy's sum over classes, which runs as a batched matmul
+                    (SegDepthFormer-B2: 30.0G)
 
 Both are counted by running the row's networks under torch.utils.flop_counter.FlopCounterMode
 on the meta device: shapes only, no arithmetic, so even the Deep Ensemble takes a moment.
@@ -54,7 +66,10 @@ Run (single process; a benchmark has nothing to gain from torchrun):
 """
 
 import argparse
+import ctypes
 import json
+import multiprocessing
+import os
 import statistics
 import time
 
@@ -95,7 +110,8 @@ EXTRA_FORMULAS = {aten._scaled_dot_product_flash_attention_for_cpu: _attention_f
 
 def count_macs(fn, x):
     """Multiply-adds of fn(x): convolutions, linear layers and matmuls, attention included."""
-    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as counter:
+    # no_grad, not inference_mode: before torch 2.5 FlopCounterMode counts nothing under the latter
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as counter:
         fn(x)
     return counter.get_total_flops() // 2
 
@@ -131,6 +147,53 @@ def time_fn(fn, x, warmup, iters, device):
     return times
 
 
+def peak_memory(key, args, device, run, x):
+    """The memory one prediction of row `key` needs at its peak beyond what is allocated before
+    it (the networks' weights and the input), in bytes: on a GPU CUDA's peak allocation during
+    run(x); on a CPU the peak resident memory of a fresh process running the row once
+    (cpu_peak_memory), or None where /proc/self/clear_refs is missing (not Linux)."""
+    if device.type != 'cuda':
+        if not os.path.exists('/proc/self/clear_refs'):
+            return None
+        with multiprocessing.get_context('spawn').Pool(1) as pool:
+            return pool.apply(cpu_peak_memory, (key, args))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run(x)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def cpu_peak_memory(key, args):
+    """Run in a fresh process: build row `key`, predict once to settle, then once more between
+    a reset of the process's peak resident memory (writing 5 to /proc/self/clear_refs resets
+    VmHWM) and a reading of it. glibc is first told to give every block over 128 KiB a mapping
+    of its own (mallopt(M_MMAP_THRESHOLD)), so that freed tensors go back to the system at once
+    instead of staying in its heap, where a later tensor would reuse them unseen by the peak."""
+    ctypes.CDLL('libc.so.6').mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device('cpu')
+    torch.manual_seed(0)
+    networks, step, _ = make_row(key, args, {}, device)
+    run = prepare(networks, step, args, device)
+    x = torch.randn(args.batch, 3, *args.size)
+    with torch.inference_mode():
+        run(x)
+        before = resident('VmRSS')
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        run(x)
+    return resident('VmHWM') - before
+
+
+def resident(field):
+    """VmRSS (now) or VmHWM (the peak) of this process, in bytes."""
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
 def latency_stats(times, batch):
     mean = statistics.mean(times)
     return {'latency_ms_mean': mean, 'latency_ms_std': statistics.stdev(times), 'fps': batch * 1e3 / mean}
@@ -146,6 +209,7 @@ ROWS = {  # --rows name: label in the table ({N}: members, {T}: samples)
     'textbook': 'SegDepthFormer, textbook decoder',
     'mcd': 'MC Dropout (T={T})',
     'dse': 'DSE (N={N})',
+    'de': 'DE (N={N}), default path',
     'de-batched': 'DE batched (N={N})',
     'de-looped': 'DE looped (N={N})',
     'emuformer': 'EMUFormer',
@@ -184,15 +248,17 @@ def hf_segformer(backbone, num_classes):
     return SegformerForSemanticSegmentation(config)
 
 
-def make_row(key, args, cache):
+def make_row(key, args, cache, device):
     """Build row `key` on the current default device -> (networks, step, paper_step).
 
-    step(x) is the timed prediction. paper_step(x) runs the same networks the way Table 1
-    counts them (textbook decoder, N or T whole passes) and is only run to count MACs.
-    cache keeps the Deep Ensemble's members, built once for the batched and the looped row.
+    step(x) is the timed prediction, with the chunking uq.predict chooses for `device` (the one
+    timed, also when the row is built on the meta device to count). paper_step(x) runs the same
+    networks the way Table 1 counts them (textbook decoder, N or T whole passes) and is only run
+    to count MACs. cache keeps the Deep Ensemble's members, built once for its three rows.
     """
     build = lambda name, **kw: heads.build_model(name, args.backbone, args.num_classes, **kw).eval()
     T, N = args.samples, args.members
+    chunk = {'samples': T, 'members': N} if device.type == 'cuda' else {'samples': 1, 'members': 1}
     if key in ('segformer', 'depthformer', 'segdepthformer', 'emuformer'):
         model = build('segdepthformer' if key == 'emuformer' else key)
         return [model], lambda x: uq.predict(model, x, 'none'), Textbook(model)
@@ -203,19 +269,20 @@ def make_row(key, args, cache):
         model = build('segdepthformer')
         # textbook passes have no per-call work, so T passes cost one batch of T images
         paper = lambda x: model(x.repeat(T, 1, 1, 1), textbook=True)
-        return [model], lambda x: uq.predict(model, x, 'mcd', samples=T), paper
+        return [model], lambda x: uq.predict(model, x, 'mcd', samples=T, chunk=chunk['samples']), paper
     if key == 'dse':
         model = build('dse', num_members=N)
 
         def paper(x):  # one encoder pass, then every head in its textbook form
             features = model.backbone(x)
             return [d(features) for d in [*model.decode_heads, *model.depth_heads]]
-        return [model], lambda x: uq.predict(model, x, 'dse'), paper
-    if key in ('de-batched', 'de-looped'):
+        return [model], lambda x: uq.predict(model, x, 'dse', chunk=chunk['members']), paper
+    if key in ('de', 'de-batched', 'de-looped'):
         if 'members' not in cache:
             cache['members'] = [build('segdepthformer') for _ in range(N)]
         members = cache['members']
-        ensemble = uq.DeepEnsemble(members, batched=key == 'de-batched')
+        batched = {'de': device.type == 'cuda', 'de-batched': True, 'de-looped': False}[key]  # 'de': DeepEnsemble's default
+        ensemble = uq.DeepEnsemble(members, batched=batched)
         paper = lambda x: [m(x, textbook=True) for m in members]
         return members, lambda x: uq.predict(ensemble, x, 'de'), paper
     if key == 'encoder':
@@ -229,7 +296,7 @@ def make_row(key, args, cache):
             # like our models do inside uq.predict, so both rows do the same work
             logits = model(pixel_values=x).logits
             return uq.summarize({'seg_logits': heads.upsample(logits, x.shape[-2:]).unsqueeze(0)})
-        return [model], step, step
+        return [model], step, lambda x: model(pixel_values=x)
     if key == 'hf-encoder':
         model = hf_segformer(args.backbone, args.num_classes).segformer.eval()
         return [model], model, model
@@ -273,19 +340,21 @@ def inference_rows(args, device):
     for key in keys:
         # counted on the meta device: shapes only, no memory, no arithmetic
         with torch.device('meta'):
-            networks, step, paper_step = make_row(key, args, meta_cache)
+            networks, step, paper_step = make_row(key, args, meta_cache, device)
         row = {'key': key, 'name': ROWS[key].format(N=args.members, T=args.samples),
                'params': count_params(networks),
                'macs_paper': count_macs(paper_step, meta_x), 'macs_executed': count_macs(step, meta_x)}
         torch.manual_seed(0)
         with torch.device(device):
-            networks, step, _ = make_row(key, args, cache)
+            networks, step, _ = make_row(key, args, cache, device)
         run = prepare(networks, step, args, device)
         with torch.inference_mode():
             times = time_fn(run, x, args.warmup, args.iters, device)
+            row['peak_bytes'] = peak_memory(key, args, device, run, x)
         row.update(latency_stats(times, B), latencies_ms=times)
         rows.append(row)
-        print(f"  {row['name']}: {row['latency_ms_mean']:.1f} ms", flush=True)
+        print(f"  {row['name']}: {row['latency_ms_mean']:.1f} ms, peak {row['peak_bytes'] / 2**20:.0f} MiB",
+              flush=True)
         del networks, step, run  # free this row's networks before the next one is built
     return rows
 
@@ -353,8 +422,10 @@ def latency_ratios(rows):
     """The comparisons the speed work is judged by: latency of the first row / the second
     (below 1: the first is faster), for the pairs whose rows were run."""
     latency = {r['key']: r['latency_ms_mean'] for r in rows}
-    pairs = [('segdepthformer', 'textbook'), ('segformer', 'hf'), ('segdepthformer', 'hf'),
-             ('encoder', 'hf-encoder'), ('de-batched', 'segdepthformer'), ('de-batched', 'de-looped')]
+    pairs = [('segdepthformer', 'encoder'), ('segdepthformer', 'textbook'), ('segformer', 'hf'),
+             ('segdepthformer', 'hf'), ('encoder', 'hf-encoder'), ('mcd', 'segdepthformer'),
+             ('dse', 'segdepthformer'), ('de', 'segdepthformer'), ('de-batched', 'segdepthformer'),
+             ('de-looped', 'segdepthformer'), ('de-batched', 'de-looped')]
     names = {r['key']: r['name'] for r in rows}
     return {f"{names[a]} / {names[b]}": latency[a] / latency[b]
             for a, b in pairs if a in latency and b in latency}
@@ -367,13 +438,18 @@ def print_inference(rows, ratios, header):
           "(Table 1's 'FLOPs'), textbook decoder, N x single for DE, T x single for MCD, "
           "encoder + N x heads for DSE; softmax, norms, GELU, biases, upsampling not counted")
     print("  MACs executed: the same count of what the timed step runs (folded decoder incl. its "
-          "W_i L_i fold matmuls)")
+          "W_i L_i fold matmuls, and the entropy's sum over classes, which runs as a matmul)")
+    print("  x single: latency / SegDepthFormer's in this run; peak: memory of one call beyond the "
+          "weights (see peak_memory)")
+    single = next((r['latency_ms_mean'] for r in rows if r['key'] == 'segdepthformer'), None)
     print(f"{'row':<34}{'params (M)':>11}{'MACs paper (G)':>16}{'MACs exec (G)':>15}"
-          f"{'latency (ms)':>22}{'FPS':>9}")
+          f"{'latency (ms)':>22}{'x single':>10}{'FPS':>9}{'peak (MiB)':>12}")
     for r in rows:
         latency = f"{r['latency_ms_mean']:.2f} +- {r['latency_ms_std']:.2f}"
+        times = f"{r['latency_ms_mean'] / single:.2f}" if single else '-'
+        peak = '-' if r['peak_bytes'] is None else f"{r['peak_bytes'] / 2**20:.0f}"
         print(f"{r['name']:<34}{r['params'] / 1e6:>11.2f}{r['macs_paper'] / 1e9:>16.2f}"
-              f"{r['macs_executed'] / 1e9:>15.2f}{latency:>22}{r['fps']:>9.2f}")
+              f"{r['macs_executed'] / 1e9:>15.2f}{latency:>22}{times:>10}{r['fps']:>9.2f}{peak:>12}")
     for name, ratio in ratios.items():
         print(f"latency {name}: {ratio:.3f} ({1 / ratio:.2f}x the speed)")
 

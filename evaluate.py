@@ -222,7 +222,7 @@ class Figures:
             rows = figures.prediction_panels(batch['image'], pred, i, self.palette, self.num_classes,
                                              label=batch['label'], depth=batch['depth'])
             legend = []
-            if pred.log_probs is not None:
+            if pred.probs is not None:
                 present = np.union1d(batch['label'][i].numpy(), pred.pred[i].cpu().numpy())
                 legend = figures.class_legend(present, self.palette, self.class_names) + figures.ERROR_LEGEND
             self.drawn.append(os.path.join(self.folder, f"{batch['name'][i]}.png"))

@@ -81,7 +81,7 @@ def prediction_panels(image, pred, i, palette, num_classes, label=None, depth=No
     label, depth: the batch's ground truth, or None (predict.py), which leaves out the ground
     truth and error panels. A task the model lacks has no row; the input opens the first row."""
     rows = [[Panel('input', unnormalize(image[i]))]]
-    if pred.log_probs is not None:
+    if pred.probs is not None:
         seg = pred.pred[i].cpu().numpy()
         entropy = pred.entropy[i].float().cpu().numpy()
         if label is not None:

@@ -48,6 +48,8 @@ the EMUFormer student has this architecture) and DeepSubEnsemble (one encoder, N
 distill.py (reading and strict loading: plumbing.py).
 """
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -56,8 +58,51 @@ from mit import MixVisionTransformer, get_config
 from plumbing import load_file, load_strict, read_state_dict
 
 
-def upsample(x, size):
-    return F.interpolate(x, size=size, mode='bilinear', align_corners=False)
+def upsample(x, size, out=None):
+    """Bilinear upsampling of x (B, C, h, w) to size (H, W), as F.interpolate(align_corners=
+    False) computes it, or added into `out` (B, C, H, W) in place.
+
+    Where H/h and W/w are whole numbers (the decoder's stages for every input whose sides are
+    multiples of 32, the outputs for multiples of 4) it runs as two 1-d passes (_lerp_phases),
+    rows then columns, a few strided in-place operations each, in the tensor's memory order;
+    the numbers are F.interpolate's up to rounding (tests/test_models.py), at about a third of
+    its time on a CPU for the decoder's many channels. Other sizes go through F.interpolate."""
+    (h, w), (H, W) = x.shape[-2:], size
+    if H % h or W % w:
+        up = F.interpolate(x, size=size, mode='bilinear', align_corners=False)
+        return up if out is None else out.add_(up)
+    y = x.permute(0, 2, 3, 1)  # (B, h, w, C): contiguous for the channels_last maps of the decoder
+    # new buffers through empty_like, so that under vmap (a batched Deep Ensemble) they are batched
+    rows = torch.empty_like(y.unsqueeze(3).expand(-1, -1, -1, W // w, -1)).flatten(2, 3)  # (B, h, W, C)
+    _lerp_phases(y, rows, dim=2, accumulate=False)
+    target = torch.empty_like(rows.unsqueeze(2).expand(-1, -1, H // h, -1, -1)).flatten(1, 2) if out is None \
+        else out.permute(0, 2, 3, 1)  # (B, H, W, C)
+    _lerp_phases(rows, target, dim=1, accumulate=out is not None)
+    return target.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W), channels_last in memory
+
+
+def _lerp_phases(x, out, dim, accumulate):
+    """1-d bilinear upsampling of x along dim by the whole factor s = out.size(dim) / x.size(dim),
+    into out (or added to it). Output o = s q + a has the source coordinate
+    q + (a + 0.5) / s - 0.5, so each phase a is a fixed blend (1 - t) x[q + d] + t x[q + d + 1]
+    with d = -1 or 0, the source clamped at the ends, as F.interpolate does."""
+    n = x.shape[dim]
+    s = out.shape[dim] // n
+    first, second = x.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1)
+    for a in range(s):
+        src = (a + 0.5) / s - 0.5
+        d = math.floor(src)
+        t = src - d
+        # outputs s q + a for every q: the first or last one is the clamped end, the rest a blend
+        phase = lambda: out.unflatten(dim, (n, s)).select(dim + 1, a)  # a fresh view after each write
+        body, edge = (1, 0) if d < 0 else (0, n - 1)
+        clamped = x.narrow(dim, 0 if d < 0 else n - 1, 1)
+        if accumulate:
+            phase().narrow(dim, body, n - 1).add_(first, alpha=1 - t).add_(second, alpha=t)
+            phase().narrow(dim, edge, 1).add_(clamped)
+        else:
+            phase().narrow(dim, body, n - 1).copy_(first).mul_(1 - t).add_(second, alpha=t)
+            phase().narrow(dim, edge, 1).copy_(clamped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,17 +151,28 @@ class AllMLPDecoder(nn.Module):
         writes it (the models run the fold below, which equals this)."""
         size = features[0].shape[-2:]
         e = [getattr(self, f'linear_c{i + 1}')(f) for i, f in enumerate(features)]  # (B, E, h_i, w_i)
-        u = [e[0]] + [upsample(x, size) for x in e[1:]]  # all at 1/4 resolution
+        u = [e[0]] + [F.interpolate(x, size, mode='bilinear', align_corners=False) for x in e[1:]]  # all at 1/4
         z = self.linear_fuse.conv(torch.cat(u[::-1], dim=1))  # concatenated c4, c3, c2, c1: (B, 4E, h, w) -> (B, E, h, w)
         return self.predict(F.relu(self.linear_fuse.bn(z)))
 
     def predict(self, x):
         """(B, E, h, w) = ReLU(BN(fused features)) -> (B, out_dim, h, w): dropout, then the 1x1
-        prediction layer."""
-        x = self.dropout(x).permute(0, 2, 3, 1)  # (B, E, h, w) -> (B, h, w, E)
-        # a 1x1 conv is a matmul over channels; as one it reads a head's channel slice of the
-        # grouped map of fused_features (a strided view) without copying it first
-        return F.linear(x, self.linear_pred.weight.flatten(1), self.linear_pred.bias).permute(0, 3, 1, 2)
+        prediction layer, a matmul over the channels; as one it reads a head's channel slice of
+        the grouped map of fused_features (a strided view) without copying it first.
+
+        The dropout (Dropout2d: whole channels, in training and under MC Dropout) acts on the
+        prediction layer's weights instead of the map: zeroing channel e of image b and scaling
+        the others by 1 / (1 - p) does the same to the output as doing so to column e of the
+        weights used for image b, which costs K x E per image instead of a pass over the map.
+        The mask is drawn as Dropout2d draws it, Bernoulli(1 - p) per (image, channel)."""
+        x = x.permute(0, 2, 3, 1)  # (B, E, h, w) -> (B, h, w, E)
+        weight, bias = self.linear_pred.weight.flatten(1), self.linear_pred.bias  # (K, E), (K,)
+        if not (self.dropout.training and self.dropout.p > 0):
+            return F.linear(x, weight, bias).permute(0, 3, 1, 2)
+        p = self.dropout.p
+        keep = x.new_empty(x.shape[0], 1, weight.shape[1]).bernoulli_(1 - p).div_(1 - p)  # (B, 1, E)
+        y = torch.baddbmm(bias, x.flatten(1, 2), (weight * keep).transpose(1, 2))  # (B, h*w, E) @ (B, E, K)
+        return y.unflatten(1, x.shape[1:3]).permute(0, 3, 1, 2)  # (B, h*w, K) -> (B, K, h, w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,19 +199,25 @@ def fold(decoder, i):
 def fused_features(decoders, features):
     """ReLU(BN(z)) of every decoder, through the fold: the encoder's four maps
     [(B, C_i, h_i, w_i)] -> one (B, E, h_1, w_1) map per decoder, equal to what
-    AllMLPDecoder.forward computes before its prediction layer."""
+    AllMLPDecoder.forward computes before its prediction layer.
+
+    The matrices of G decoders are stacked, (G*E, C_i) per stage. Stages 3 and 4 go to the
+    fused width at their own resolution and are upsampled there. Stage 2 is upsampled first,
+    since W_2 L_2 up(f_2) = up(W_2 L_2 f_2) and its C_2 channels (128) cost less to upsample than
+    the G*E of its output (a pass over the 1/4-resolution map per phase, each worth more than
+    C_2 multiply-adds per element); it then joins stage 1 in one matmul of C_1 + C_2 inputs.
+    Every bias goes in once, with stage 4's small map, which upsampling carries to each pixel
+    unchanged (it keeps a constant constant)."""
     size = features[0].shape[-2:]
-    for i, f in enumerate(features):
-        maps = [fold(d, i) for d in decoders]
-        weight = torch.cat([m for m, _ in maps])  # (G*E, C_i) for G decoders
-        bias = torch.cat([b for _, b in maps])
-        # a 1x1 conv at the stage's resolution, written as the matmul it is over the channels of
-        # the channels_last features (under vmap, a Deep Ensemble's, one batched matmul)
-        y = F.linear(f.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)  # (B, G*E, h_i, w_i)
-        if i == 0:
-            z = y
-        else:
-            z += upsample(y, size)  # in place: the sum at 1/4 resolution is the large tensor here
+    folds = [[fold(d, i) for d in decoders] for i in range(len(features))]  # per stage, per decoder
+    weights = [torch.cat([m for m, _ in stage]) for stage in folds]  # (G*E, C_i)
+    bias = sum(torch.cat([c for _, c in stage]) for stage in folds)  # (G*E,)
+    # a 1x1 conv is a matmul over the channels of the channels_last features (under vmap, a Deep
+    # Ensemble's, one batched matmul): (B, h, w, C) @ (C, G*E) -> (B, G*E, h, w), channels_last
+    conv = lambda f, weight, bias=None: F.linear(f.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+    z = conv(torch.cat([features[0], upsample(features[1], size)], dim=1), torch.cat(weights[:2], dim=1))
+    upsample(conv(features[2], weights[2]), size, out=z)  # added in place: z is the large tensor here
+    upsample(conv(features[3], weights[3], bias), size, out=z)
     if not decoders[0].training:  # BatchNorm is folded into the matrices: ReLU is all that is left
         return F.relu(z, inplace=True).chunk(len(decoders), dim=1)
     return [F.relu(d.linear_fuse.bn(z_d), inplace=True)
@@ -179,21 +241,32 @@ def head_outputs(task, z, size):
             'depth_var': F.softplus(z[:, 1])}     # Eq. 5
 
 
-def run_heads(heads, features, size, textbook=False):
-    """[(task, decoder)] on the encoder's features -> one output dict per head, at `size`:
-    through the fold, or with textbook=True through AllMLPDecoder.forward (the reference)."""
+def run_heads(heads, features, textbook=False):
+    """[(task, decoder)] on the encoder's features -> [(task, z)], each head's output at 1/4
+    resolution: through the fold, or with textbook=True through AllMLPDecoder.forward (the
+    reference)."""
     tasks, decoders = zip(*heads)
     if textbook:
         z = [d(features) for d in decoders]
     else:
         z = [d.predict(fused) for d, fused in zip(decoders, fused_features(decoders, features))]
-    return [head_outputs(t, zi, size) for t, zi in zip(tasks, z)]
+    return list(zip(tasks, z))
+
+
+def full_size(low, size):
+    """{task: z at 1/4 resolution} -> the model's output dict at `size` (head_outputs)."""
+    out = {}
+    for task, z in low.items():
+        out.update(head_outputs(task, z, size))
+    return out
 
 
 class SegDepthFormer(nn.Module):
     """A MiT encoder and one all-MLP decoder per task: segmentation ('decode_head', named as in
     official SegFormer checkpoints) and depth ('depth_head'). SegFormer and DepthFormer below are
-    the one-task cases. forward(x, textbook=True) runs the unfolded decoders (the reference)."""
+    the one-task cases. forward(x, textbook=True) runs the unfolded decoders (the reference);
+    forward(x, full=False) stops at the heads' 1/4-resolution outputs {task: z} (uq.py
+    summarises many samples from those, bringing one at a time to full size)."""
     tasks = ('seg', 'depth')
 
     def __init__(self, backbone='b2', num_classes=40, drop_path_rate=0.1):
@@ -206,12 +279,10 @@ class SegDepthFormer(nn.Module):
         if 'depth' in self.tasks:
             self.depth_head = AllMLPDecoder(cfg.embed_dims, cfg.decoder_dim, 2)
 
-    def forward(self, x, textbook=False):
+    def forward(self, x, textbook=False, full=True):
         heads = [(t, self.decode_head if t == 'seg' else self.depth_head) for t in self.tasks]
-        out = {}
-        for o in run_heads(heads, self.backbone(x), x.shape[-2:], textbook):
-            out.update(o)
-        return out
+        low = dict(run_heads(heads, self.backbone(x), textbook))
+        return full_size(low, x.shape[-2:]) if full else low
 
 
 class SegFormer(SegDepthFormer):
@@ -227,7 +298,8 @@ class DeepSubEnsemble(nn.Module):
     per task. Training optimises one head per batch, alternating, so the heads see different
     batches and stay diverse: forward(x, head=k) returns that head's output dict. Inference uses
     all heads: forward(x) runs the encoder once and the N (or 2N) decoders as one grouped
-    computation, and returns every output with a leading head dimension N."""
+    computation, and returns every output with a leading head dimension N; uq.py runs the
+    encoder once and run_members on groups of members, so as not to hold N outputs at once."""
 
     def __init__(self, backbone='b2', num_classes=40, tasks=('seg', 'depth'), num_members=10,
                  drop_path_rate=0.1):
@@ -242,15 +314,20 @@ class DeepSubEnsemble(nn.Module):
             self.depth_heads = nn.ModuleList(
                 AllMLPDecoder(cfg.embed_dims, cfg.decoder_dim, 2) for _ in range(num_members))
 
-    def forward(self, x, head=None):
-        members = range(self.num_members) if head is None else [head]
+    def run_members(self, features, members):
+        """The 1/4-resolution outputs {task: z} of each of `members` (head indices) on the
+        encoder's features, all their decoders as one grouped computation."""
         heads = [(t, (self.decode_heads if t == 'seg' else self.depth_heads)[k])
                  for k in members for t in self.tasks]
-        per_head = run_heads(heads, self.backbone(x), x.shape[-2:])
+        low, T = run_heads(heads, features), len(self.tasks)
+        return [dict(low[i * T:(i + 1) * T]) for i in range(len(members))]
+
+    def forward(self, x, head=None):
+        members = range(self.num_members) if head is None else [head]
+        outs = [full_size(o, x.shape[-2:]) for o in self.run_members(self.backbone(x), members)]
         if head is not None:
-            return {k: v for o in per_head for k, v in o.items()}
-        keys = [k for o in per_head[:len(self.tasks)] for k in o]
-        return {k: torch.stack([o[k] for o in per_head if k in o]) for k in keys}  # (N, B, ...)
+            return outs[0]
+        return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}  # (N, B, ...)
 
 
 SINGLE_MODELS = {'segformer': SegFormer, 'depthformer': DepthFormer, 'segdepthformer': SegDepthFormer}

@@ -39,6 +39,7 @@ the official models; MC Dropout (uq.mc_dropout) switches them on at test time.
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -103,6 +104,48 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(map_to_tokens(x)), H, W
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout (training mode: zero each element with probability p, scale the rest by
+    1 / (1 - p)), with its random bits drawn more cheaply on the CPU (dropout below)."""
+
+    def forward(self, x):
+        return dropout(x, self.p) if self.training and self.p > 0 else x
+
+
+def dropout(x, p):
+    """Dropout of x at rate p. On a GPU it is torch's fused kernel. On a CPU, torch's
+    bernoulli_ draws one random number per element, which costs as much as the network's
+    arithmetic when MC Dropout runs every dropout layer; here one random 64-bit word of numpy's
+    PCG64 gives four 16-bit numbers u, and an element is kept iff u < k = round(65536 (1 - p)).
+    The keep probability is then exactly k / 65536 (the rate p to within 2^-17: 0.2 becomes
+    0.199997), and the kept elements are scaled by 65536 / k, so the expectation is exactly x.
+    The generator is seeded from torch's random stream, which torch.manual_seed and train.py's
+    checkpoints govern as they govern every other mask. Where no gradient flows (MC Dropout at
+    test time) x is masked in place: every input here is a fresh temporary of the layer before."""
+    if x.device.type != 'cpu' or p in (0, 1):
+        return F.dropout(x, p, training=True)
+    k = max(1, round(65536 * (1 - p)))
+    bits = np.random.Generator(np.random.PCG64(int(torch.randint(2**62, ())))).bit_generator.random_raw(
+        (x.numel() + 3) // 4)
+    u = torch.from_numpy(bits.view(np.int16)[:x.numel()]).view(x.shape)  # uniform over -32768..32767
+    keep = u <= k - 32769  # u + 32768 < k, with the threshold inside int16's range
+    return (x.mul_(keep) if not x.requires_grad else x * keep).mul_(65536 / k)
+
+
+def attention_with_dropout(q, k, v, p, block=2**22):
+    """softmax(q k^T / sqrt(d)) v with dropout at rate p on the attention probabilities, for
+    MC Dropout (and --dropout training): the probabilities are materialised, which
+    scaled_dot_product_attention's fast kernels avoid, so they go a block of queries at a time,
+    about `block` probabilities per block. q: (B, heads, N, d), k and v: (B, heads, N_kv, d)."""
+    B, heads, N, d = q.shape
+    rows = max(1, block // (B * heads * k.shape[2]))
+    out = []
+    for start in range(0, N, rows):
+        attn = (q[:, :, start:start + rows] * d ** -0.5) @ k.transpose(-2, -1)  # (B, heads, rows, N_kv)
+        out.append(dropout(attn.softmax(dim=-1), p) @ v)
+    return torch.cat(out, dim=2)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention whose keys and values come from a map shrunk sr_ratio times."""
 
@@ -111,11 +154,11 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
-        # scaled_dot_product_attention takes the rate as an argument; the module is kept so that
-        # model.train()/eval() and uq.mc_dropout() switch attention dropout like any other
-        self.attn_drop = nn.Dropout(attn_drop)
+        # the module holds the rate, so that model.train()/eval() and uq.mc_dropout() switch
+        # attention dropout like any other; forward applies it (attention_with_dropout)
+        self.attn_drop = Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = Dropout(proj_drop)
         self.sr_ratio = sr_ratio
         if sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
@@ -128,8 +171,10 @@ class Attention(nn.Module):
             x = self.norm(map_to_tokens(self.sr(tokens_to_map(x, H, W))))  # (B, N/R^2, C)
         kv = self.kv(x).view(B, -1, 2, self.num_heads, C // self.num_heads)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N/R^2, C/heads)
-        p = self.attn_drop.p if self.attn_drop.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # scale 1/sqrt(C/heads)
+        if self.attn_drop.training and self.attn_drop.p > 0:
+            x = attention_with_dropout(q, k, v, self.attn_drop.p)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C/heads)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, C/heads) -> (B, N, C)
         return self.proj_drop(self.proj(x))
 
@@ -154,7 +199,7 @@ class Mlp(nn.Module):
         self.dwconv = DWConv(hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop = nn.Dropout(drop)  # used twice, as in the official model
+        self.drop = Dropout(drop)  # used twice, as in the official model
 
     def forward(self, x, H, W):
         x = self.drop(self.act(self.dwconv(self.fc1(x), H, W)))

@@ -1,6 +1,6 @@
 """
 Uncertainty quantification for joint semantic segmentation and monocular depth estimation,
-and the metrics that judge it (Landgraf et al., Sections 3.2-3.3 and 4).
+and the metrics that judge it (Landgraf et al., Sections 2.2, 3.2-3.3 and 4).
 
 A single network gives one prediction and, at best, its aleatoric uncertainty: the entropy of
 its softmax (Eq. 3) and the variance its depth head learned through the GNLL loss (Eq. 5, 6).
@@ -10,21 +10,21 @@ several predictions ("samples") and looking at how they disagree:
 
     MC Dropout (mcd)            one network; dropout stays on at test time (rate 0.2 or 0.5) and
                                 T = 10 forward passes see T different thinned networks
-                                (Gal & Ghahramani). Here the T passes run as one batch of T.
+                                (Gal & Ghahramani; mc_dropout switches every dropout layer on)
     Deep Sub-Ensemble (dse)     one shared encoder with N = 10 decoder heads per task, trained
                                 one head per batch (Valdenegro-Toro); the encoder runs once and
-                                the heads as one grouped computation (heads.DeepSubEnsemble).
+                                the heads as grouped computations (heads.DeepSubEnsemble)
     Deep Ensemble (de)          N = 10 whole networks trained from different random inits and
                                 data orders (Lakshminarayanan et al.); the state of the art, at
-                                N times the cost. Members of one architecture run as ONE batched
-                                model (torch.func.vmap over their stacked weights), not a loop.
-    none                        the single network as it is: its own entropy and variance.
+                                N times the cost (DeepEnsemble: a loop on a CPU, one vmapped
+                                model over the stacked weights on a GPU)
+    none                        the single network as it is: its own entropy and variance
 
-Every method turns an image batch into samples, the model's output dict with a leading sample
-dimension S (S = 1 for none), and `summarize` turns samples into the same `Prediction`
-(paper Section 4, "Predictions" and "Uncertainty"):
+Every method yields samples, one output dict at a time (on a GPU they are computed several at
+once, but still summarised one by one), and a Summary accumulates them into the same
+`Prediction` (paper Section 4, "Predictions" and "Uncertainty"):
 
-    segmentation   mean softmax   q = 1/S sum_t softmax(z_t)             (in log space)
+    segmentation   mean softmax   q = 1/S sum_t softmax(z_t)
                    prediction     argmax_c q_c
                    uncertainty    entropy H(q) = -sum_c q_c log q_c       (Eq. 3)
     depth          mean           mu_bar = 1/S sum_t mu_t, with mu_t = ReLU(.) already (Eq. 4)
@@ -32,11 +32,15 @@ dimension S (S = 1 for none), and `summarize` turns samples into the same `Predi
 
 Eq. 10 is the law of total variance for an equal mixture of the S Gaussians N(mu_t, s_t^2):
 the first term is the aleatoric part (the mean of the variances each sample predicts), the
-second the epistemic part (how much the samples' means disagree). With S = 1 it is the head's
-own variance (summarize takes that shortcut, and the softmax's, for one sample). The same Prediction of a Deep Ensemble is the
-teacher's target for EMUFormer (log q for Eq. 8, sigma^2 for Eq. 9).
+second the epistemic part (how much the samples' means disagree); with S = 1 it is the head's
+own variance. Section 2.2 splits the segmentation uncertainty the same way: the total H(q) is
+the mean of the samples' own entropies (aleatoric) plus the mutual information between the
+prediction and the sample (epistemic); predict(..., decompose=True) keeps all four parts.
+Accumulating sample by sample keeps one sample at full resolution in memory at a time, never
+S (bench.py's peak column). The same Prediction of a Deep Ensemble is the teacher's target for
+EMUFormer (log q for Eq. 8, sigma^2 for Eq. 9).
 
-    teacher = DeepEnsemble(members)                 # stacks the weights once
+    teacher = DeepEnsemble(members)                 # stacks the weights once on a GPU
     pred = predict(teacher, images, 'de')
     pred = predict(model, images, 'mcd', samples=10, dropout=0.2)
     pred.probs, pred.pred, pred.entropy, pred.depth_mean, pred.depth_var
@@ -83,7 +87,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 import plumbing
 from data import IGNORE_INDEX, valid_depth
-from heads import DeepSubEnsemble, load_model
+from heads import DeepSubEnsemble, full_size, load_model
 
 # ---- Uncertainty methods ----
 
@@ -116,65 +120,127 @@ def mc_dropout(model, p):
 
 @dataclass
 class Prediction:
-    """Mean prediction and predictive uncertainty of a batch; None for a task the model lacks.
+    """Mean prediction and predictive uncertainty of a batch; None for a task the model lacks
+    (and for the decomposition unless it was asked for).
 
-    log_probs   (B, K, H, W)  log of the mean softmax q (kept in log space: Eq. 8 needs log q)
-    entropy     (B, H, W)     predictive entropy of q, nats (Eq. 3)
-    depth_mean  (B, H, W)     mean depth, metres
-    depth_var   (B, H, W)     predictive variance, metres^2 (Eq. 10)
+    probs               (B, K, H, W)  the mean softmax q
+    entropy             (B, H, W)     H(q), nats (Eq. 3): the total uncertainty
+    depth_mean          (B, H, W)     mean depth, metres
+    depth_var           (B, H, W)     predictive variance, metres^2 (Eq. 10)
+    decompose=True adds Section 2.2's two kinds of uncertainty:
+    aleatoric_entropy   (B, H, W)     the mean of the samples' entropies (data uncertainty)
+    mutual_information  (B, H, W)     entropy - aleatoric_entropy (model uncertainty)
+    aleatoric_var       (B, H, W)     Eq. 10's first term, the mean of the variances
+    epistemic_var       (B, H, W)     its second, the spread of the means
     """
-    log_probs: torch.Tensor = None
+    probs: torch.Tensor = None
     entropy: torch.Tensor = None
     depth_mean: torch.Tensor = None
     depth_var: torch.Tensor = None
+    aleatoric_entropy: torch.Tensor = None
+    mutual_information: torch.Tensor = None
+    aleatoric_var: torch.Tensor = None
+    epistemic_var: torch.Tensor = None
 
     @property
-    def probs(self):
-        return self.log_probs.exp()
+    def log_probs(self):
+        return self.probs.log()  # log q for Eq. 8; -inf where q = 0, which losses.kl_divergence handles
 
     @property
     def pred(self):
-        return self.log_probs.argmax(dim=1)  # (B, K, H, W) -> (B, H, W) class ids
+        return self.probs.max(dim=1).indices  # (B, K, H, W) -> (B, H, W) class ids, ties to the lowest
 
 
-def summarize(samples):
-    """Samples (the model's output dict with a leading sample dimension S) -> Prediction.
-    Computed in float32 whatever precision the samples are in."""
-    pred = Prediction()
-    if 'seg_logits' in samples:
-        z = samples['seg_logits'].float()  # (S, B, K, H, W)
-        S = z.shape[0]
-        if S == 1:  # a single network: no mixture, and no full-resolution work to do for one
-            pred.log_probs = F.log_softmax(z[0], dim=1)
-        else:  # log q = log(1/S sum_t softmax(z_t)) = logsumexp_t log_softmax(z_t) - log S: no log 0
-            pred.log_probs = torch.logsumexp(F.log_softmax(z, dim=2), dim=0) - math.log(S)
-        # Eq. 3; entr(q) = -q log q, and 0 where q = 0 (a masked or overflowed logit), where
-        # q * log q would be 0 * -inf = NaN
-        pred.entropy = torch.special.entr(pred.log_probs.exp()).sum(dim=1)
-    if 'depth_mean' in samples:
-        mu, var = samples['depth_mean'].float(), samples['depth_var'].float()  # (S, B, H, W)
-        pred.depth_mean = mu.mean(dim=0)
-        # Eq. 10 (1/S, not 1/(S-1)); one sample has no spread of means: s^2 itself
-        pred.depth_var = var.mean(dim=0) + mu.var(dim=0, correction=0) if len(mu) > 1 else var[0]
-    return pred
+def softmax(z):
+    """Softmax over the classes of (B, K, H, W) logits, in float32, along the dimension that is
+    contiguous in memory: the classes for channels_last logits (the models' fast upsampling
+    makes them so), where a reduction over dim 1 would stride through memory."""
+    z = z.float()
+    if z.is_contiguous(memory_format=torch.channels_last):
+        return F.softmax(z.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)
+    return F.softmax(z, dim=1)
+
+
+def entropy(p):
+    """-sum_c p_c log p_c over dim 1 of (B, K, H, W) probabilities, with 0 log 0 = 0 (the
+    clamp turns log 0 = -inf into a finite number that 0 multiplies to 0). The sum over classes
+    is one batched dot product per pixel."""
+    log_p = p.log().clamp_min_(torch.finfo(p.dtype).min)
+    return -torch.einsum('bkhw,bkhw->bhw', p, log_p)
+
+
+class Summary:
+    """Eq. 3 and Eq. 10 accumulated over samples, one at a time, so that an S-sample prediction
+    never holds more than one sample at full resolution: the sum of the softmaxes (and of their
+    entropies, with decompose), and for depth the running mean and summed squared deviations of
+    the means (Welford's update, exact where E[mu^2] - E[mu]^2 would cancel) and the sum of the
+    variances. add(out) takes one sample's output dict at the input size, (B, ...)."""
+
+    def __init__(self, decompose=False):
+        self.decompose, self.n = decompose, 0
+        self.probs = self.entropies = self.mean = self.squares = self.variances = None
+
+    def add(self, out):
+        self.n += 1
+        if 'seg_logits' in out:
+            p = softmax(out['seg_logits'])
+            self.probs = p if self.probs is None else self.probs.add_(p)
+            if self.decompose:
+                h = entropy(p)
+                self.entropies = h if self.entropies is None else self.entropies.add_(h)
+        if 'depth_mean' in out:
+            mu, var = out['depth_mean'].float(), out['depth_var'].float()
+            if self.mean is None:
+                self.mean, self.squares, self.variances = mu.clone(), torch.zeros_like(mu), var.clone()
+            else:
+                delta = mu - self.mean
+                self.mean.add_(delta / self.n)
+                self.squares.addcmul_(delta, mu - self.mean)
+                self.variances.add_(var)
+
+    def prediction(self):
+        pred = Prediction()
+        if self.probs is not None:
+            pred.probs = self.probs.div_(self.n)
+            pred.entropy = entropy(pred.probs)  # Eq. 3
+            if self.decompose:
+                pred.aleatoric_entropy = self.entropies / self.n
+                pred.mutual_information = pred.entropy - pred.aleatoric_entropy
+        if self.mean is not None:
+            pred.depth_mean = self.mean
+            aleatoric, epistemic = self.variances / self.n, self.squares / self.n  # 1/S, not 1/(S-1)
+            pred.depth_var = aleatoric + epistemic  # Eq. 10
+            if self.decompose:
+                pred.aleatoric_var, pred.epistemic_var = aleatoric, epistemic
+        return pred
+
+
+def summarize(samples, decompose=False):
+    """Samples (the model's output dict with a leading sample dimension S) -> Prediction."""
+    summary = Summary(decompose)
+    for t in range(next(iter(samples.values())).shape[0]):
+        summary.add({k: v[t] for k, v in samples.items()})
+    return summary.prediction()
 
 
 class DeepEnsemble:
     """N trained members of one architecture, run as one model.
 
-    batched=True (the default) stacks the members' weights once, (N, ...) per tensor, and runs
-    the network once with torch.func.vmap over that stack: every layer processes all members in
-    one call (a conv becomes a grouped conv, a matmul a batched matmul), which keeps a GPU busy
-    where a loop of N small passes would not. A CPU has no idle units to fill, and there the
-    loop is faster (bench.py times both). batched=False is that plain loop, kept to check
-    against and to benchmark. Either way self(images) returns samples (N, B, ...). Members are
-    used in eval mode and without gradients (the ensemble is a fixed teacher or evaluator).
+    batched=True stacks the members' weights once, (N, ...) per tensor, and runs the network
+    once with torch.func.vmap over that stack: every layer processes all members in one call
+    (a conv becomes a grouped conv, a matmul a batched matmul), which keeps a GPU busy where a
+    loop of N small passes would not. A CPU has no idle units to fill, and there the loop is
+    faster (bench.py times both): batched=None, the default, batches on a GPU and loops on a
+    CPU. outputs(images) yields the members' output dicts one at a time (the batched pass
+    stops at the heads' 1/4-resolution outputs, which are small, and brings one member at a
+    time to full size); self(images) stacks them, (N, B, ...). Members are used in eval mode
+    and without gradients (the ensemble is a fixed teacher or evaluator).
     """
 
-    def __init__(self, members, batched=True):
+    def __init__(self, members, batched=None):
         self.members = [m.eval() for m in members]
-        self.batched = batched
-        if batched:
+        self.batched = next(members[0].parameters()).is_cuda if batched is None else batched
+        if self.batched:
             params, self.buffers = stack_module_state(self.members)
             self.params = {k: v.detach() for k, v in params.items()}
             # a weightless copy of the architecture; functional_call supplies the stacked tensors
@@ -184,16 +250,23 @@ class DeepEnsemble:
         return len(self.members)
 
     @torch.no_grad()
-    def __call__(self, images):
+    def outputs(self, images):
         if not self.batched:
-            outs = [m(images) for m in self.members]
-            return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
-        member = lambda params, buffers, x: functional_call(self.base, (params, buffers), (x,))
+            for m in self.members:
+                yield m(images)
+            return
+        member = lambda params, buffers, x: functional_call(self.base, (params, buffers), (x,), {'full': False})
         with warnings.catch_warnings():
             # PyTorch has no vmap rule for the CPU flash-attention kernel and loops over the
             # members for that one op; the result is the same, so the warning is only noise
             warnings.filterwarnings('ignore', message='There is a performance drop')
-            return vmap(member, in_dims=(0, 0, None))(self.params, self.buffers, images)
+            low = vmap(member, in_dims=(0, 0, None))(self.params, self.buffers, images)  # {task: (N, B, ...)}
+        for n in range(len(self)):
+            yield full_size({task: z[n] for task, z in low.items()}, images.shape[-2:])
+
+    def __call__(self, images):
+        outs = list(self.outputs(images))
+        return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
 
 
 def describe(model):
@@ -217,47 +290,73 @@ def load_members(paths):
     return models
 
 
-def mc_dropout_samples(model, images, samples=10, dropout=0.2, chunk=None):
-    """T = samples passes with every dropout layer on at rate `dropout` -> samples (T, B, ...).
-    The T passes run as one batch of T*B images (each replica draws its own masks), or in
-    chunks of `chunk` passes at a time where memory does not allow all at once."""
-    chunk = chunk or samples
+def default_chunk(images, total):
+    """How many samples (MC Dropout passes, DSE heads) one call computes: all at once on a GPU,
+    which wants large batches, one at a time on a CPU, which runs no faster in larger batches
+    and would hold them all in memory."""
+    return total if images.is_cuda else 1
+
+
+def mc_dropout_outputs(model, images, samples=10, dropout=0.2, chunk=None):
+    """T = `samples` passes with every dropout layer on at rate `dropout`, yielded one output
+    dict (B, ...) at a time; `chunk` passes run as one batch of chunk * B images, each replica
+    with its own masks."""
+    chunk = chunk or default_chunk(images, samples)
     B = images.shape[0]
-    outs = []
-    with torch.no_grad(), mc_dropout(model, dropout):
+    with mc_dropout(model, dropout):
         for start in range(0, samples, chunk):
             n = min(chunk, samples - start)
             out = model(images.repeat(n, 1, 1, 1))  # (n*B, ...): replica t of image b at t*B + b
-            outs.append({k: v.unflatten(0, (n, B)) for k, v in out.items()})  # (n*B, ...) -> (n, B, ...)
-    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+            for t in range(n):
+                yield {k: v[t * B:(t + 1) * B] for k, v in out.items()}
+
+
+def dse_outputs(model, images, chunk=None):
+    """A Deep Sub-Ensemble's heads on one pass of its encoder, `chunk` members' decoders as one
+    grouped computation, yielded one member's output dict (B, ...) at a time."""
+    chunk = chunk or default_chunk(images, model.num_members)
+    features = model.backbone(images)
+    for start in range(0, model.num_members, chunk):
+        for low in model.run_members(features, range(start, min(start + chunk, model.num_members))):
+            yield full_size(low, images.shape[-2:])
+
+
+def mc_dropout_samples(model, images, samples=10, dropout=0.2, chunk=None):
+    """The MC Dropout samples stacked: (T, B, ...) per output (for tests and inspection)."""
+    with torch.no_grad():
+        outs = list(mc_dropout_outputs(model, images, samples, dropout, chunk))
+    return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
 
 
 @torch.no_grad()
-def predict(model, images, method='none', samples=10, dropout=0.2, chunk=None):
+def predict(model, images, method='none', samples=10, dropout=0.2, chunk=None, decompose=False):
     """The single entry point: a model and an image batch (B, 3, H, W) -> Prediction.
 
     method  'none'  model is a SegFormer/DepthFormer/SegDepthFormer; one pass
             'mcd'   the same kind of model; `samples` passes at dropout rate `dropout`
-                    (in chunks of `chunk` passes)
             'dse'   model is a heads.DeepSubEnsemble; all heads
             'de'    model is a DeepEnsemble (or a list of members, stacked on every call)
-    The model is put in eval mode.
+    chunk: MC Dropout passes or DSE members computed per call (default_chunk). decompose:
+    also the aleatoric and epistemic parts (Prediction). The samples are summarised as they come
+    (Summary), never all held at full resolution. The model is put in eval mode.
     """
     if method not in METHODS:
         raise ValueError(f"unknown uncertainty method {method!r}: expected one of {', '.join(METHODS)}")
-    if method == 'de':
-        ensemble = model if isinstance(model, DeepEnsemble) else DeepEnsemble(model)
-        return summarize(ensemble(images))
-    if (method == 'dse') != isinstance(model, DeepSubEnsemble):
+    if method != 'de' and (method == 'dse') != isinstance(model, DeepSubEnsemble):
         raise ValueError(f"method {method!r} does not fit a {type(model).__name__}: "
                          "a DeepSubEnsemble is evaluated with method 'dse' and only it")
-    model.eval()
-    if method == 'mcd':
-        return summarize(mc_dropout_samples(model, images, samples, dropout, chunk))
-    out = model(images)
-    if method == 'none':
-        out = {k: v.unsqueeze(0) for k, v in out.items()}  # one sample: (B, ...) -> (1, B, ...)
-    return summarize(out)
+    if method == 'de':
+        outputs = (model if isinstance(model, DeepEnsemble) else DeepEnsemble(model)).outputs(images)
+    elif method == 'mcd':
+        outputs = mc_dropout_outputs(model.eval(), images, samples, dropout, chunk)
+    elif method == 'dse':
+        outputs = dse_outputs(model.eval(), images, chunk)
+    else:
+        outputs = [model.eval()(images)]
+    summary = Summary(decompose)
+    for out in outputs:
+        summary.add(out)
+    return summary.prediction()
 
 
 # ---- Metrics ----
@@ -471,7 +570,7 @@ def evaluate(model, loader, num_classes, method='none', device='cpu', amp_dtype=
             pred = predict(model, images, method, **method_kwargs)
         plumbing.sync(device)
         times.append(time.perf_counter() - start)
-        if pred.log_probs is not None:
+        if pred.probs is not None:
             seg.update(pred.probs, batch['label'].to(device), pred.entropy)
             has.add('seg')
         if pred.depth_mean is not None:

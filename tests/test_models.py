@@ -556,3 +556,71 @@ def test_encoder_equals_hugging_face_segformer():
         assert len(hidden) == 4
         for got, want in zip(ours(x), hidden):
             assert torch.allclose(got, want, rtol=1e-9, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder's upsampling: F.interpolate's numbers, faster
+
+@pytest.mark.parametrize('size,out_size', [((7, 9), (14, 18)), ((7, 9), (28, 72)), ((5, 6), (15, 30)),
+                                            ((15, 20), (120, 160)), ((7, 9), (13, 20))])  # the last: not whole
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_upsample_equals_interpolate(size, out_size, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, *size, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = F.interpolate(x, out_size, mode='bilinear', align_corners=False)
+    assert torch.allclose(heads.upsample(x, out_size), want, rtol=0, atol=1e-14)  # float64 round-off
+    base = torch.randn(2, 5, *out_size, dtype=torch.float64)
+    added = heads.upsample(x, out_size, out=base.clone())
+    assert torch.allclose(added, base + want, rtol=0, atol=1e-14)
+    # gradients, through the in-place writes, as F.interpolate's
+    g = torch.randn(2, 5, *out_size, dtype=torch.float64)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (heads.upsample(a, out_size, out=base.clone()) * g).sum().backward()
+    (F.interpolate(b, out_size, mode='bilinear', align_corners=False) * g).sum().backward()
+    assert torch.allclose(a.grad, b.grad, rtol=0, atol=1e-12)
+
+
+def test_upsample_under_vmap_equals_each_member():
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 4, 6, 8)  # 3 members
+    z = torch.randn(3, 1, 4, 12, 32)
+    batched = torch.func.vmap(lambda xi, zi: heads.upsample(xi, (12, 32), out=zi.clone()))(x, z)
+    for i in range(3):
+        assert torch.allclose(batched[i], z[i] + F.interpolate(x[i], (12, 32), mode='bilinear'), atol=1e-6)
+
+
+@pytest.mark.parametrize('p', [0.2, 0.5])
+def test_dropout_keeps_the_stated_fraction_and_the_expectation(p):
+    n = 2_000_000
+    torch.manual_seed(0)
+    y = mit.dropout(torch.ones(n), p)
+    k = round(65536 * (1 - p))  # kept iff a 16-bit random number is below k: probability k / 65536
+    keep = k / 65536
+    assert abs(keep - (1 - p)) <= 2 ** -17
+    assert set(y.unique().tolist()) == {0.0, torch.tensor(65536 / k).item()}  # dropped, or kept and scaled by 1 / keep
+    kept = (y > 0).double().mean().item()
+    assert abs(kept - keep) < 5 * (keep * (1 - keep) / n) ** 0.5  # 5 binomial standard deviations
+    torch.manual_seed(0)
+    assert torch.equal(mit.dropout(torch.ones(n), p), y)  # torch's seed decides the mask
+    assert not torch.equal(mit.dropout(torch.ones(n), p), y)  # and the stream moves on
+    x = torch.randn(1000, requires_grad=True)  # with gradients: out of place, mask times scale
+    out = mit.dropout(x, p)
+    out.sum().backward()
+    assert torch.equal(x.grad, (out != 0) * torch.tensor(65536 / k)) and x.grad.shape == x.shape
+    assert torch.equal(mit.dropout(torch.ones(100), 0.0), torch.ones(100))  # p = 0 keeps everything
+
+
+def test_attention_dropout_in_blocks_has_the_attentions_expectation():
+    # E[dropout(P) / keep] = P: the mean over many draws approaches softmax(q k^T / sqrt(d)) v
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 50, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    want = F.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(mit.attention_with_dropout(q, k, v, 0.0, block=64), want, atol=1e-6)  # 7 blocks
+    n = 4000
+    draws = torch.stack([mit.attention_with_dropout(q, k, v, 0.5, block=64) for _ in range(n)]).double()
+    # each of the 800 outputs within 5 standard errors of the mean of its draws (a false alarm
+    # has probability ~800 * 6e-7), and every output does vary with the masks
+    error = (draws.mean(0) - want).abs() / (draws.std(0) / n ** 0.5)
+    assert error.max() < 5 and draws.std(0).min() > 0.01

@@ -159,3 +159,48 @@ def test_entropy_is_zero_for_a_class_of_probability_zero():
     seg.update(pred.probs, torch.zeros(2, 4, 5, dtype=torch.long), pred.entropy)
     n_ac, n_au, n_ic, n_iu = seg.stats['uncertainty_counts'].tolist()
     assert n_au + n_iu > 0  # the image with the masked logit has uncertain pixels too
+
+
+def all_at_once(samples):
+    """Eq. 3 and Eq. 10 and their decomposition from all S samples at once, in float64, with the
+    plain formulas: what a non-streaming summary computes."""
+    p = samples['seg_logits'].double().softmax(dim=2)  # (S, B, K, H, W)
+    q = p.mean(0)
+    xlogx = lambda a: torch.where(a > 0, a * a.log(), 0.0)
+    mu, var = samples['depth_mean'].double(), samples['depth_var'].double()
+    out = {'probs': q, 'entropy': -xlogx(q).sum(1), 'aleatoric_entropy': -xlogx(p).sum(2).mean(0),
+           'depth_mean': mu.mean(0), 'aleatoric_var': var.mean(0), 'epistemic_var': mu.var(0, correction=0)}
+    out['mutual_information'] = out['entropy'] - out['aleatoric_entropy']
+    out['depth_var'] = out['aleatoric_var'] + out['epistemic_var']
+    return out
+
+
+@pytest.mark.parametrize('S', [1, 2, 7])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_streamed_summary_equals_all_at_once(S, channels_last):
+    torch.manual_seed(S)
+    z = torch.randn(S, 2, 5, 6, 7) * 4
+    if channels_last:  # as the models' fast upsampling leaves them
+        z = torch.stack([t.contiguous(memory_format=torch.channels_last) for t in z])
+    samples = {'seg_logits': z, 'depth_mean': torch.rand(S, 2, 6, 7) * 5 + 1e3,  # far away: E[mu^2] - E[mu]^2
+               'depth_var': torch.rand(S, 2, 6, 7)}                              # would cancel in float32
+    pred, want = uq.summarize(samples, decompose=True), all_at_once(samples)
+    for key, value in want.items():
+        # float32 sums of S terms against float64; Welford keeps the spread of means exact to ~1e-4
+        # of its size even 1000 m away, where the naive formula would lose it entirely
+        assert torch.allclose(getattr(pred, key).double(), value, rtol=1e-4, atol=1e-5), key
+    plain = uq.summarize(samples)
+    assert plain.aleatoric_entropy is None and plain.epistemic_var is None
+    assert torch.equal(plain.depth_var, pred.depth_var) and torch.equal(plain.entropy, pred.entropy)
+
+
+def test_dse_in_chunks_equals_all_heads_at_once(x):
+    torch.manual_seed(0)
+    model = build_model('dse', 'b0', 5, num_members=4)
+    one, all_ = uq.predict(model, x, 'dse', chunk=1), uq.predict(model, x, 'dse', chunk=4)
+    assert torch.allclose(one.probs, all_.probs, atol=1e-6) and torch.allclose(one.depth_var, all_.depth_var, rtol=1e-5)
+
+
+def test_the_deep_ensemble_loops_on_the_cpu_by_default():
+    members = [build_model('segdepthformer', 'b0', 5) for _ in range(2)]
+    assert not uq.DeepEnsemble(members).batched and uq.DeepEnsemble(members, batched=True).batched
