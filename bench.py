@@ -23,10 +23,14 @@ Each row times the full prediction with uncertainty, image batch in, `uq.Predict
 The samples of MC Dropout, the DSE's heads and the DE's members go the way uq.predict chooses
 for the device: one pass at a time on a CPU, all at once on a GPU.
 
-Timing: `--warmup` untimed iterations, then `--iters` timed ones under torch.inference_mode.
+Timing: every row is built and gets `--warmup` untimed calls, then `--iters` rounds time one
+call of each row in turn, under torch.inference_mode (rounds, so that a machine whose speed
+drifts over minutes, a shared CPU, slows every row alike; with --compile each row is timed
+right after its warm-up instead, since compiling the next row resets dynamo).
 On the GPU each iteration sits between a pair of CUDA events and the elapsed times are read
 after one synchronize at the end; on the CPU, which runs synchronously, it is time.perf_counter
-around each call. Latency is the mean +- std over the timed iterations, FPS = batch / latency.
+around each call. Latency is the median over the timed calls (and their mean +- std), FPS =
+batch / median.
 `--precision bf16|fp16` runs under autocast (the weights stay fp32), `--channels-last` converts
 networks and input, `--compile` compiles each row's whole timed step (`--compile-mode
 reduce-overhead` records it as a CUDA graph, which removes launch overhead at batch 1).
@@ -59,7 +63,7 @@ Run (single process; a benchmark has nothing to gain from torchrun):
 
     python bench.py                                  # all rows, B2, 480x640, batch 1, fp32
     python bench.py --precision bf16 --compile --compile-mode reduce-overhead
-    python bench.py --device cpu --threads 2 --warmup 1 --iters 3
+    python bench.py --device cpu --threads 2 --warmup 1 --iters 9
     python bench.py --hf                             # + Hugging Face (pip install transformers)
     python bench.py --rows segdepthformer textbook encoder --json out/bench.json
     python bench.py --train --batch 8 --precision bf16   # training steps/s, folded vs textbook
@@ -123,27 +127,29 @@ def count_params(modules):
 # ---------------------------------------------------------------------------------------------
 # Timing
 
-def time_fn(fn, x, warmup, iters, device):
-    """fn(x) `warmup` times, then `iters` timed calls -> their latencies in milliseconds."""
-    for _ in range(warmup):
-        fn(x)
+def time_fn(fns, x, iters, device):
+    """`iters` rounds of one timed call of each of fns (already warmed up) -> per fn its
+    latencies in milliseconds. In rounds, not one fn after the other: a machine whose speed
+    drifts over minutes (a shared CPU) then slows every row alike, and their ratios hold."""
     if device.type == 'cuda':
         # kernels run asynchronously: events record when the GPU reaches each point, and one
-        # synchronize at the end waits for all of them instead of stalling every iteration
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(iters)]
+        # synchronize at the end waits for all of them instead of stalling every call
+        events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                   for _ in range(iters)] for _ in fns]
         torch.cuda.synchronize()
-        for start, end in events:
-            start.record()
-            fn(x)
-            end.record()
+        for i in range(iters):
+            for fn, fn_events in zip(fns, events):
+                fn_events[i][0].record()
+                fn(x)
+                fn_events[i][1].record()
         torch.cuda.synchronize()
-        return [start.elapsed_time(end) for start, end in events]
-    times = []
+        return [[start.elapsed_time(end) for start, end in fn_events] for fn_events in events]
+    times = [[] for _ in fns]
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(1e3 * (time.perf_counter() - t0))
+        for fn, fn_times in zip(fns, times):
+            t0 = time.perf_counter()
+            fn(x)
+            fn_times.append(1e3 * (time.perf_counter() - t0))
     return times
 
 
@@ -152,15 +158,20 @@ def peak_memory(key, args, device, run, x):
     it (the networks' weights and the input), in bytes: on a GPU CUDA's peak allocation during
     run(x); on a CPU the peak resident memory of a fresh process running the row once
     (cpu_peak_memory), or None where /proc/self/clear_refs is missing (not Linux)."""
-    if device.type != 'cuda':
-        if not os.path.exists('/proc/self/clear_refs'):
-            return None
-        with multiprocessing.get_context('spawn').Pool(1) as pool:
-            return pool.apply(cpu_peak_memory, (key, args))
+    if device.type == 'cuda':
+        return cuda_peak(run, x)
+    if not os.path.exists('/proc/self/clear_refs'):
+        return None
+    with multiprocessing.get_context('spawn').Pool(1) as pool:
+        return pool.apply(cpu_peak_memory, (key, args))
+
+
+def cuda_peak(fn, x):
+    """CUDA's peak allocation during fn(x), beyond what was allocated before it, in bytes."""
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    run(x)
+    fn(x)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before
 
@@ -195,8 +206,11 @@ def resident(field):
 
 
 def latency_stats(times, batch):
-    mean = statistics.mean(times)
-    return {'latency_ms_mean': mean, 'latency_ms_std': statistics.stdev(times), 'fps': batch * 1e3 / mean}
+    """Mean +- std, and the median, which the ratios use: on a shared CPU one slow call (another
+    process took the cores) moves a mean of five a long way, a median not."""
+    mean, median = statistics.mean(times), statistics.median(times)
+    return {'latency_ms_mean': mean, 'latency_ms_std': statistics.stdev(times), 'latency_ms_median': median,
+            'fps': batch * 1e3 / median}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,33 +343,40 @@ def compile_fn(fn, mode):
 
 
 def inference_rows(args, device):
-    """Count, build, time: one dict per selected row, in the order of ROWS."""
+    """Count, build, warm up and time every selected row (in rounds, time_fn; with --compile
+    each row right after its warm-up, since compiling the next one resets dynamo), then measure
+    each one's peak memory: one dict per row, in the order of ROWS."""
     keys = [k for k in ROWS if k in args.rows or (args.hf and k in HF_ROWS)]
     B, (H, W) = args.batch, args.size
     meta_x = torch.empty(B, 3, H, W, device='meta')
     x = torch.randn(B, 3, H, W, device=device)
     if args.channels_last:
         x = x.to(memory_format=torch.channels_last)
-    rows, meta_cache, cache = [], {}, {}
+    rows, runs, meta_cache, cache = [], [], {}, {}
     for key in keys:
         # counted on the meta device: shapes only, no memory, no arithmetic
         with torch.device('meta'):
             networks, step, paper_step = make_row(key, args, meta_cache, device)
-        row = {'key': key, 'name': ROWS[key].format(N=args.members, T=args.samples),
-               'params': count_params(networks),
-               'macs_paper': count_macs(paper_step, meta_x), 'macs_executed': count_macs(step, meta_x)}
+        rows.append({'key': key, 'name': ROWS[key].format(N=args.members, T=args.samples),
+                     'params': count_params(networks),
+                     'macs_paper': count_macs(paper_step, meta_x), 'macs_executed': count_macs(step, meta_x)})
         torch.manual_seed(0)
         with torch.device(device):
             networks, step, _ = make_row(key, args, cache, device)
-        run = prepare(networks, step, args, device)
+        runs.append(prepare(networks, step, args, device))
         with torch.inference_mode():
-            times = time_fn(run, x, args.warmup, args.iters, device)
-            row['peak_bytes'] = peak_memory(key, args, device, run, x)
-        row.update(latency_stats(times, B), latencies_ms=times)
-        rows.append(row)
-        print(f"  {row['name']}: {row['latency_ms_mean']:.1f} ms, peak {row['peak_bytes'] / 2**20:.0f} MiB",
-              flush=True)
-        del networks, step, run  # free this row's networks before the next one is built
+            for _ in range(args.warmup):
+                runs[-1](x)
+            if args.compile:
+                rows[-1]['latencies_ms'] = time_fn(runs[-1:], x, args.iters, device)[0]
+        print(f"  built {rows[-1]['name']}", flush=True)
+    with torch.inference_mode():
+        if not args.compile:
+            for row, times in zip(rows, time_fn(runs, x, args.iters, device)):
+                row['latencies_ms'] = times
+        for row, run in zip(rows, runs):
+            row.update(latency_stats(row['latencies_ms'], B), peak_bytes=peak_memory(row['key'], args, device, run, x))
+            print(f"  {row['name']}: {row['latency_ms_median']:.1f} ms", flush=True)
     return rows
 
 
@@ -401,17 +422,23 @@ def train_rows(args, device):
     rows = []
     for setting, dtype, compile_, channels_last in settings:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        xs = x.to(memory_format=memory_format)
+        pair = []  # folded and textbook, timed in rounds (time_fn), or one after the other if compiled
         for textbook in (False, True):
-            model, step = make_train_step(args, device, dtype, compile_, memory_format, textbook,
-                                          label, depth)
-            times = time_fn(step, x.to(memory_format=memory_format), args.warmup, args.iters, device)
-            mean = statistics.mean(times)
+            model, step = make_train_step(args, device, dtype, compile_, memory_format, textbook, label, depth)
+            for _ in range(args.warmup):
+                step(xs)
+            pair.append((textbook, model, step, time_fn([step], xs, args.iters, device)[0] if compile_ else None))
+        times = [t for *_, t in pair] if compile_ else time_fn([step for _, _, step, _ in pair], xs, args.iters, device)
+        for (textbook, model, step, _), step_times in zip(pair, times):
+            mean = statistics.mean(step_times)
             rows.append({'name': f"SegDepthFormer{', textbook' if textbook else ''} ({setting})",
                          'setting': setting, 'textbook': textbook, 'params': count_params([model]),
-                         'step_ms_mean': mean, 'step_ms_std': statistics.stdev(times),
-                         'images_per_s': B * 1e3 / mean, 'step_times_ms': times})
+                         'step_ms_mean': mean, 'step_ms_std': statistics.stdev(step_times),
+                         'images_per_s': B * 1e3 / mean, 'step_times_ms': step_times,
+                         'peak_bytes': cuda_peak(step, xs) if device.type == 'cuda' else None})
             print(f"  {rows[-1]['name']}: {mean:.1f} ms/step", flush=True)
-            del model, step  # free this model and its optimizer state before the next is built
+        del pair, model, step  # free these models and their optimizer states before the next are built
     return rows
 
 
@@ -421,7 +448,7 @@ def train_rows(args, device):
 def latency_ratios(rows):
     """The comparisons the speed work is judged by: latency of the first row / the second
     (below 1: the first is faster), for the pairs whose rows were run."""
-    latency = {r['key']: r['latency_ms_mean'] for r in rows}
+    latency = {r['key']: r['latency_ms_median'] for r in rows}
     pairs = [('segdepthformer', 'encoder'), ('segdepthformer', 'textbook'), ('segformer', 'hf'),
              ('segdepthformer', 'hf'), ('encoder', 'hf-encoder'), ('mcd', 'segdepthformer'),
              ('dse', 'segdepthformer'), ('de', 'segdepthformer'), ('de-batched', 'segdepthformer'),
@@ -439,17 +466,18 @@ def print_inference(rows, ratios, header):
           "encoder + N x heads for DSE; softmax, norms, GELU, biases, upsampling not counted")
     print("  MACs executed: the same count of what the timed step runs (folded decoder incl. its "
           "W_i L_i fold matmuls, and the entropy's sum over classes, which runs as a matmul)")
-    print("  x single: latency / SegDepthFormer's in this run; peak: memory of one call beyond the "
+    print("  latency: median (mean +- std) over the timed calls; x single: median / SegDepthFormer's "
+          "median in this run; peak: memory of one call beyond the "
           "weights (see peak_memory)")
-    single = next((r['latency_ms_mean'] for r in rows if r['key'] == 'segdepthformer'), None)
+    single = next((r['latency_ms_median'] for r in rows if r['key'] == 'segdepthformer'), None)
     print(f"{'row':<34}{'params (M)':>11}{'MACs paper (G)':>16}{'MACs exec (G)':>15}"
-          f"{'latency (ms)':>22}{'x single':>10}{'FPS':>9}{'peak (MiB)':>12}")
+          f"{'latency (ms)':>28}{'x single':>10}{'FPS':>9}{'peak (MiB)':>12}")
     for r in rows:
-        latency = f"{r['latency_ms_mean']:.2f} +- {r['latency_ms_std']:.2f}"
-        times = f"{r['latency_ms_mean'] / single:.2f}" if single else '-'
+        latency = f"{r['latency_ms_median']:.1f} ({r['latency_ms_mean']:.1f} +- {r['latency_ms_std']:.1f})"
+        times = f"{r['latency_ms_median'] / single:.2f}" if single else '-'
         peak = '-' if r['peak_bytes'] is None else f"{r['peak_bytes'] / 2**20:.0f}"
         print(f"{r['name']:<34}{r['params'] / 1e6:>11.2f}{r['macs_paper'] / 1e9:>16.2f}"
-              f"{r['macs_executed'] / 1e9:>15.2f}{latency:>22}{times:>10}{r['fps']:>9.2f}{peak:>12}")
+              f"{r['macs_executed'] / 1e9:>15.2f}{latency:>28}{times:>10}{r['fps']:>9.2f}{peak:>12}")
     for name, ratio in ratios.items():
         print(f"latency {name}: {ratio:.3f} ({1 / ratio:.2f}x the speed)")
 
@@ -469,10 +497,11 @@ def throughput_ratios(rows):
 
 def print_train(rows, ratios, header):
     print(header)
-    print(f"{'training step':<52}{'params (M)':>11}{'ms/step':>22}{'images/s':>10}")
+    print(f"{'training step':<52}{'params (M)':>11}{'ms/step':>22}{'images/s':>10}{'peak (MiB)':>12}")
     for r in rows:
         ms = f"{r['step_ms_mean']:.1f} +- {r['step_ms_std']:.1f}"
-        print(f"{r['name']:<52}{r['params'] / 1e6:>11.2f}{ms:>22}{r['images_per_s']:>10.2f}")
+        peak = '-' if r['peak_bytes'] is None else f"{r['peak_bytes'] / 2**20:.0f}"
+        print(f"{r['name']:<52}{r['params'] / 1e6:>11.2f}{ms:>22}{r['images_per_s']:>10.2f}{peak:>12}")
     for name, ratio in ratios.items():
         print(f"images/s {name}: {ratio:.2f}x")
 
