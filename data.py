@@ -638,6 +638,9 @@ def build_dataset(name, root, split, train, crop_size=None, teacher_jitter=None,
                   num_images=None, size=(96, 128), seed=0, annotation_noise=True):
     """The data set `name` ('nyuv2', 'cityscapes' or 'synthetic') of split 'train' or 'val'.
 
+    split: 'train', 'val', or 'calib' (data held out of training for calibrate.py: for the
+    synthetic scenes fresh ones, seed + 2_000_003; for NYUv2 gt_sets/calib.txt, for Cityscapes
+    leftImg8bit/calib/, which the user holds out of the training split).
     train chooses the augmentations (JointTransform), independently of the split; crop_size
     defaults to the paper's: (480, 640) NYUv2, (768, 768) Cityscapes, the full size for the
     synthetic scenes; max_depth defaults to MAX_DEPTH[name]. Synthetic only (root is ignored):
@@ -646,8 +649,8 @@ def build_dataset(name, root, split, train, crop_size=None, teacher_jitter=None,
     """
     if name not in NUM_CLASSES:
         raise ValueError(f'unknown data set {name!r}; valid: {", ".join(NUM_CLASSES)}')
-    if split not in ('train', 'val'):
-        raise ValueError(f"unknown split {split!r}; valid: train, val")
+    if split not in ('train', 'val', 'calib'):
+        raise ValueError(f"unknown split {split!r}; valid: train, val, calib")
     if name != 'synthetic' and not root:
         raise ValueError(f'--data {name} needs --root, the data set directory')
     crop_size = crop_size or CROP_SIZES.get(name, size)
@@ -657,8 +660,9 @@ def build_dataset(name, root, split, train, crop_size=None, teacher_jitter=None,
         return NYUv2(root, split, transform)
     if name == 'cityscapes':
         return Cityscapes(root, split, transform)
-    return SyntheticScenes(num_images or {'train': 200, 'val': 50}[split], size,
-                           seed if split == 'train' else seed + 1_000_003, annotation_noise, transform)
+    offset = {'train': 0, 'val': 1_000_003, 'calib': 2_000_003}[split]
+    return SyntheticScenes(num_images or {'train': 200, 'val': 50, 'calib': 50}[split], size,
+                           seed + offset, annotation_noise, transform)
 
 
 def main(argv=None):

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import calibrate
 import data
 import figures
 import plumbing
@@ -66,7 +67,7 @@ def get_parser():
     a('checkpoints', nargs='+', help='checkpoint(s) of train.py or distill.py; several = a Deep Ensemble')
     a('--data', default='synthetic', choices=sorted(data.NUM_CLASSES), help='data set')
     a('--root', help='data set root (nyuv2, cityscapes; ignored for synthetic)')
-    a('--split', default='val', choices=('train', 'val'), help='data set split')
+    a('--split', default='val', choices=('train', 'val', 'calib'), help='data set split')
     a('--max-depth', type=float, help='metres; farther ground truth is invalid (default: data.MAX_DEPTH, '
                                       '10 nyuv2, 80 cityscapes, 10 synthetic)')
     a('--method', choices=uq.METHODS,
@@ -80,6 +81,8 @@ def get_parser():
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu (default: cuda if there is one)')
     a('--warmup', type=int, default=5, help='batches per rank left out of the timing')
     a('--seed', type=int, default=0, help='seed of the MC Dropout masks (plus the rank)')
+    a('--calibration', metavar='JSON', help="calibrate.py's temperature and variance scale, applied to a single "
+                                            "network (method none or mcd)")
     a('--json', help='write the result here as JSON')
     a('--save-vis', metavar='DIR', help='write Figure-5-like PNGs and reliability.png here')
     a('--num-vis', type=int, default=8, help='images to draw with --save-vis')
@@ -206,7 +209,52 @@ def format_extras(result):
     return '\n'.join(lines)
 
 
+# (task, key, header) of the second block: the uncertainty metrics beyond the paper's columns
+UNCERTAINTY_COLUMNS = {
+    'seg': [('nll', 'NLL'), ('brier', 'Brier'), ('auroc_failure', 'AUROC fail'), ('aupr_failure', 'AUPR fail'),
+            ('aurc', 'AURC'), ('augrc', 'AUGRC'), ('entropy_mean', 'H mean'), ('aleatoric_mean', 'aleatoric'),
+            ('mutual_information_mean', 'MI')],
+    'depth': [('nll', 'NLL'), ('ause_rmse', 'AUSE rmse'), ('ause_absrel', 'AUSE absrel'), ('ause_a1', 'AUSE a1'),
+              ('aurg_rmse', 'AURG rmse'), ('aurg_absrel', 'AURG absrel'), ('aurg_a1', 'AURG a1'),
+              ('coverage_1sigma', 'cov 1s'), ('coverage_2sigma', 'cov 2s'), ('aleatoric_var_mean', 'aleat var'),
+              ('epistemic_var_mean', 'epist var')],
+}
+
+
+def format_uncertainty(result):
+    """The second block: per task, the scoring rules, failure detection, selective prediction,
+    sparsification, calibration of the variance and the two kinds of uncertainty (uq.SegMetrics,
+    uq.DepthMetrics), one header line and one row each; the histogram's error bounds below."""
+    lines = []
+    for task, title in (('seg', 'segmentation uncertainty'), ('depth', 'depth uncertainty')):
+        if not result[task]:
+            continue
+        columns = UNCERTAINTY_COLUMNS[task]
+        widths = [max(len(h), 7) for _, h in columns]
+        lines.append(f'{title:26}' + ''.join(f'  {h:>{w}}' for (_, h), w in zip(columns, widths)))
+        lines.append(f"{'':26}" + ''.join(f'  {_number(result[task][k]):>{w}}' for (k, _), w in zip(columns, widths)))
+    if result['seg']:
+        bounds = ', '.join(f"{k} {result['seg'][k + '_bound']:.1e}" for k in ('auroc_failure', 'aupr_failure', 'aurc', 'augrc')
+                           if result['seg'][k + '_bound'] is not None)
+        lines.append(f'  (from a histogram of {uq.SCORE_BINS} entropy bins; largest possible error: {bounds})')
+    return '\n'.join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
+
+def sparsification_plot(path, depth, label):
+    """The mean sparsification curves (Poggi et al.) of RMSE, AbsRel and the outlier fraction
+    1 - a1: the metric left after removing the most uncertain pixels, against the oracle that
+    removes the most wrong ones and against random removal; AUSE is the area between the
+    first two."""
+    panels = []
+    for metric, title in (('rmse', 'RMSE (m)'), ('absrel', 'AbsRel'), ('a1', 'outliers, 1 - a1')):
+        c = depth['sparsification_curves'][metric]
+        panels.append((f"{title}: AUSE {_number(depth['ause_' + metric])}", 'fraction of pixels removed',
+                       title, [('by uncertainty', c['x'], c['curve']), ('oracle (by error)', c['x'], c['oracle']),
+                               ('random', c['x'], c['random'])]))
+    figures.line_plots(path, panels, f'{label}: sparsification, the mean over images')
+
 
 class Figures:
     """What is drawn after each batch on rank 0 with --save-vis: the Figure-5-like panels of
@@ -258,6 +306,10 @@ def main(argv=None):
         plumbing.check_output(args.save_vis, '--save-vis', args.overwrite, folder=True)
     models = uq.load_members(args.checkpoints)
     method = resolve_method(args.method, models, args.checkpoints)
+    if args.calibration:
+        if method not in ('none', 'mcd'):
+            raise ValueError(f'--calibration is the baseline of a single network (method none or mcd), not {method}')
+        models = [calibrate.load_calibration(args.calibration, models[0])]
     num_classes = data.NUM_CLASSES[args.data]
     if 'seg' in models[0].tasks and models[0].num_classes != num_classes:
         raise ValueError(f'{args.checkpoints[0]} predicts {models[0].num_classes} classes, '
@@ -277,8 +329,8 @@ def run(args, models, method, num_classes, rank, world_size, device):
     dataset = data.build_dataset(args.data, args.root, args.split, train=False, max_depth=args.max_depth,
                                  num_images=args.synthetic_images, size=tuple(args.synthetic_size))
     loader = plumbing.eval_loader(dataset, args.batch_size, args.workers, rank, world_size, device)
-    kwargs = {'samples': args.samples, 'dropout': args.dropout} if method == 'mcd' else {}
-    label = args.label or default_label(models, method, args.dropout)
+    kwargs = dict({'samples': args.samples, 'dropout': args.dropout} if method == 'mcd' else {}, decompose=True)
+    label = args.label or default_label(models, method, args.dropout) + (', calibrated' if args.calibration else '')
     if rank == 0:
         print(f'{label}: {args.data} {args.split}, {len(dataset)} images, method {method}, '
               f'{world_size} rank(s) on {device}')
@@ -289,23 +341,28 @@ def run(args, models, method, num_classes, rank, world_size, device):
     torch.manual_seed(args.seed + rank)  # MC Dropout masks: repeatable, different on each rank
     metrics = uq.evaluate(model, loader, num_classes, method, device, plumbing.autocast_dtype(args.precision, device),
                           AfterBatch(len(loader.dataset), rank, drawing), **kwargs)
-    seg = metrics['seg']
+    seg, depth = metrics['seg'], metrics['depth']
     if seg is not None:
         seg = dict(seg, iou=dict(zip(data.CLASS_NAMES[args.data], seg['iou'])),
                    reliability=reliability_bins(metrics['seg_metrics']))
+    if depth is not None:
+        depth = dict(depth, sparsification_curves=metrics['depth_metrics'].sparsification_curves())
     settings = {k: v for k, v in vars(args).items() if k != 'checkpoints'}
     result = plumbing.json_safe({
         'label': label, 'settings': dict(settings, device=str(device), world_size=world_size),
-        'checkpoints': list(args.checkpoints), 'method': method, 'seg': seg, 'depth': metrics['depth'],
+        'checkpoints': list(args.checkpoints), 'method': method, 'seg': seg, 'depth': depth,
         'time_ms': timing(metrics['times'], args.warmup)})
     if rank == 0:
         print(format_row(result))
         print(format_extras(result))
+        print(format_uncertainty(result))
         if args.json:
             plumbing.write_json(result, args.json)
         if drawing is not None and seg is not None:
             figures.reliability_diagram(os.path.join(args.save_vis, 'reliability.png'), result['seg']['reliability'],
                                         result['seg']['ece'], label)
+        if drawing is not None and depth is not None:
+            sparsification_plot(os.path.join(args.save_vis, 'sparsification.png'), result['depth'], label)
         if drawing is not None:
             print(f'wrote {len(drawing.drawn)} figure(s) to {args.save_vis}')
     return result

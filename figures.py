@@ -76,10 +76,12 @@ def unnormalize(image):
 def prediction_panels(image, pred, i, palette, num_classes, label=None, depth=None):
     """The panels of image i of a batch: rows of Panel, None for an empty cell.
     Row 1, segmentation: input, ground truth, prediction, error (wrong red, right white),
-    entropy (Eq. 3) on 0..log K. Row 2, depth: ground truth and prediction on one colour scale,
-    |mu - y|, the predictive standard deviation (Eq. 10). image: (B, 3, H, W) normalised;
-    label, depth: the batch's ground truth, or None (predict.py), which leaves out the ground
-    truth and error panels. A task the model lacks has no row; the input opens the first row."""
+    entropy (Eq. 3) on 0..log K, and its aleatoric and epistemic parts where the prediction has
+    them. Row 2, depth: ground truth and prediction on one colour scale, |mu - y|, the
+    predictive standard deviation (Eq. 10), and the standard deviations of its two terms.
+    image: (B, 3, H, W) normalised; label, depth: the batch's ground truth, or None
+    (predict.py), which leaves out the ground truth and error panels. A task the model lacks
+    has no row; the input opens the first row."""
     rows = [[Panel('input', unnormalize(image[i]))]]
     if pred.probs is not None:
         seg = pred.pred[i].cpu().numpy()
@@ -95,6 +97,12 @@ def prediction_panels(image, pred, i, palette, num_classes, label=None, depth=No
             rows[0] += [Panel('segmentation error', error)]
         rows[0] += [Panel('entropy (Eq. 3)', colorize(entropy, INFERNO, 0, math.log(num_classes)),
                           (INFERNO, 0, math.log(num_classes), 'nats'))]
+        if pred.aleatoric_entropy is not None:  # Section 2.2: entropy = aleatoric + mutual information
+            for title, part in (('aleatoric: mean entropy', pred.aleatoric_entropy),
+                                ('epistemic: mutual information', pred.mutual_information)):
+                part = part[i].float().cpu().numpy()
+                rows[0].append(Panel(title, colorize(part, INFERNO, 0, math.log(num_classes)),
+                                     (INFERNO, 0, math.log(num_classes), 'nats')))
     if pred.depth_mean is not None:
         mu = pred.depth_mean[i].float().cpu().numpy()
         sigma = pred.depth_var[i].float().cpu().sqrt().numpy()
@@ -114,6 +122,10 @@ def prediction_panels(image, pred, i, palette, num_classes, label=None, depth=No
             panels.append(Panel('|mu - y|', colorize(error, ERRORS, 0, top, valid), (ERRORS, 0, top, 'm')))
         top = max(sigma.max(), 1e-6)
         panels.append(Panel('depth std (Eq. 10)', colorize(sigma, INFERNO, 0, top), (INFERNO, 0, top, 'm')))
+        if pred.aleatoric_var is not None:  # the std of each of Eq. 10's two terms, on the total's scale
+            for title, part in (('aleatoric std', pred.aleatoric_var), ('epistemic std', pred.epistemic_var)):
+                part = part[i].float().cpu().sqrt().numpy()
+                panels.append(Panel(title, colorize(part, INFERNO, 0, top), (INFERNO, 0, top, 'm')))
         if len(rows[0]) == 1:  # depth only: one row after the input
             rows[0] += panels
         else:
@@ -255,3 +267,61 @@ def _axes(canvas, draw, px, py, xlabel, ylabel, xticks=(0, 0.2, 0.4, 0.6, 0.8, 1
     axis = Image.new('RGB', (int(FONT.getlength(ylabel)) + 4, 14), 'white')
     ImageDraw.Draw(axis).text((0, 0), ylabel, fill='black', font=FONT)
     canvas.paste(axis.rotate(90, expand=True), (4, int(py(0.5) - axis.width / 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# line plots
+
+LINE_COLOURS = [(31, 119, 180), (214, 39, 40), (127, 127, 127), (44, 160, 44), (255, 127, 14),
+                (148, 103, 189), (140, 86, 75), (227, 119, 194)]  # matplotlib's first eight, reordered
+
+
+def _ticks(low, high, count=5):
+    """About `count` round tick values covering [low, high]."""
+    span = max(high - low, 1e-12)
+    step = 10 ** math.floor(math.log10(span / count))
+    step *= min((m for m in (1, 2, 2.5, 5, 10) if span / (m * step) <= count), default=10)
+    first = math.ceil(low / step) * step
+    return [first + k * step for k in range(int((high - first) / step + 1e-9) + 1)]
+
+
+def line_plots(path, panels, title):
+    """Panels side by side, each (panel title, x label, y label, [(name, xs, ys)]) with one line
+    per series (None in ys: no point), a shared colour per series name and a legend below;
+    `title` on top. Written atomically as a PNG."""
+    names = list(dict.fromkeys(name for *_, series in panels for name, _, _ in series))
+    colour = {name: LINE_COLOURS[k % len(LINE_COLOURS)] for k, name in enumerate(names)}
+    pw, ph, left, top, bottom = 300, 220, 62, 40, 56
+    canvas = Image.new('RGB', (len(panels) * (left + pw + 20), top + ph + bottom + 18 * len(names)), 'white')
+    draw = ImageDraw.Draw(canvas)
+    draw.text((PAD, PAD), title, fill='black', font=FONT)
+    for p, (panel_title, xlabel, ylabel, series) in enumerate(panels):
+        x0 = p * (left + pw + 20) + left
+        points = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys) if y is not None]
+        xs_all, ys_all = [x for x, _ in points] or [0, 1], [y for _, y in points] or [0, 1]
+        (xl, xh), (yl, yh) = (min(xs_all), max(xs_all)), (min(ys_all), max(ys_all))
+        yl, yh = yl - 0.05 * (yh - yl or 1), yh + 0.05 * (yh - yl or 1)
+        xh = xh if xh > xl else xl + 1
+        px = lambda v: x0 + (v - xl) / (xh - xl) * pw
+        py = lambda v: top + (1 - (v - yl) / (yh - yl)) * ph
+        draw.text((x0, top - 16), panel_title, fill='black', font=FONT)
+        for v in _ticks(yl, yh):
+            draw.line([x0, py(v), x0 + pw, py(v)], fill=(230, 230, 230))
+            draw.text((x0 - 6 - FONT.getlength(f'{v:.3g}'), py(v) - 7), f'{v:.3g}', fill='black', font=FONT)
+        for v in _ticks(xl, xh):
+            draw.line([px(v), top + ph, px(v), top + ph + 4], fill='black')
+            draw.text((px(v) - FONT.getlength(f'{v:.3g}') / 2, top + ph + 6), f'{v:.3g}', fill='black', font=FONT)
+        draw.rectangle([x0, top, x0 + pw, top + ph], outline='black')
+        draw.text((x0 + pw / 2 - FONT.getlength(xlabel) / 2, top + ph + 22), xlabel, fill='black', font=FONT)
+        draw.text((x0 - left + 2, top + ph + 38), ylabel, fill=(80, 80, 80), font=FONT)
+        for name, xs, ys in series:
+            line = [(px(x), py(y)) for x, y in zip(xs, ys) if y is not None]
+            if len(line) > 1:
+                draw.line(line, fill=colour[name], width=2)
+            for x, y in line:
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour[name])
+    for k, name in enumerate(names):
+        y = top + ph + bottom + 18 * k
+        draw.line([left, y + 7, left + 24, y + 7], fill=colour[name], width=3)
+        draw.text((left + 30, y), name, fill='black', font=FONT)
+    save_atomic(path, lambda f: canvas.save(f, format='PNG'))

@@ -132,6 +132,20 @@ def test_row_and_json_equal_uq(case, ckpt, tmp_path, capsys):
     if has_depth:
         assert cells[5] == f"{result['depth']['rmse']:.3f}" and 'AbsRel' in out
 
+    # the second block: the uncertainty metrics beyond the paper's, and the decomposition,
+    # which a single network has with no epistemic part
+    for task, block in (('seg', 'segmentation uncertainty'), ('depth', 'depth uncertainty')):
+        assert (block in out) == (result[task] is not None)
+        if result[task] is not None:
+            for key, _ in evaluate.UNCERTAINTY_COLUMNS[task]:
+                assert result[task][key] is not None, key
+    if has_seg and method == 'none':
+        assert result['seg']['mutual_information_mean'] == pytest.approx(0, abs=1e-6)
+    if has_seg and method != 'none':
+        assert result['seg']['mutual_information_mean'] > 1e-4
+    if has_depth and method == 'none':
+        assert result['depth']['epistemic_var_mean'] == 0
+
 
 def test_reliability_bins_in_json(ckpt):
     result = evaluate.main([ckpt['segdepthformer'], *SYNTHETIC])
@@ -158,18 +172,19 @@ def test_save_vis_writes_figure5_panels(ckpt, tmp_path):
     evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--save-vis', str(out), '--num-vis', '4'])
     dataset = data.build_dataset('synthetic', None, 'val', train=False, num_images=6, size=SIZE)
     names = [dataset[i]['name'] for i in range(4)]
-    assert sorted(p.name for p in out.iterdir()) == sorted([f'{n}.png' for n in names] + ['reliability.png'])
+    assert sorted(p.name for p in out.iterdir()) == sorted([f'{n}.png' for n in names] + ['reliability.png',
+                                                                                       'sparsification.png'])
 
     # the panels of scene 3 (it has unlabelled pixels and depth holes), from a direct prediction
     batch = next(iter(DataLoader(torch.utils.data.Subset(dataset, [3]), 1)))
-    pred = uq.predict(load_model(ckpt['segdepthformer']), batch['image'])
+    pred = uq.predict(load_model(ckpt['segdepthformer']), batch['image'], decompose=True)
     palette = data.PALETTES['synthetic']
     rows = figures.prediction_panels(batch['image'], pred, 0, palette, K, batch['label'], batch['depth'])
-    assert [len(r) for r in rows] == [5, 5] and rows[1][0] is None
+    assert [len(r) for r in rows] == [7, 7] and rows[1][0] is None
     for row in rows:
         for panel in row:
             assert panel is None or panel.pixels.shape == (*SIZE, 3) and panel.pixels.dtype == np.uint8
-    image, truth, seg, error, entropy = (p.pixels for p in rows[0])
+    image, truth, seg, error, entropy, aleatoric, mutual = (p.pixels for p in rows[0])
     colours = {tuple(c) for c in palette}
     assert {tuple(c) for c in seg.reshape(-1, 3)} <= colours
     assert len({tuple(c) for c in seg.reshape(-1, 3)}) > 1  # the random model predicts several classes
@@ -183,13 +198,14 @@ def test_save_vis_writes_figure5_panels(ckpt, tmp_path):
     invalid = batch['depth'][0].numpy() <= 0
     assert invalid.any() and (depth_truth[invalid] == 0).all() and (depth_truth[~invalid].sum(-1) > 0).all()
     # every continuous map has a colour bar with its range and unit; categorical ones have none
-    assert [p.bar is not None for p in rows[0]] == [False, False, False, False, True]
-    assert [p.bar[3] for p in rows[1][1:]] == ['m', 'm', 'm', 'm'] and rows[0][4].bar[1:] == (0, np.log(K), 'nats')
+    assert [p.bar is not None for p in rows[0]] == [False, False, False, False, True, True, True]
+    assert [p.bar[3] for p in rows[1][1:]] == ['m'] * 6 and rows[0][4].bar[1:] == (0, np.log(K), 'nats')
+    assert np.array_equal(aleatoric, entropy) and (mutual == figures.INFERNO[0]).all()  # one network: no epistemic part
 
     # the PNG: two rows of five enlarged panels, each where figure_layout says
     figure = np.array(Image.open(out / f'{names[3]}.png').convert('RGB'))
     s, cell_w, cell_h, origin = figures.figure_layout(rows)
-    assert figure.shape[1] == figures.PAD + 5 * cell_w
+    assert figure.shape[1] == figures.PAD + 7 * cell_w
     assert figure.shape[0] > figures.PAD + figures.TITLE_HEIGHT + 2 * cell_h  # + the legend
     for r, c, pixels in ((0, 2, seg), (0, 0, image), (1, 1, depth_truth)):
         x, y = origin(r, c)
@@ -201,18 +217,19 @@ def test_save_vis_writes_figure5_panels(ckpt, tmp_path):
 
     reliability = Image.open(out / 'reliability.png')
     assert reliability.size == (640, 536) and np.array(reliability.convert('L')).std() > 10
+    assert np.array(Image.open(out / 'sparsification.png').convert('L')).std() > 10
 
 
 def test_save_vis_depth_only_has_one_row_and_no_reliability(ckpt, tmp_path):
     out = tmp_path / 'vis'
     evaluate.main([ckpt['depthformer'], *SYNTHETIC, '--save-vis', str(out), '--num-vis', '1'])
-    files = list(out.iterdir())
+    files = [f for f in out.iterdir() if f.name != 'sparsification.png']
     assert len(files) == 1
     s = figures.panel_scale(SIZE[1])
     cell_w = SIZE[1] * s + figures.PAD
     cell_h = figures.TITLE_HEIGHT + SIZE[0] * s + figures.BAR_HEIGHT + figures.PAD
     legend = figures.LEGEND_LINE + figures.PAD  # one line: what black means
-    assert Image.open(files[0]).size == (figures.PAD + 5 * cell_w,
+    assert Image.open(files[0]).size == (figures.PAD + 7 * cell_w,
                                          figures.PAD + figures.TITLE_HEIGHT + cell_h + legend)
 
 
@@ -302,7 +319,11 @@ def test_two_ranks_give_the_single_process_numbers(ckpt, tmp_path):
                 assert ranks[task][k]['count'] == v['count']
                 assert ranks[task][k]['accuracy'] == v['accuracy']
                 assert same_floats(ranks[task][k]['confidence'], v['confidence'], rel=1e-12)
+            elif k == 'sparsification_curves':
+                for metric, curves in v.items():
+                    for name, values in curves.items():
+                        assert ranks[task][k][metric][name] == pytest.approx(values, rel=1e-12, abs=1e-15)
             elif isinstance(v, float):  # float64 sums added in another order
-                assert ranks[task][k] == pytest.approx(v, rel=1e-12), k
+                assert ranks[task][k] == pytest.approx(v, rel=1e-12, abs=1e-15), k
             else:
                 assert ranks[task][k] == v, k

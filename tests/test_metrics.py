@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import brute_force as bf
 import uq
 
 K = 5  # classes in the random data
@@ -102,6 +103,31 @@ def uncertainty_reference(images):
     }
 
 
+def nll_reference(q, labels):
+    """brute_force.nll, with q_y = 0 counted as float32's smallest normal, as SegMetrics counts
+    it (test_nll_of_a_zero_probability_is_finite) rather than as an infinite loss."""
+    return bf.nll(np.maximum(q, np.finfo(np.float32).tiny), labels)
+
+
+def histogram_bin(score, high):
+    """The bin of a score in SCORE_BINS equal bins over [0, high], clamped: the tie groups of
+    the streaming ranking metrics, written out."""
+    return min(max(math.floor(score / high * uq.SCORE_BINS), 0), uq.SCORE_BINS - 1)
+
+
+def ranking_reference(bins, positives):
+    """The failure-detection and risk-coverage metrics of brute_force on scores tied within
+    each bin, and each metric's bound: how far it moves when every bin's positives are ranked
+    first, or last, among its negatives (half a bin either way keeps the bins' order)."""
+    bins, positives = np.asarray(bins, dtype=np.float64), np.asarray(positives, dtype=bool)
+    out = {}
+    for name, metric in (('auroc_failure', bf.auroc), ('aupr_failure', bf.aupr), ('aurc', bf.aurc), ('augrc', bf.augrc)):
+        tied = metric(bins, positives)
+        extremes = [metric(bins + 0.5 * positives, positives), metric(bins - 0.5 * positives, positives)]
+        out[name], out[f'{name}_bound'] = tied, max(abs(e - tied) for e in extremes)
+    return out
+
+
 def seg_reference(probs, label, unc, num_classes, num_bins=15):
     probs, label, unc = probs.numpy().astype(np.float64), label.numpy(), unc.numpy().astype(np.float64)
     B, _, Hh, Ww = probs.shape
@@ -138,6 +164,10 @@ def seg_reference(probs, label, unc, num_classes, num_bins=15):
             conf = sum(confs[k] for k in in_bin) / len(in_bin)
             ece += len(in_bin) / n * abs(acc - conf)
 
+    labelled = label != 255
+    q = probs.transpose(0, 2, 3, 1)[labelled]  # (n, K)
+    errors = [p != y for p, y in zip(preds, labels)]
+    bins = [histogram_bin(u, math.log(num_classes)) for pixels in images for _, u in pixels]
     return {
         'pixels': n,
         'miou': sum(present) / len(present) if present else float('nan'),
@@ -145,6 +175,10 @@ def seg_reference(probs, label, unc, num_classes, num_bins=15):
         'pixel_acc': sum(p == l for p, l in zip(preds, labels)) / n if n else float('nan'),
         'ece': ece if n else float('nan'),
         **uncertainty_reference(images),
+        'nll': nll_reference(q, label[labelled]), 'brier': bf.brier(q, label[labelled]),
+        **ranking_reference(bins, errors),
+        'entropy_mean': float(np.mean(unc[labelled])),
+        'aleatoric_mean': float('nan'), 'mutual_information_mean': float('nan'),  # not given
     }
 
 
@@ -167,6 +201,16 @@ def depth_reference(mean, unc, depth):
         images.append(pixels)
     n = len(sq)
     frac = lambda t: sum(d < t for d in deltas) / n if n else float('nan')
+    valid = (depth > 0) & np.isfinite(depth)
+    sparse = {f'{kind}_{m}': [] for kind in ('ause', 'aurg') for m in ('rmse', 'absrel', 'a1')}
+    for b in range(B):  # sparsification is per image, then the mean over images with valid pixels
+        if valid[b].any():
+            for m, name in (('rmse', 'rmse'), ('abs_rel', 'absrel'), ('a1', 'a1')):
+                pred = np.clip(mean[b][valid[b]], 1e-3, None)  # Poggi's evaluation clips at 1 mm
+                image = bf.ause_aurg(pred, depth[b][valid[b]], unc[b][valid[b]], m)
+                sparse[f'ause_{name}'].append(image['ause'])
+                sparse[f'aurg_{name}'].append(image['aurg'])
+    mu, var, y = mean[valid], unc[valid], depth[valid]
     return {
         'pixels': n,
         'rmse': math.sqrt(sum(sq) / n) if n else float('nan'),
@@ -175,6 +219,10 @@ def depth_reference(mean, unc, depth):
         'delta2': frac(1.25 ** 2),
         'delta3': frac(1.25 ** 3),
         **uncertainty_reference(images),
+        'nll': bf.gaussian_nll(mu, var, y),
+        'coverage_1sigma': bf.coverage(mu, var, y, 1), 'coverage_2sigma': bf.coverage(mu, var, y, 2),
+        **{k: float(np.mean(v)) for k, v in sparse.items()},
+        'aleatoric_var_mean': float('nan'), 'epistemic_var_mean': float('nan'),  # not given
     }
 
 
@@ -186,9 +234,14 @@ def assert_close(got, want, tol=1e-12):
         np.testing.assert_allclose(g, w, rtol=tol, atol=tol, err_msg=key)  # NaN == NaN here
 
 
-SEG_KEYS = {'pixels', 'miou', 'iou', 'pixel_acc', 'ece', 'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu'}
+SEG_KEYS = {'pixels', 'miou', 'iou', 'pixel_acc', 'ece', 'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu',
+            'nll', 'brier', 'auroc_failure', 'aupr_failure', 'aurc', 'augrc', 'auroc_failure_bound',
+            'aupr_failure_bound', 'aurc_bound', 'augrc_bound', 'entropy_mean', 'aleatoric_mean',
+            'mutual_information_mean'}
 DEPTH_KEYS = {'pixels', 'rmse', 'abs_rel', 'delta1', 'delta2', 'delta3',
-              'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu'}
+              'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu', 'nll', 'coverage_1sigma',
+              'coverage_2sigma', 'ause_rmse', 'ause_absrel', 'ause_a1', 'aurg_rmse', 'aurg_absrel', 'aurg_a1',
+              'aleatoric_var_mean', 'epistemic_var_mean'}
 
 
 # ---- against the references ----
@@ -380,3 +433,32 @@ def test_reduce_across_two_ranks(tmp_path):
         got = json.loads((tmp_path / f'rank{rank}.json').read_text())
         assert_close(got['seg'], want['seg'])
         assert_close(got['depth'], want['depth'])
+
+
+# ---- the histogram of the ranking metrics ----
+
+def test_failure_detection_is_within_its_stated_bound_of_the_exact_value():
+    # continuous entropies: a bin may hold several distinct scores, whose order within it the
+    # histogram forgets; the exact metrics (brute force on the scores themselves) must lie
+    # within the bound each metric reports, and the bound must be small
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4, 5, 40, 50)) * rng.uniform(0.5, 3, size=(4, 1, 1, 1))
+    probs = torch.from_numpy(logits).softmax(1).float()
+    entropy = -(probs * probs.log()).sum(1)
+    label = torch.where(torch.rand(4, 40, 50) < 0.5, probs.argmax(1), torch.randint(0, 5, (4, 40, 50)))
+    got = run_seg([(probs, label, entropy)]).compute()
+    errors = (probs.argmax(1) != label).flatten().numpy()
+    u = entropy.flatten().double().numpy()
+    exact = {'auroc_failure': bf.auroc(u, errors), 'aupr_failure': bf.aupr(u, errors),
+             'aurc': bf.aurc(u, errors), 'augrc': bf.augrc(u, errors)}
+    for name, value in exact.items():
+        assert abs(got[name] - value) <= got[f'{name}_bound'] + 1e-12, name
+        assert got[f'{name}_bound'] < 1e-3, name  # 65536 bins for 8000 pixels: few share one
+
+
+def test_nll_of_a_zero_probability_is_finite():
+    probs = torch.tensor([[1.0, 0.0], [0.5, 0.5]]).T.reshape(1, 2, 1, 2)  # pixel 0: q_y = 0 for y = 1
+    got = run_seg([(probs, torch.tensor([[[1, 0]]]), torch.zeros(1, 1, 2))], num_classes=2).compute()
+    tiny = torch.finfo(torch.float32).tiny
+    assert got['nll'] == pytest.approx((-math.log(tiny) - math.log(0.5)) / 2)
+    assert got['brier'] == pytest.approx((2 + 0.5) / 2)  # (1 - 0)^2 + (0 - 1)^2, then 2 * 0.25

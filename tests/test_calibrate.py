@@ -1,0 +1,71 @@
+"""calibrate.py: the temperature and the variance scale minimise the NLL (against a grid search
+written here), the fitted file lands beside the checkpoint, and evaluate.py applies it."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import brute_force as bf
+import calibrate
+import evaluate
+from heads import build_model
+from test_evaluate import K, SIZE, SYNTHETIC, write_checkpoint
+
+
+def test_the_temperature_minimises_the_nll():
+    # labels drawn from softmax(z / 2.5): the NLL's minimum is near T = 2.5, and exactly where a
+    # fine grid search over the same sample puts it
+    torch.manual_seed(0)
+    logits = torch.randn(20000, 6) * 3
+    labels = torch.multinomial((logits / 2.5).softmax(1), 1).squeeze(1)
+    t = calibrate.fit_temperature(logits, labels)
+    # a grid 0.005 apart in log T: coarse enough that the NLL's curvature (~1e-5 per step) and
+    # not float32's rounding (~1e-7) decides its minimum, which must be next to the fitted T
+    grid = np.exp(np.linspace(math.log(t) - 0.1, math.log(t) + 0.1, 41))
+    nll = [bf.nll((logits.double() / g).softmax(1).numpy(), labels.numpy()) for g in grid]
+    assert abs(math.log(grid[int(np.argmin(nll))]) - math.log(t)) <= 0.005 + 1e-12
+    assert abs(t - 2.5) < 0.1  # 20000 draws: the sampling error of T is ~0.03
+
+
+def test_the_variance_scale_minimises_the_gaussian_nll():
+    rng = np.random.default_rng(0)
+    mu, var = rng.uniform(1, 5, 5000), rng.uniform(0.01, 0.5, 5000)
+    y = mu + rng.normal(size=5000) * np.sqrt(var * 3.0)  # a variance three times too small
+    s = np.mean((y - mu) ** 2 / var)  # what calibrate.collect sums, in closed form
+    for other in (s * 0.99, s * 1.01):
+        assert bf.gaussian_nll(mu, s * var, y) < bf.gaussian_nll(mu, other * var, y)
+    assert abs(s - 3.0) < 0.2
+
+
+def test_calibrate_then_evaluate(tmp_path):
+    ckpt = write_checkpoint(tmp_path / 'sdf.pt', 'segdepthformer', 0)
+    args = [ckpt, '--synthetic-images', '4', '--synthetic-size', *map(str, SIZE), '--workers', '0']
+    fitted = calibrate.main(args)
+    path = tmp_path / 'sdf.calibration.json'
+    assert json.loads(path.read_text()) == fitted and fitted['split'] == 'calib'
+    assert fitted['seg_nll_after'] <= fitted['seg_nll_before'] and fitted['variance_scale'] > 0
+    with pytest.raises(FileExistsError, match='--out .*sdf.calibration.json already holds a result'):
+        calibrate.main(args)
+    plain = evaluate.main([ckpt, *SYNTHETIC, '--split', 'calib', '--synthetic-images', '4'])
+    calibrated = evaluate.main([ckpt, *SYNTHETIC, '--split', 'calib', '--synthetic-images', '4',
+                                '--calibration', str(path)])
+    assert calibrated['label'] == 'SegDepthFormer-B0, calibrated'
+    # on the data it was fitted on, the fitted scale and temperature cannot make the NLL worse
+    assert calibrated['depth']['nll'] <= plain['depth']['nll'] + 1e-9
+    assert calibrated['seg']['nll'] <= plain['seg']['nll'] + 0.01  # the temperature saw a pixel sample
+    with pytest.raises(ValueError, match='--calibration is the baseline of a single network'):
+        evaluate.main([ckpt, ckpt, *SYNTHETIC, '--calibration', str(path)])
+
+
+def test_calibrated_divides_the_logits_and_scales_the_variance():
+    torch.manual_seed(0)
+    model = build_model('segdepthformer', 'b0', K).eval()
+    x = torch.randn(1, 3, 64, 64)
+    out, scaled = model(x), calibrate.Calibrated(model, 2.0, 3.0)(x)
+    assert torch.allclose(scaled['seg_logits'], out['seg_logits'] / 2) and torch.allclose(scaled['depth_var'], out['depth_var'] * 3)
+    assert torch.equal(scaled['depth_mean'], out['depth_mean'])
+    assert torch.allclose(F.softmax(scaled['seg_logits'], 1).sum(1), torch.ones(1, 64, 64))
