@@ -10,6 +10,10 @@ A sample is a dict of tensors:
     'name'           str
     'image_teacher'  float32 (3, H, W)  only with teacher_jitter: the same crop, scale and flip
                                         as 'image' but colour-jittered (EMUFormer's teacher input)
+    'ood'            bool    (H, W)     only for evaluation data that marks them: pixels of objects
+                                        of no training class (their label is IGNORE_INDEX and their
+                                        depth 0 as well, so the in-distribution metrics leave them
+                                        out; evaluate.py detects them by the uncertainty)
 
 On-disk layouts:
     NYUv2 (40 classes, 795 train / 654 val), the "NYUD-MT" layout of MTI-Net, ATRC and InvPT:
@@ -17,6 +21,7 @@ On-disk layouts:
         ROOT/segmentation/<name>.png    0 = unlabelled, 1..40 = classes (uint8 or uint16)
         ROOT/depth/<name>.npy           float metres, 0 = invalid
         ROOT/gt_sets/{train,val}.txt    one <name> per line
+        ROOT/ood/<name>.png             optional: nonzero = out-of-distribution pixel
     made from the official files by
         pip install h5py scipy
         python data.py convert-nyuv2 --mat nyu_depth_v2_labeled.mat --splits splits.mat \\
@@ -26,7 +31,13 @@ On-disk layouts:
         ROOT/gtFine/{split}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
         ROOT/disparity/{split}/<city>/<city>_<seq>_<frame>_disparity.png
         ROOT/camera/{split}/<city>/<city>_<seq>_<frame>_camera.json
-    Synthetic (6 classes): no files, every scene is drawn on the fly from (seed, index).
+        ROOT/ood/{split}/<city>/<city>_<seq>_<frame>_ood.png   optional: nonzero = out of distribution
+    Synthetic (6 classes): no files, every scene is drawn on the fly from (seed, index); with
+    ood=True each scene also has one or two objects of a kind never drawn in training.
+
+A data set with an `ood` folder in its split gives every sample an 'ood' mask, read from the
+one-channel PNG of the sample (any nonzero value marks an out-of-distribution pixel): an
+anomaly benchmark in either layout plugs into evaluate.py's OOD metrics that way.
 
 Two conventions hold for every data set and are defined here, once, for the whole project:
 IGNORE_INDEX marks a pixel without a class, and valid_depth says which ground-truth depths are
@@ -40,6 +51,7 @@ import argparse
 import json
 import math
 import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +62,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from corrupt import CORRUPTIONS, corrupt
 from mit import MIN_SIZE
 from plumbing import save_atomic
 
@@ -211,6 +224,11 @@ class JointTransform:
     smaller, horizontal flip with p = 0.5.
     train=False: the full image, only normalised; it must be at least MIN_SIZE on each side.
     max_depth: depths beyond it become 0 (invalid) before anything else happens.
+    corruption = (name, severity) corrupts the image, and only the image (corrupt.py), in
+    evaluation, with a random stream of its own for each (sample name, corruption, severity),
+    so the same sample is corrupted the same way in every run and on every rank.
+    ood, a mask of out-of-distribution pixels: their label becomes IGNORE_INDEX and their depth
+    0; in evaluation the mask is kept as sample['ood'].
     teacher_jitter = (brightness, contrast, saturation, hue) strengths adds 'image_teacher': the
     same pixels colour-jittered, EMUFormer's teacher input (Section 3.3; the paper gives no
     strengths, TEACHER_JITTER are torchvision's usual ones).
@@ -223,7 +241,7 @@ class JointTransform:
     """
 
     def __init__(self, crop_size=None, train=False, scale=(0.5, 2.0), flip=True,
-                 teacher_jitter=None, max_depth=math.inf):
+                 teacher_jitter=None, max_depth=math.inf, corruption=None):
         if train and crop_size is None:
             raise ValueError('a training JointTransform needs crop_size=(H, W)')
         if train and min(crop_size) < MIN_SIZE:
@@ -235,8 +253,9 @@ class JointTransform:
         self.flip = flip
         self.teacher_jitter = teacher_jitter
         self.max_depth = max_depth
+        self.corruption = corruption
 
-    def __call__(self, image, label, depth, name):
+    def __call__(self, image, label, depth, name, ood=None):
         if not image.shape[:2] == label.shape == depth.shape:
             raise ValueError(f'sample {name}: image {image.shape[:2]}, label {label.shape} and '
                              f'depth {depth.shape} must have the same height and width')
@@ -244,8 +263,17 @@ class JointTransform:
             raise ValueError(f'sample {name}: image of {label.shape[0]}x{label.shape[1]} pixels is below the '
                              f'encoder\'s minimum of {MIN_SIZE}x{MIN_SIZE}')
         depth = np.where(depth > self.max_depth, 0, depth).astype(np.float32)  # beyond the cap: invalid
+        if ood is not None:
+            label, depth = np.where(ood, IGNORE_INDEX, label), np.where(ood, 0, depth).astype(np.float32)
+        if self.corruption is not None and not self.train:
+            name_, severity = self.corruption
+            rng = np.random.default_rng([zlib.crc32(name.encode()), CORRUPTIONS.index(name_), severity])
+            image = corrupt(image, name_, severity, rng)
         with _one_thread():
-            return self._transform(image, label, depth, name)
+            sample = self._transform(image, label, depth, name)
+        if ood is not None and not self.train:
+            sample['ood'] = torch.from_numpy(np.asarray(ood, dtype=bool))
+        return sample
 
     def _transform(self, image, label, depth, name):
         image = torch.from_numpy(image).permute(2, 0, 1).float() / 255  # (H, W, 3) uint8 -> (3, H, W) in [0, 1]
@@ -312,6 +340,11 @@ def _npy(path):
     return np.load(path).astype(np.float32)
 
 
+def _ood_png(path):
+    """An out-of-distribution mask: a one-channel PNG, nonzero = out of distribution."""
+    return _label_png(path) != 0
+
+
 def _disparity_png(path):
     """Cityscapes' disparity: a 16-bit PNG (an 8-bit one would give depths of kilometres)."""
     p = _png(path)
@@ -365,7 +398,8 @@ class NYUv2(Dataset):
                              f'labels (0 = unlabelled, 1..40), not the raw 894 NYUv2 classes')
         label = np.where(raw == 0, IGNORE_INDEX, raw - 1)  # 1..40 -> 0..39, 0 -> ignore
         depth = _read(self.root / 'depth' / f'{name}.npy', _npy)
-        return self.transform(image, label, depth, name)
+        ood = self.root / 'ood' / f'{name}.png'
+        return self.transform(image, label, depth, name, _read(ood, _ood_png) if (self.root / 'ood').is_dir() else None)
 
 
 def convert_nyuv2(mat, splits, mapping, out):
@@ -456,7 +490,9 @@ class Cityscapes(Dataset):
         valid = disparity > 0  # p > 1
         depth = np.zeros_like(p)
         depth[valid] = baseline * fx / disparity[valid]
-        return self.transform(image, label, depth, name)
+        ood = self.root / 'ood' / self.split / city / f'{name}_ood.png'
+        return self.transform(image, label, depth, name,
+                              _read(ood, _ood_png) if (self.root / 'ood' / self.split).is_dir() else None)
 
 
 # -----------------------------------------------------------------------------
@@ -523,7 +559,7 @@ class _ZBuffer:
         near = z < self.depth
         self.depth[near] = z[near]
         self.shade[near] = np.broadcast_to(shade, self.depth.shape)[near]
-        self.base[near] = np.clip(colour, 0, 1)
+        self.base[near] = np.broadcast_to(np.clip(colour, 0, 1), self.base.shape)[near]  # (3,) or (H, W, 3)
         self.label[near] = cls
 
 
@@ -572,6 +608,26 @@ def _draw_object(zb, room, rng):
         zb.draw(mask, zc - radius * nz, _lambert(dx, 0, -nz) * _fog(zc), colour, PILLAR)
 
 
+UNKNOWN = len(SYNTHETIC_CLASSES)  # the z-buffer's class of out-of-distribution objects
+_UNKNOWN_COLOURS = np.array([(0.15, 0.85, 0.2), (0.85, 0.1, 0.75)])  # green and magenta: no class has either
+
+
+def _draw_unknown(zb, room, rng):
+    """An object of a kind never drawn in training, for out-of-distribution evaluation: a
+    pyramid standing on the floor, its face a triangle towards the camera, painted in a green
+    and magenta checkerboard of 0.15 m squares (no training class has the shape, the colours or
+    the texture)."""
+    r, u, dv = room, room.u, room.dv
+    z0 = rng.uniform(2.0, 3.5)  # nearer than most of the room's objects, far enough to be in view
+    x0 = rng.uniform(-0.7, 0.7) * z0 * r.cx / r.f
+    width, height = rng.uniform(0.6, 1.5), rng.uniform(1.0, r.room_h - 0.3)
+    x = (u - r.cx) * z0 / r.f - x0  # (W,) metres from the axis, on the face's plane
+    y = r.cam_h - dv * z0 / r.f  # (H, 1) metres above the floor
+    face = (y >= 0) & (y <= height) & (np.abs(x) <= width / 2 * (1 - y / height))
+    checker = ((np.floor(x / 0.15) + np.floor(y / 0.15)) % 2).astype(int)  # (H, W) 0 or 1
+    zb.draw(face, z0, 0.9 * _fog(z0), _UNKNOWN_COLOURS[checker], UNKNOWN)
+
+
 def _annotate(label, depth, room, rng):
     """What real ground truth has (in place): a careless annotator's thin strokes labelled with
     a wrong class or IGNORE_INDEX, and elliptic holes of depth 0 of a depth sensor."""
@@ -588,54 +644,64 @@ def _annotate(label, depth, room, rng):
         depth[((u - ex) / rx) ** 2 + ((v - ey) / ry) ** 2 < 1] = 0
 
 
-def render_scene(rng, size, annotation_noise=True):
+def render_scene(rng, size, annotation_noise=True, ood_rng=None):
     """Draw a random room at size (H, W) -> image uint8 (H, W, 3), label int64 (H, W), depth
-    float32 (H, W) in metres (z along the optical axis, like a depth sensor).
+    float32 (H, W) in metres (z along the optical axis, like a depth sensor), and the mask of
+    out-of-distribution pixels (None without ood_rng).
 
     Every surface is painted into one z-buffer with its depth, class, colour and shading; the
     nearest surface wins each pixel. Floor (tiled) and ceiling depth grow towards the horizon;
     2 to 5 boxes, balls and pillars stand on the floor. annotation_noise adds strokes of wrong
-    labels and holes in the depth (_annotate).
+    labels and holes in the depth (_annotate). With ood_rng, one or two objects of no training
+    class (_draw_unknown) are drawn from it, after the others: everything drawn from rng stays
+    as it is without them.
     """
     room = _random_room(rng, size)
     zb = _ZBuffer(size)
     _draw_room(zb, room, rng)
     for _ in range(rng.integers(2, 6)):
         _draw_object(zb, room, rng)
+    for _ in range(ood_rng.integers(1, 3) if ood_rng is not None else 0):
+        _draw_unknown(zb, room, ood_rng)
+    ood = zb.label == UNKNOWN if ood_rng is not None else None
     depth = zb.depth.astype(np.float32)  # the wall is everywhere: all finite
     image = zb.base * zb.shade[..., None]  # (H, W, 3)
     image += rng.normal(0, rng.uniform(0.01, 0.04), image.shape)  # sensor noise
     image = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
     if annotation_noise:
         _annotate(zb.label, depth, room, rng)
-    return image, zb.label, depth
+    return image, zb.label, depth, ood
 
 
 class SyntheticScenes(Dataset):
     """num_images rendered rooms of size (H, W); scene i depends only on (seed, i), so any
-    subset, length or worker order gives the same scenes. Classes: SYNTHETIC_CLASSES."""
+    subset, length or worker order gives the same scenes. Classes: SYNTHETIC_CLASSES. With
+    ood=True the same scenes gain out-of-distribution objects (render_scene), drawn from a
+    random stream of their own, so that everything else in the scene stays as it was."""
 
-    def __init__(self, num_images, size=(96, 128), seed=0, annotation_noise=True, transform=None):
+    def __init__(self, num_images, size=(96, 128), seed=0, annotation_noise=True, transform=None, ood=False):
         self.num_images = num_images
         self.size = size
         self.seed = seed
         self.annotation_noise = annotation_noise
         self.transform = transform or JointTransform()
+        self.ood = ood
 
     def __len__(self):
         return self.num_images
 
     def __getitem__(self, i):
         rng = np.random.default_rng([self.seed, i])
-        image, label, depth = render_scene(rng, self.size, self.annotation_noise)
-        return self.transform(image, label, depth, f'synthetic_{self.seed}_{i:06d}')
+        ood_rng = np.random.default_rng([self.seed, i, 1]) if self.ood else None
+        image, label, depth, ood = render_scene(rng, self.size, self.annotation_noise, ood_rng)
+        return self.transform(image, label, depth, f'synthetic_{self.seed}_{i:06d}', ood)
 
 
 # -----------------------------------------------------------------------------
 
 
 def build_dataset(name, root, split, train, crop_size=None, teacher_jitter=None, max_depth=None,
-                  num_images=None, size=(96, 128), seed=0, annotation_noise=True):
+                  corruption=None, num_images=None, size=(96, 128), seed=0, annotation_noise=True, ood=False):
     """The data set `name` ('nyuv2', 'cityscapes' or 'synthetic') of split 'train' or 'val'.
 
     split: 'train', 'val', or 'calib' (data held out of training for calibrate.py: for the
@@ -643,9 +709,11 @@ def build_dataset(name, root, split, train, crop_size=None, teacher_jitter=None,
     leftImg8bit/calib/, which the user holds out of the training split).
     train chooses the augmentations (JointTransform), independently of the split; crop_size
     defaults to the paper's: (480, 640) NYUv2, (768, 768) Cityscapes, the full size for the
-    synthetic scenes; max_depth defaults to MAX_DEPTH[name]. Synthetic only (root is ignored):
-    num_images (default 200 train / 50 val), size (H, W), seed and annotation_noise; the val
-    scenes use seed + 1_000_003 so that no nearby training seed draws them.
+    synthetic scenes; max_depth defaults to MAX_DEPTH[name]; corruption = (name, severity) for
+    evaluation (JointTransform). Synthetic only (root is ignored): num_images (default 200
+    train / 50 val), size (H, W), seed, annotation_noise, and ood (out-of-distribution objects,
+    marked in sample['ood']); the val scenes use seed + 1_000_003 so that no nearby training
+    seed draws them.
     """
     if name not in NUM_CLASSES:
         raise ValueError(f'unknown data set {name!r}; valid: {", ".join(NUM_CLASSES)}')
@@ -655,14 +723,14 @@ def build_dataset(name, root, split, train, crop_size=None, teacher_jitter=None,
         raise ValueError(f'--data {name} needs --root, the data set directory')
     crop_size = crop_size or CROP_SIZES.get(name, size)
     transform = JointTransform(crop_size, train=train, teacher_jitter=teacher_jitter,
-                               max_depth=max_depth or MAX_DEPTH[name])
+                               max_depth=max_depth or MAX_DEPTH[name], corruption=corruption)
     if name == 'nyuv2':
         return NYUv2(root, split, transform)
     if name == 'cityscapes':
         return Cityscapes(root, split, transform)
     offset = {'train': 0, 'val': 1_000_003, 'calib': 2_000_003}[split]
     return SyntheticScenes(num_images or {'train': 200, 'val': 50, 'calib': 50}[split], size,
-                           seed + offset, annotation_noise, transform)
+                           seed + offset, annotation_noise, transform, ood)
 
 
 def main(argv=None):

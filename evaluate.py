@@ -16,13 +16,32 @@ The row has the paper's columns (Section 4, "Metrics"):
     Monocular Depth Estimation  RMSE (metres), p(acc/cer), p(unc/inacc), PAvPU
     Inference Time [ms]         mean +- std over batches of predict(), after --warmup batches
 
+A second block adds what a reviewer of uncertainty asks for (uq.SegMetrics, uq.DepthMetrics):
+NLL and Brier score; failure detection (AUROC, AUPR of the misclassified pixels by entropy) and
+selective prediction (AURC, AUGRC), from histograms whose error bound is printed; the mean
+entropy split into its aleatoric part and the mutual information (Section 2.2); for depth the
+Gaussian NLL, sparsification (AUSE, AURG of RMSE, AbsRel and a1, per Poggi et al.), the
+coverage of the 1- and 2-sigma intervals, and Eq. 10's two terms. All of it is in the JSON.
+
+Under shift (Section 2.2's epistemic uncertainty should grow where the data are unlike the
+training data): --corruption NAME --severity S evaluates on images corrupted as ImageNet-C does
+(corrupt.py; labels and depth untouched); --corruption all runs the whole sweep, clean and every
+corruption at every severity, each cell written beside --json as it finishes, so that a killed
+sweep goes on where it stopped, then a table and a plot of the metrics against severity.
+--synthetic-ood adds objects of no training class to the synthetic scenes, and any data set
+whose samples carry an 'ood' mask (data.py) gets the out-of-distribution block: AUROC, AUPR
+and FPR95 of the entropy, the mutual information and the depth variance as detectors of those
+pixels among the in-distribution pixels of the same images.
+
 p(acc/cer) is p(accurate|certain) and p(unc/inacc) is p(uncertain|inaccurate) of Mukhoti & Gal,
 with each image's mean uncertainty as the threshold (the tables' header prints the second as
 "p(inacc/unc)", but Section 4 defines p(uncertain|inaccurate), which is what is computed). A task
 the model lacks prints '-' and is null in the JSON. The depth line below the row adds AbsRel and
 delta1..3 (Eq. 13). The time is that of one batch of --batch-size images (1, as in the paper,
 makes it the time per image), measured around predict() with the device synchronised; the first
---warmup batches of every rank are left out (allocation, cuDNN autotuning).
+--warmup batches of every rank are left out (allocation, cuDNN autotuning). It includes the
+decomposition of the uncertainty, which the second block needs (bench.py times predictions
+without it).
 
     # the single network (method 'none'); --json writes the same numbers
     python evaluate.py runs/sdf_b2/best.pt --data nyuv2 --root data/nyuv2 --json out/sdf_b2.json
@@ -33,6 +52,11 @@ makes it the time per image), measured around predict() with the device synchron
     python evaluate.py runs/sdf_b2_seed*/best.pt --data nyuv2 --root data/nyuv2
     # the CPU demo of train.py, with pictures (one PNG per image, plus reliability.png)
     python evaluate.py runs/demo/best.pt --data synthetic --save-vis out/vis --num-vis 8
+    # the calibration baseline (calibrate.py), under shift, and unseen objects
+    python evaluate.py runs/demo/best.pt --calibration runs/demo/best.calibration.json
+    python evaluate.py runs/demo/best.pt --corruption fog --severity 3
+    python evaluate.py runs/demo/best.pt --corruption all --json out/sweep_demo.json
+    python evaluate.py runs/demo/best.pt --synthetic-ood --json out/ood_demo.json
     # several GPUs: each rank evaluates every world_size-th image (on the CPU: add --device cpu)
     torchrun --standalone --nproc_per_node=4 evaluate.py runs/sdf_b2/best.pt --data nyuv2 --root data/nyuv2
 
@@ -43,6 +67,7 @@ its own share (images 0, W, 2W, ... with W ranks), named after the samples.
 """
 
 import argparse
+import json
 import math
 import os
 
@@ -51,6 +76,7 @@ import torch
 import torch.distributed as dist
 
 import calibrate
+import corrupt
 import data
 import figures
 import plumbing
@@ -88,6 +114,12 @@ def get_parser():
     a('--num-vis', type=int, default=8, help='images to draw with --save-vis')
     a('--overwrite', action='store_true', help='replace an existing --json file or --save-vis folder')
     a('--label', help='row label; default e.g. "SegDepthFormer-B2 (DE x10)"')
+    a('--corruption', choices=[*corrupt.CORRUPTIONS, 'all'],
+      help="corrupt the images (only them) as ImageNet-C does (corrupt.py); 'all': the whole sweep, clean "
+           "and every corruption at every severity, restartable, written beside --json")
+    a('--severity', type=int, choices=range(1, 6), help='of --corruption, 1..5')
+    a('--synthetic-ood', action='store_true', help='synthetic only: scenes with objects of no training class, '
+                                                   'and the out-of-distribution metrics')
     a('--synthetic-images', type=int, help='synthetic only: number of scenes (default 50 val, 200 train)')
     a('--synthetic-size', type=int, nargs=2, default=(96, 128), metavar=('H', 'W'),
       help='synthetic only: scene size')
@@ -221,6 +253,17 @@ UNCERTAINTY_COLUMNS = {
 }
 
 
+def format_ood(result):
+    """Out-of-distribution detection: per score, AUROC, AUPR and FPR95 (uq.OODMetrics)."""
+    lines = [f"{'out-of-distribution pixels':28}{'AUROC':>8}{'AUPR':>8}{'FPR95':>8}   "
+             f"(OOD {next(v['ood_pixels'] for v in result['ood'].values() if v)} of "
+             f"{next(v['pixels'] for v in result['ood'].values() if v)} pixels)"]
+    for score, v in result['ood'].items():
+        cells = [_number(v[k]) for k in ('auroc', 'aupr', 'fpr95')] if v else ['-'] * 3
+        lines.append(f'  {score:26}' + ''.join(f'{c:>8}' for c in cells))
+    return '\n'.join(lines)
+
+
 def format_uncertainty(result):
     """The second block: per task, the scoring rules, failure detection, selective prediction,
     sparsification, calibration of the variance and the two kinds of uncertainty (uq.SegMetrics,
@@ -293,6 +336,87 @@ class AfterBatch:
             self.drawing(batch, pred)
 
 
+# ---------------------------------------------------------------------------------------------
+# the corruption sweep: clean, then every corruption at every severity
+
+# what the sweep follows against severity: accuracy, calibration, failure detection, uncertainty
+SWEEP_METRICS = [('seg', 'miou', 'mIoU'), ('seg', 'ece', 'ECE'), ('seg', 'auroc_failure', 'AUROC fail'),
+                 ('seg', 'entropy_mean', 'entropy'), ('depth', 'rmse', 'RMSE'), ('depth', 'ause_rmse', 'AUSE rmse'),
+                 ('depth', 'nll', 'depth NLL'), ('depth', 'variance_mean', 'depth var')]
+
+
+def sweep_cells():
+    """('clean', 0), then (corruption, severity) for every corruption and severity 1..5."""
+    return [('clean', 0)] + [(c, s) for c in corrupt.CORRUPTIONS for s in range(1, 6)]
+
+
+def run_sweep(args, model, method, label, num_classes, rank, world_size, device):
+    """Evaluate every cell of sweep_cells, each written at once to <json>.cells/<cell>.json, so a
+    killed sweep, run again with the same command, goes on where it stopped; a cell written by
+    other checkpoints or another method is refused. Then the summary: every metric of
+    SWEEP_METRICS per severity, averaged over the corruptions, as JSON (--json), a table and a
+    plot (<json without .json>.png)."""
+    cells_dir = os.path.splitext(args.json)[0] + '.cells'
+    plumbing.check_output(cells_dir, '--json (its cells)', overwrite=True, folder=True)
+    results = {}
+    for k, (name, severity) in enumerate(sweep_cells()):
+        path = os.path.join(cells_dir, f'{name}_{severity}.json')
+        if os.path.exists(path):
+            with open(path) as f:
+                results[name, severity] = json.load(f)
+            if (results[name, severity]['checkpoints'], results[name, severity]['method']) != (list(args.checkpoints), method):
+                raise ValueError(f'{path} holds a cell of another sweep ({results[name, severity]["checkpoints"]}); '
+                                 f'give this one another --json')
+            continue
+        corruption = None if name == 'clean' else (name, severity)
+        results[name, severity] = evaluate_split(args, model, method, label, num_classes, rank, world_size, device,
+                                                 corruption)
+        if rank == 0:
+            plumbing.write_json(results[name, severity], path)
+            row = results[name, severity]
+            print(f'cell {k + 1}/{len(sweep_cells())} {name} {severity}: '
+                  + '  '.join(f'{header} {_number((row[task] or {}).get(key))}' for task, key, header in SWEEP_METRICS))
+    summary = sweep_summary(results)
+    report = plumbing.json_safe({'label': label, 'method': method, 'checkpoints': list(args.checkpoints),
+                                 'summary': summary, 'cells': {f'{n}_{s}': r for (n, s), r in results.items()}})
+    if rank == 0:
+        print(format_sweep(report))
+        plumbing.write_json(report, args.json)
+        sweep_plot(os.path.splitext(args.json)[0] + '.png', [report])
+    return report
+
+
+def sweep_summary(results):
+    """{header: [value at severity 0 (clean), mean over the corruptions at severity 1, .., 5]}."""
+    summary = {}
+    for task, key, header in SWEEP_METRICS:
+        value = lambda r: (r[task] or {}).get(key)
+        values = [value(results['clean', 0])]
+        for s in range(1, 6):
+            cells = [value(results[c, s]) for c in corrupt.CORRUPTIONS]
+            values.append(None if None in cells else sum(cells) / len(cells))
+        summary[header] = values
+    return summary
+
+
+def format_sweep(report):
+    """The summary as a table: one line per severity (0 = clean), one column per metric."""
+    headers = list(report['summary'])
+    lines = [f"{report['label']}: the mean over {len(corrupt.CORRUPTIONS)} corruptions at each severity",
+             f"{'severity':>9}" + ''.join(f'{h:>11}' for h in headers)]
+    for s in range(6):
+        lines.append(f'{s:>9}' + ''.join(f'{_number(report["summary"][h][s]):>11}' for h in headers))
+    return '\n'.join(lines)
+
+
+def sweep_plot(path, reports):
+    """Every metric of SWEEP_METRICS against severity, one panel each, one line per report."""
+    panels = [(header, 'severity (0: clean)', header,
+               [(r['label'], list(range(6)), r['summary'][header]) for r in reports])
+              for _, _, header in SWEEP_METRICS]
+    figures.line_plots(path, panels, 'the mean over the corruptions of ImageNet-C at each severity')
+
+
 def main(argv=None):
     """Evaluate, print the row (rank 0), write JSON and pictures if asked; returns the result
     dict (the JSON's content, NaN as None) on every rank. Every input and output is checked
@@ -300,6 +424,10 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.data != 'synthetic' and not args.root:
         raise ValueError(f'--data {args.data} needs --root, the data set directory')
+    if args.corruption == 'all' and not args.json:
+        raise ValueError('--corruption all needs --json: the sweep keeps its finished cells beside it')
+    if args.corruption not in (None, 'all') and args.severity is None:
+        raise ValueError(f'--corruption {args.corruption} needs --severity 1..5')
     if args.json:
         plumbing.check_output(args.json, '--json', args.overwrite)
     if args.save_vis:
@@ -315,29 +443,25 @@ def main(argv=None):
         raise ValueError(f'{args.checkpoints[0]} predicts {models[0].num_classes} classes, '
                          f'{args.data} has {num_classes}')
     rank, world_size, device = plumbing.setup_distributed(torch.device(args.device))
+    models = [m.to(device) for m in models]
+    model = uq.DeepEnsemble(models) if method == 'de' else models[0]
+    label = args.label or default_label(models, method, args.dropout) + (', calibrated' if args.calibration else '')
     try:
-        result = run(args, models, method, num_classes, rank, world_size, device)
+        if args.corruption == 'all':
+            return run_sweep(args, model, method, label, num_classes, rank, world_size, device)
+        return run(args, model, method, label, num_classes, rank, world_size, device)
     finally:
         if world_size > 1:
             dist.destroy_process_group()
-    return result
 
 
-def run(args, models, method, num_classes, rank, world_size, device):
-    models = [m.to(device) for m in models]
-    model = uq.DeepEnsemble(models) if method == 'de' else models[0]
+def evaluate_split(args, model, method, label, num_classes, rank, world_size, device, corruption=None, drawing=None):
+    """One evaluation of the split (corrupted if asked) -> the result dict (the JSON's content)."""
     dataset = data.build_dataset(args.data, args.root, args.split, train=False, max_depth=args.max_depth,
-                                 num_images=args.synthetic_images, size=tuple(args.synthetic_size))
+                                 corruption=corruption, num_images=args.synthetic_images,
+                                 size=tuple(args.synthetic_size), ood=args.synthetic_ood)
     loader = plumbing.eval_loader(dataset, args.batch_size, args.workers, rank, world_size, device)
     kwargs = dict({'samples': args.samples, 'dropout': args.dropout} if method == 'mcd' else {}, decompose=True)
-    label = args.label or default_label(models, method, args.dropout) + (', calibrated' if args.calibration else '')
-    if rank == 0:
-        print(f'{label}: {args.data} {args.split}, {len(dataset)} images, method {method}, '
-              f'{world_size} rank(s) on {device}')
-    drawing = None
-    if rank == 0 and args.save_vis:
-        drawing = Figures(args.save_vis, args.num_vis, label, data.PALETTES[args.data],
-                          data.CLASS_NAMES[args.data], num_classes)
     torch.manual_seed(args.seed + rank)  # MC Dropout masks: repeatable, different on each rank
     metrics = uq.evaluate(model, loader, num_classes, method, device, plumbing.autocast_dtype(args.precision, device),
                           AfterBatch(len(loader.dataset), rank, drawing), **kwargs)
@@ -348,20 +472,36 @@ def run(args, models, method, num_classes, rank, world_size, device):
     if depth is not None:
         depth = dict(depth, sparsification_curves=metrics['depth_metrics'].sparsification_curves())
     settings = {k: v for k, v in vars(args).items() if k != 'checkpoints'}
-    result = plumbing.json_safe({
-        'label': label, 'settings': dict(settings, device=str(device), world_size=world_size),
-        'checkpoints': list(args.checkpoints), 'method': method, 'seg': seg, 'depth': depth,
+    return plumbing.json_safe({
+        'label': label, 'settings': dict(settings, device=str(device), world_size=world_size,
+                                         corruption=corruption and list(corruption)),
+        'checkpoints': list(args.checkpoints), 'method': method, 'seg': seg, 'depth': depth, 'ood': metrics['ood'],
         'time_ms': timing(metrics['times'], args.warmup)})
+
+
+def run(args, model, method, label, num_classes, rank, world_size, device):
+    """One evaluation, printed (rank 0), written to --json and drawn into --save-vis."""
+    corruption = (args.corruption, args.severity) if args.corruption else None
+    if rank == 0:
+        print(f'{label}: {args.data} {args.split}' + (f', {corruption[0]} at severity {corruption[1]}' if corruption else '')
+              + f', method {method}, {world_size} rank(s) on {device}')
+    drawing = None
+    if rank == 0 and args.save_vis:
+        drawing = Figures(args.save_vis, args.num_vis, label, data.PALETTES[args.data],
+                          data.CLASS_NAMES[args.data], num_classes)
+    result = evaluate_split(args, model, method, label, num_classes, rank, world_size, device, corruption, drawing)
     if rank == 0:
         print(format_row(result))
         print(format_extras(result))
         print(format_uncertainty(result))
+        if result['ood'] is not None:
+            print(format_ood(result))
         if args.json:
             plumbing.write_json(result, args.json)
-        if drawing is not None and seg is not None:
+        if drawing is not None and result['seg'] is not None:
             figures.reliability_diagram(os.path.join(args.save_vis, 'reliability.png'), result['seg']['reliability'],
                                         result['seg']['ece'], label)
-        if drawing is not None and depth is not None:
+        if drawing is not None and result['depth'] is not None:
             sparsification_plot(os.path.join(args.save_vis, 'sparsification.png'), result['depth'], label)
         if drawing is not None:
             print(f'wrote {len(drawing.drawn)} figure(s) to {args.save_vis}')

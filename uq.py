@@ -709,8 +709,9 @@ class DepthMetrics(StreamingMetric):
       (sparsification), then averaged over the images that have valid pixels.
     - aleatoric_var_mean, epistemic_var_mean: the means of Eq. 10's two terms (NaN where they
       were not given).
+    - variance_mean: the mean predictive variance, the depth's total uncertainty.
     compute() -> {'pixels', 'rmse', 'abs_rel', 'delta1', 'delta2', 'delta3', 'p_accurate_certain',
-    'p_uncertain_inaccurate', 'pavpu', 'nll', 'coverage_1sigma', 'coverage_2sigma', 'ause_rmse',
+    'p_uncertain_inaccurate', 'pavpu', 'nll', 'variance_mean', 'coverage_1sigma', 'coverage_2sigma', 'ause_rmse',
     'ause_absrel', 'ause_a1', 'aurg_rmse', 'aurg_absrel', 'aurg_a1', 'aleatoric_var_mean',
     'epistemic_var_mean'}, Python floats, NaN where nothing was counted; sparsification_curves()
     the mean curves over images.
@@ -725,7 +726,7 @@ class DepthMetrics(StreamingMetric):
             squared_error=((), torch.float64),
             abs_rel=((), torch.float64),
             delta_counts=((3,), torch.int64),
-            sums=((3,), torch.float64),  # nll, aleatoric, epistemic
+            sums=((4,), torch.float64),  # nll, variance, aleatoric, epistemic
             coverage=((2,), torch.int64),  # within 1 and 2 standard deviations
             decomposed=((), torch.int64),  # valid pixels that came with the two terms
             images=((), torch.int64),  # images with valid pixels: the sparsification's mean
@@ -757,7 +758,7 @@ class DepthMetrics(StreamingMetric):
                                                                            device=y.device))
                  for a in (aleatoric, epistemic)]
         nll = (0.5 * torch.log(2 * math.pi * var) + (y - mu) ** 2 / (2 * var)).sum()
-        self._add('sums', torch.stack([nll, *parts]))
+        self._add('sums', torch.stack([nll, variance[valid].double().sum(), *parts]))
         if aleatoric is not None:
             self._add('decomposed', valid.sum())
 
@@ -778,7 +779,7 @@ class DepthMetrics(StreamingMetric):
     def compute(self):
         n, images = self.stats['n'].item(), self.stats['images'].item()
         d1, d2, d3 = self.stats['delta_counts'].tolist()
-        nll, aleatoric, epistemic = self.stats['sums'].tolist()
+        nll, var, aleatoric, epistemic = self.stats['sums'].tolist()
         c1, c2 = self.stats['coverage'].tolist()
         decomposed = self.stats['decomposed'].item()
         sparse = self.stats['sparsification'].tolist()
@@ -791,6 +792,7 @@ class DepthMetrics(StreamingMetric):
             'delta3': _ratio(d3, n),
             **self._uncertainty_metrics(),
             'nll': _ratio(nll, n),
+            'variance_mean': _ratio(var, n),
             'coverage_1sigma': _ratio(c1, n),
             'coverage_2sigma': _ratio(c2, n),
             **{f'ause_{m}': _ratio(sparse[i][0], images) for i, m in enumerate(SPARSIFICATION)},
@@ -798,6 +800,47 @@ class DepthMetrics(StreamingMetric):
             'aleatoric_var_mean': _ratio(aleatoric, decomposed),
             'epistemic_var_mean': _ratio(epistemic, decomposed),
         }
+
+
+class OODMetrics:
+    """Out-of-distribution detection, pixel by pixel: how well each uncertainty separates the
+    pixels of objects of no training class (sample['ood']) from the in-distribution pixels of
+    the same images. Over images of both (not OOD images alone, where every pixel is a positive
+    and AUROC means nothing). The scores, each larger = more likely OOD:
+        entropy              the entropy of the mean softmax (Eq. 3), on [0, log K]
+        mutual_information   its epistemic part (Section 2.2), on [0, log K]
+        depth_var            the predictive variance (Eq. 10), on a log scale over [1e-6, 1e6] m^2
+    each streamed as a histogram of 2^16 bins of [in-distribution, OOD] counts (module comment
+    above: the metrics exact within their '_bound'), summed over DDP ranks by reduce().
+    compute() -> {score: {'auroc', 'aupr', 'fpr95' (the FPR at the highest threshold with a TPR
+    of 95%), their '_bound's, 'ood_pixels', 'pixels'} or None where no prediction had the score}."""
+
+    def __init__(self, num_classes, device='cpu'):
+        top = math.log(num_classes) if num_classes > 1 else 1.0
+        self.ranges = {'entropy': (0.0, top, False), 'mutual_information': (0.0, top, False),
+                       'depth_var': (1e-6, 1e6, True)}
+        self.device = device
+        self.histograms = {k: torch.zeros(2, SCORE_BINS, dtype=torch.int64, device=device) for k in self.ranges}
+        self.seen = set()
+
+    def update(self, scores, ood):
+        """scores: {name: (B, H, W) or None (the model lacks it)}; ood: (B, H, W) bool."""
+        for name, score in scores.items():
+            if score is None:
+                continue
+            low, high, log = self.ranges[name]
+            cell = ood.long().flatten() * SCORE_BINS + score_bins(score.flatten(), low, high, log)
+            self.histograms[name] += torch.bincount(cell, minlength=2 * SCORE_BINS).view(2, SCORE_BINS).to(self.device)
+            self.seen.add(name)
+
+    def reduce(self):
+        if dist.is_available() and dist.is_initialized():
+            for h in self.histograms.values():
+                dist.all_reduce(h, op=dist.ReduceOp.SUM)
+
+    def compute(self):
+        return {name: dict(detection_metrics(h), ood_pixels=int(h[1].sum()), pixels=int(h.sum()))
+                if name in self.seen else None for name, h in self.histograms.items()}
 
 
 # ---- Evaluation over a data set ----
@@ -810,12 +853,13 @@ def evaluate(model, loader, num_classes, method='none', device='cpu', amp_dtype=
     amp_dtype: the autocast dtype of the forward passes (plumbing.autocast_dtype), None for fp32.
     on_batch(batch, pred, seconds): called after each batch (visualisation, logging), with the
     wall-clock seconds of predict() (the device synchronised, so GPU time is included).
-    Returns {'seg': SegMetrics.compute() or None, 'depth': ... or None, 'times': [seconds],
+    Returns {'seg': SegMetrics.compute() or None, 'depth': ... or None, 'ood': OODMetrics.compute()
+    where the samples carry an 'ood' mask, else None, 'times': [seconds],
     'seg_metrics', 'depth_metrics': the metric objects themselves (their statistics draw the
     reliability diagram and the sparsification plot)}, with the statistics summed over DDP
     ranks first.
     """
-    seg, dep = SegMetrics(num_classes, device=device), DepthMetrics(device=device)
+    seg, dep, ood = SegMetrics(num_classes, device=device), DepthMetrics(device=device), OODMetrics(num_classes, device)
     has = set()
     times = []
     for batch in loader:
@@ -834,12 +878,19 @@ def evaluate(model, loader, num_classes, method='none', device='cpu', amp_dtype=
             dep.update(pred.depth_mean, pred.depth_var, batch['depth'].to(device), pred.aleatoric_var,
                        pred.epistemic_var)
             has.add('depth')
+        if 'ood' in batch:  # a single network has no mutual information (it is 0 everywhere)
+            ood.update({'entropy': pred.entropy, 'depth_var': pred.depth_var,
+                        'mutual_information': pred.mutual_information if method != 'none' else None},
+                       batch['ood'].to(device))
+            has.add('ood')
         if on_batch:
             on_batch(batch, pred, times[-1])
     seg.reduce()
     dep.reduce()
+    ood.reduce()
     return {'seg': seg.compute() if 'seg' in has else None,
             'depth': dep.compute() if 'depth' in has else None,
+            'ood': ood.compute() if 'ood' in has else None,
             'times': times, 'seg_metrics': seg, 'depth_metrics': dep}
 
 

@@ -579,3 +579,60 @@ def test_synthetic_annotation_noise_touches_only_the_ground_truth():
         assert (b['label'][changed] != a['label'][changed]).all()
     assert flipped > 0 and holes > 0
     assert any((noisy[i]['label'] == 255).any() for i in range(10))
+
+
+# -----------------------------------------------------------------------------
+# evaluation under shift: corruptions and out-of-distribution objects
+
+
+def test_a_corruption_changes_the_image_only_and_the_same_way_every_time():
+    clean = data.build_dataset('synthetic', None, 'val', train=False, num_images=3)
+    foggy = data.build_dataset('synthetic', None, 'val', train=False, num_images=3, corruption=('fog', 3))
+    again = data.build_dataset('synthetic', None, 'val', train=False, num_images=3, corruption=('fog', 3))
+    loader = torch.utils.data.DataLoader(again, batch_size=None, num_workers=2)  # other processes too
+    for i, worker_sample in enumerate(loader):
+        a, b = clean[i], foggy[i]
+        assert torch.equal(a['label'], b['label']) and torch.equal(a['depth'], b['depth'])
+        assert (a['image'] - b['image']).abs().mean() > 0.05  # the fog is visible
+        assert torch.equal(b['image'], worker_sample['image'])  # deterministic per sample
+    assert not torch.equal(foggy[0]['image'], foggy[1]['image'])
+    # training data is never corrupted
+    train = data.build_dataset('synthetic', None, 'train', train=True, num_images=2, corruption=('fog', 3))
+    torch.manual_seed(0)
+    plain = data.build_dataset('synthetic', None, 'train', train=True, num_images=2)[0]['image']
+    torch.manual_seed(0)
+    assert torch.equal(train[0]['image'], plain)
+
+
+def test_synthetic_ood_objects_are_marked_ignored_and_invalid():
+    val = data.build_dataset('synthetic', None, 'val', train=False, num_images=6)
+    ood = data.build_dataset('synthetic', None, 'val', train=False, num_images=6, ood=True)
+    fractions = []
+    for i in range(6):
+        a, b = val[i], ood[i]
+        mask = b['ood']
+        assert mask.dtype == torch.bool and mask.shape == a['label'].shape and 'ood' not in a
+        fractions.append(mask.float().mean().item())
+        assert (b['label'][mask] == data.IGNORE_INDEX).all() and (b['depth'][mask] == 0).all()
+        # elsewhere the scene is the validation scene: the objects are drawn from a stream of their own
+        assert torch.equal(a['label'][~mask], b['label'][~mask])
+        assert torch.equal(a['depth'][~mask], b['depth'][~mask])
+    assert all(f > 0 for f in fractions) and max(fractions) < 0.5  # present in every scene, not all of it
+    # green and magenta, which no in-distribution surface of the scenes has
+    rgb = unnormalize(ood[0]['image']).permute(1, 2, 0)[ood[0]['ood']]
+    assert ((rgb[:, 1] > rgb[:, 0] + 0.3) | (rgb[:, 0] > rgb[:, 1] + 0.3)).float().mean() > 0.8
+
+
+def test_an_ood_folder_gives_every_sample_its_mask(nyu):
+    (nyu / 'ood').mkdir()
+    mask = np.zeros((H, W), np.uint8)
+    mask[4:10, 20:30] = 255
+    for name in ('000001', '000002'):
+        Image.fromarray(mask).save(nyu / 'ood' / f'{name}.png')
+    train = data.build_dataset('nyuv2', nyu, 'train', train=False)
+    sample = train[0]
+    assert torch.equal(sample['ood'], torch.from_numpy(mask > 0))
+    assert (sample['label'][sample['ood']] == data.IGNORE_INDEX).all() and (sample['depth'][sample['ood']] == 0).all()
+    (nyu / 'ood' / '000002.png').unlink()
+    with pytest.raises(RuntimeError, match=re.escape(str(nyu / 'ood' / '000002.png'))):
+        train[1]

@@ -327,3 +327,84 @@ def test_two_ranks_give_the_single_process_numbers(ckpt, tmp_path):
                 assert ranks[task][k] == pytest.approx(v, rel=1e-12, abs=1e-15), k
             else:
                 assert ranks[task][k] == v, k
+
+
+# ---------------------------------------------------------------------------------------------
+# under shift: unseen objects, corrupted images, the sweep
+
+def test_synthetic_ood_adds_the_ood_block(ckpt, capsys):
+    single = evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--synthetic-ood'])
+    assert set(single['ood']) == {'entropy', 'mutual_information', 'depth_var'}
+    assert single['ood']['mutual_information'] is None  # a single network has no epistemic part
+    for score in ('entropy', 'depth_var'):
+        v = single['ood'][score]
+        assert 0 <= v['auroc'] <= 1 and 0 < v['ood_pixels'] < v['pixels'] == 6 * SIZE[0] * SIZE[1]
+    assert 'out-of-distribution pixels' in capsys.readouterr().out
+    ensemble = evaluate.main([*ckpt['de'], *SYNTHETIC, '--synthetic-ood'])
+    assert ensemble['ood']['mutual_information']['auroc'] is not None
+    # the in-distribution metrics leave the objects out: labels ignored, depths invalid
+    plain = evaluate.main([ckpt['segdepthformer'], *SYNTHETIC])
+    assert single['seg']['pixels'] < plain['seg']['pixels'] and single['depth']['pixels'] < plain['depth']['pixels']
+    assert plain['ood'] is None
+
+
+def test_a_corrupted_evaluation(ckpt):
+    clean = evaluate.main([ckpt['segdepthformer'], *SYNTHETIC])
+    noisy = evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--corruption', 'gaussian_noise', '--severity', '5'])
+    assert noisy['settings']['corruption'] == ['gaussian_noise', 5]
+    assert noisy['seg']['pixels'] == clean['seg']['pixels'] and noisy['seg']['entropy_mean'] != clean['seg']['entropy_mean']
+    with pytest.raises(ValueError, match='--corruption fog needs --severity'):
+        evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--corruption', 'fog'])
+    with pytest.raises(ValueError, match='--corruption all needs --json'):
+        evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--corruption', 'all'])
+
+
+def test_a_killed_sweep_goes_on_where_it_stopped(ckpt, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [sys.executable, 'evaluate.py', ckpt['segdepthformer'], *SYNTHETIC, '--synthetic-images', '2',
+            '--corruption', 'all']
+    killed = subprocess.Popen([*argv, '--json', str(tmp_path / 'a.json')], cwd=root,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cells = tmp_path / 'a.cells'
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(cells.glob('*.json')) if cells.exists() else []) < 5:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in cells.glob('*.json')}
+    assert 5 <= len(done) < 51 and not (tmp_path / 'a.json').exists()
+    resumed = subprocess.run([*argv, '--json', str(tmp_path / 'a.json')], cwd=root, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert all((cells / name).stat().st_mtime_ns == t for name, t in done.items())  # not redone
+    assert resumed.stdout.count('cell ') == 51 - len(done)
+    straight = subprocess.run([*argv, '--json', str(tmp_path / 'b.json')], cwd=root, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    a, b = strict_json(tmp_path / 'a.json'), strict_json(tmp_path / 'b.json')
+    assert a['summary'] == b['summary'] and len(a['cells']) == 51
+    assert a['summary']['mIoU'][0] == a['cells']['clean_0']['seg']['miou']
+    assert (tmp_path / 'a.png').exists()
+    # every cell is deterministic: the mean over corruptions at severity 5 is that of the cells
+    mean = sum(a['cells'][f'{c}_5']['seg']['miou'] for c in evaluate.corrupt.CORRUPTIONS) / 10
+    assert a['summary']['mIoU'][5] == pytest.approx(mean, rel=1e-12)
+
+
+def test_compare_puts_the_json_numbers_side_by_side(ckpt, tmp_path, capsys):
+    import compare
+    evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--synthetic-ood', '--json', str(tmp_path / 'single.json')])
+    evaluate.main([*ckpt['de'], *SYNTHETIC, '--synthetic-ood', '--json', str(tmp_path / 'de.json')])
+    single, de = strict_json(tmp_path / 'single.json'), strict_json(tmp_path / 'de.json')
+    paper, seg, depth, ood = compare.main([str(tmp_path / 'single.json'), str(tmp_path / 'de.json')])
+    rows = {line.split(' | ')[0].strip('| '): line for line in paper.splitlines()[2:]}
+    assert set(rows) == {single['label'], de['label']}
+    assert f"| {de['seg']['miou']:.3f} |" in rows[de['label']]
+    assert f"| {single['depth']['rmse']:.3f} |" in rows[single['label']]
+    ood_rows = ood.splitlines()[2:]
+    assert len(ood_rows) == 2 and ' - | - | - |' in ood_rows[0]  # the single network has no mutual information
+    assert f"{de['ood']['mutual_information']['auroc']:.3f}" in ood_rows[1]
+    with pytest.raises(SystemExit, match='cannot read .*missing.json'):
+        compare.main([str(tmp_path / 'missing.json')])

@@ -219,7 +219,7 @@ def depth_reference(mean, unc, depth):
         'delta2': frac(1.25 ** 2),
         'delta3': frac(1.25 ** 3),
         **uncertainty_reference(images),
-        'nll': bf.gaussian_nll(mu, var, y),
+        'nll': bf.gaussian_nll(mu, var, y), 'variance_mean': float(np.mean(var)),
         'coverage_1sigma': bf.coverage(mu, var, y, 1), 'coverage_2sigma': bf.coverage(mu, var, y, 2),
         **{k: float(np.mean(v)) for k, v in sparse.items()},
         'aleatoric_var_mean': float('nan'), 'epistemic_var_mean': float('nan'),  # not given
@@ -239,7 +239,7 @@ SEG_KEYS = {'pixels', 'miou', 'iou', 'pixel_acc', 'ece', 'p_accurate_certain', '
             'aupr_failure_bound', 'aurc_bound', 'augrc_bound', 'entropy_mean', 'aleatoric_mean',
             'mutual_information_mean'}
 DEPTH_KEYS = {'pixels', 'rmse', 'abs_rel', 'delta1', 'delta2', 'delta3',
-              'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu', 'nll', 'coverage_1sigma',
+              'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu', 'nll', 'variance_mean', 'coverage_1sigma',
               'coverage_2sigma', 'ause_rmse', 'ause_absrel', 'ause_a1', 'aurg_rmse', 'aurg_absrel', 'aurg_a1',
               'aleatoric_var_mean', 'epistemic_var_mean'}
 
@@ -415,10 +415,16 @@ def _ddp_worker(rank, world_size, port, out_dir):
     sizes = (1, 3) if rank == 0 else (2, 4)
     seg_m = run_seg(batches(tuple(t[half] for t in seg), sizes))
     depth_m = run_depth(batches(tuple(t[half] for t in depth), sizes))
+    scores, ood = ood_data()
+    ood_m = uq.OODMetrics(K)
+    ood_m.update({k: v[[0, 2][rank:rank + 1]] for k, v in scores.items()}, ood[[0, 2][rank:rank + 1]])
+    if rank == 0:
+        ood_m.update({k: v[1:2] for k, v in scores.items()}, ood[1:2])
     seg_m.reduce()
     depth_m.reduce()
+    ood_m.reduce()
     with open(f'{out_dir}/rank{rank}.json', 'w') as f:
-        json.dump({'seg': seg_m.compute(), 'depth': depth_m.compute()}, f)
+        json.dump({'seg': seg_m.compute(), 'depth': depth_m.compute(), 'ood': ood_m.compute()}, f)
     dist.destroy_process_group()
 
 
@@ -429,10 +435,16 @@ def test_reduce_across_two_ranks(tmp_path):
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
     seg, depth = random_data()
     want = {'seg': run_seg([seg]).compute(), 'depth': run_depth([depth]).compute()}
+    scores, ood = ood_data()
+    whole = uq.OODMetrics(K)
+    whole.update(scores, ood)
+    want_ood = whole.compute()
     for rank in range(2):
         got = json.loads((tmp_path / f'rank{rank}.json').read_text())
         assert_close(got['seg'], want['seg'])
         assert_close(got['depth'], want['depth'])
+        for name in scores:  # images 0 and 1 on rank 0, image 2 on rank 1: the counts add up exactly
+            assert_close(got['ood'][name], want_ood[name], tol=0)
 
 
 # ---- the histogram of the ranking metrics ----
@@ -462,3 +474,51 @@ def test_nll_of_a_zero_probability_is_finite():
     tiny = torch.finfo(torch.float32).tiny
     assert got['nll'] == pytest.approx((-math.log(tiny) - math.log(0.5)) / 2)
     assert got['brier'] == pytest.approx((2 + 0.5) / 2)  # (1 - 0)^2 + (0 - 1)^2, then 2 * 0.25
+
+
+# ---- out-of-distribution detection ----
+
+def ood_data(seed=0):
+    """Scores of three kinds on 3 images, OOD pixels scoring higher on average."""
+    rng = np.random.default_rng(seed)
+    ood = rng.random((3, H, W)) < 0.2
+    entropy = rng.uniform(0, 1, (3, H, W)) + 0.5 * ood
+    mutual = rng.uniform(0, 0.3, (3, H, W)) * (1 + ood)
+    variance = np.exp(rng.normal(0, 1, (3, H, W)) + 1.5 * ood)
+    t = lambda a: torch.from_numpy(a.astype(np.float32))
+    return {'entropy': t(entropy), 'mutual_information': t(mutual), 'depth_var': t(variance)}, torch.from_numpy(ood)
+
+
+def ood_reference(scores, ood, num_classes=K):
+    """Brute force on the scores tied within the histogram's bins (log-spaced for the variance)."""
+    top = math.log(num_classes)
+    bin_of = {'entropy': lambda s: histogram_bin(s, top), 'mutual_information': lambda s: histogram_bin(s, top),
+              'depth_var': lambda s: histogram_bin(math.log(s) - math.log(1e-6), math.log(1e6) - math.log(1e-6))}
+    positives = ood.flatten().numpy()
+    out = {}
+    for name, score in scores.items():
+        bins = np.array([bin_of[name](float(s)) for s in score.flatten()], dtype=np.float64)
+        out[name] = {'auroc': bf.auroc(bins, positives), 'aupr': bf.aupr(bins, positives),
+                     'fpr95': bf.fpr_at_95_tpr(bins, positives)}
+    return out
+
+
+def test_ood_metrics_match_the_reference_in_any_batches():
+    scores, ood = ood_data()
+    want = ood_reference(scores, ood)
+    for sizes in ((3,), (1, 2), (2, 1)):
+        metrics = uq.OODMetrics(K)
+        for start, n in zip(np.cumsum((0, *sizes[:-1])), sizes):
+            metrics.update({k: v[start:start + n] for k, v in scores.items()}, ood[start:start + n])
+        got = metrics.compute()
+        for name in scores:
+            assert got[name]['ood_pixels'] == int(ood.sum()) and got[name]['pixels'] == ood.numel()
+            for m in ('auroc', 'aupr', 'fpr95'):
+                assert got[name][m] == pytest.approx(want[name][m], abs=1e-12), (name, m)
+    # a score the model lacks is None, and the exact (unbinned) values lie within each bound
+    metrics = uq.OODMetrics(K)
+    metrics.update({'entropy': scores['entropy'], 'mutual_information': None, 'depth_var': None}, ood)
+    got = metrics.compute()
+    assert got['mutual_information'] is None and got['depth_var'] is None
+    exact = bf.auroc(scores['entropy'].flatten().double().numpy(), ood.flatten().numpy())
+    assert abs(got['entropy']['auroc'] - exact) <= got['entropy']['auroc_bound'] + 1e-12

@@ -1,0 +1,92 @@
+"""
+Side by side: evaluate.py's JSON results of several models or methods as markdown tables (and a
+plot for corruption sweeps), for a README or a paper. Each file is read for what it holds:
+
+    an evaluation        the paper's columns (Tables 2-7), then the uncertainty metrics of
+                         evaluate.py's second block: scoring rules, failure detection, selective
+                         prediction, sparsification, calibration of the variance, decomposition
+    with an 'ood' block  out-of-distribution detection per score (--synthetic-ood, or any data
+                         set whose samples carry an ood mask)
+    a sweep              (--corruption all) each metric per severity, the mean over corruptions,
+                         and with --plot one figure with a line per sweep
+
+    python compare.py out/baseline.json out/calibrated.json out/teacher.json out/emuformer.json
+    python compare.py out/sweep_*.json --plot out/sweep.png
+"""
+
+import argparse
+import json
+
+import evaluate
+import plumbing
+
+
+def _cell(value, digits=3):
+    return '-' if value is None else f'{value:.{digits}f}'
+
+
+def markdown(headers, rows):
+    """A markdown table: headers, then rows of cells (already strings)."""
+    lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
+    return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in rows])
+
+
+def evaluation_tables(results):
+    """The paper's columns and the second block's, one row per result."""
+    paper = markdown(['', *[f'{"seg" if t == "seg" else "depth"} {h}' for t, _, h in evaluate.COLUMNS], 'ms/image'],
+                     [[r['label'], *[_cell((r[t] or {}).get(k)) for t, k, _ in evaluate.COLUMNS],
+                       _cell(r['time_ms']['mean'], 1)] for r in results])
+    tables = [paper]
+    for task in ('seg', 'depth'):
+        columns = evaluate.UNCERTAINTY_COLUMNS[task]
+        tables.append(markdown(['', *[f'{task} {h}' for _, h in columns]],
+                               [[r['label'], *[_cell((r[task] or {}).get(k)) for k, _ in columns]] for r in results]))
+    return tables
+
+
+def ood_table(results):
+    """AUROC / AUPR / FPR95 of each score, one row per result."""
+    scores = ('entropy', 'mutual_information', 'depth_var')
+    headers = ['', *[f'{s} {m}' for s in scores for m in ('AUROC', 'AUPR', 'FPR95')]]
+    return markdown(headers, [[r['label'], *[_cell((r['ood'][s] or {}).get(m)) for s in scores
+                                             for m in ('auroc', 'aupr', 'fpr95')]] for r in results])
+
+
+def sweep_table(reports):
+    """Each metric at severities 0 (clean) .. 5, the mean over corruptions, one row per sweep and
+    severity."""
+    headers = list(reports[0]['summary'])
+    return markdown(['', 'severity', *headers],
+                    [[r['label'], str(s), *[_cell(r['summary'][h][s]) for h in headers]] for r in reports for s in range(6)])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('results', nargs='+', help="evaluate.py's --json files")
+    p.add_argument('--plot', help='for sweeps: one plot, a line per sweep, written here (PNG)')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing --plot')
+    args = p.parse_args(argv)
+    if args.plot:
+        plumbing.check_output(args.plot, '--plot', args.overwrite)
+    loaded = []
+    for path in args.results:
+        try:
+            with open(path) as f:
+                loaded.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f'compare.py: cannot read {path}: {e}') from None
+    sweeps = [r for r in loaded if 'summary' in r]
+    evaluations = [r for r in loaded if 'summary' not in r]
+    tables = evaluation_tables(evaluations) if evaluations else []
+    if any(r.get('ood') for r in evaluations):
+        tables.append(ood_table([r for r in evaluations if r.get('ood')]))
+    if sweeps:
+        tables.append(sweep_table(sweeps))
+        if args.plot:
+            evaluate.sweep_plot(args.plot, sweeps)
+    print('\n\n'.join(tables))
+    return tables
+
+
+if __name__ == '__main__':
+    main()
