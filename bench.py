@@ -19,6 +19,10 @@ Each row times the full prediction with uncertainty, image batch in, `uq.Predict
     MiT encoder                             our encoder alone, model.backbone(x)
     HF SegFormer, HF encoder (--hf)         Hugging Face transformers' SegFormer with the same
                                             config, random init, for comparison
+    SegDepthFormer, onnxruntime (--onnx)    the SegDepthFormer row's network (the same random
+                                            init) exported by predict.py, its whole prediction
+                                            with uncertainty run by onnxruntime on the CPU (its
+                                            MACs: predict.FoldedNetwork's, fold matrices constant)
 
 The samples of MC Dropout, the DSE's heads and the DE's members go the way uq.predict chooses
 for the device: one pass at a time on a CPU, all at once on a GPU.
@@ -65,6 +69,7 @@ Run (single process; a benchmark has nothing to gain from torchrun):
     python bench.py --precision bf16 --compile --compile-mode reduce-overhead
     python bench.py --device cpu --threads 2 --warmup 1 --iters 9
     python bench.py --hf                             # + Hugging Face (pip install transformers)
+    python bench.py --onnx --rows segdepthformer --device cpu   # + onnxruntime (pip install onnx onnxruntime)
     python bench.py --rows segdepthformer textbook encoder --json out/bench.json
     python bench.py --train --batch 8 --precision bf16   # training steps/s, folded vs textbook
 """
@@ -85,6 +90,7 @@ import heads
 import losses
 import mit
 import plumbing
+import predict
 import uq
 
 # ---------------------------------------------------------------------------------------------
@@ -230,8 +236,10 @@ ROWS = {  # --rows name: label in the table ({N}: members, {T}: samples)
     'encoder': 'MiT encoder',
     'hf': 'HF SegFormer',
     'hf-encoder': 'HF SegFormer encoder',
+    'onnx': 'SegDepthFormer, onnxruntime',
 }
 HF_ROWS = ('hf', 'hf-encoder')
+ONNX_ROWS = ('onnx',)
 
 
 class Textbook(nn.Module):
@@ -260,6 +268,22 @@ def hf_segformer(backbone, num_classes):
         num_attention_heads=list(cfg.num_heads), sr_ratios=list(cfg.sr_ratios),
         mlp_ratios=[cfg.mlp_ratio] * 4, decoder_hidden_size=cfg.decoder_dim)
     return SegformerForSemanticSegmentation(config)
+
+
+def onnx_session(network):
+    """An onnxruntime CPU session of predict.py's export of `network` (a predict.FoldedNetwork),
+    on as many threads as PyTorch's rows. Without onnxruntime's memory arena: PyTorch's CPU
+    allocator keeps no cache either, so both rows pay for their memory alike, and the peak
+    column measures both alike (an arena would keep the first call's memory and hide the peak)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise SystemExit("the onnx row needs the optional packages onnx and onnxruntime: "
+                         "python -m pip install onnx onnxruntime") from None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.enable_cpu_mem_arena = False
+    return onnxruntime.InferenceSession(predict.onnx_bytes(network, {}), options, providers=['CPUExecutionProvider'])
 
 
 def make_row(key, args, cache, device):
@@ -314,6 +338,13 @@ def make_row(key, args, cache, device):
     if key == 'hf-encoder':
         model = hf_segformer(args.backbone, args.num_classes).segformer.eval()
         return [model], model, model
+    if key == 'onnx':
+        model = build('segdepthformer')
+        network = predict.FoldedNetwork(model)
+        if next(model.parameters()).is_meta:  # counted, not run: the exported graph, in PyTorch
+            return [model], network, Textbook(model)
+        session = onnx_session(network)
+        return [model], lambda x: session.run(None, {'image': x.contiguous().numpy()}), Textbook(model)
     raise ValueError(f"unknown row {key!r}: expected one of {', '.join(ROWS)}")
 
 
@@ -346,7 +377,7 @@ def inference_rows(args, device):
     """Count, build, warm up and time every selected row (in rounds, time_fn; with --compile
     each row right after its warm-up, since compiling the next one resets dynamo), then measure
     each one's peak memory: one dict per row, in the order of ROWS."""
-    keys = [k for k in ROWS if k in args.rows or (args.hf and k in HF_ROWS)]
+    keys = [k for k in ROWS if k in args.rows or (args.hf and k in HF_ROWS) or (args.onnx and k in ONNX_ROWS)]
     B, (H, W) = args.batch, args.size
     meta_x = torch.empty(B, 3, H, W, device='meta')
     x = torch.randn(B, 3, H, W, device=device)
@@ -452,7 +483,7 @@ def latency_ratios(rows):
     pairs = [('segdepthformer', 'encoder'), ('segdepthformer', 'textbook'), ('segformer', 'hf'),
              ('segdepthformer', 'hf'), ('encoder', 'hf-encoder'), ('mcd', 'segdepthformer'),
              ('dse', 'segdepthformer'), ('de', 'segdepthformer'), ('de-batched', 'segdepthformer'),
-             ('de-looped', 'segdepthformer'), ('de-batched', 'de-looped')]
+             ('de-looped', 'segdepthformer'), ('de-batched', 'de-looped'), ('onnx', 'segdepthformer')]
     names = {r['key']: r['name'] for r in rows}
     return {f"{names[a]} / {names[b]}": latency[a] / latency[b]
             for a, b in pairs if a in latency and b in latency}
@@ -517,13 +548,17 @@ def parse_args(argv):
                    help="input size (NYUv2 as in Table 1: 480 640)")
     p.add_argument('--num-classes', type=int, default=40, help="segmentation classes (NYUv2: 40)")
     p.add_argument('--batch', type=int, default=1, help="images per step (FPS = batch / latency)")
-    p.add_argument('--rows', nargs='+', default=[k for k in ROWS if k not in HF_ROWS], choices=list(ROWS),
-                   metavar='ROW', help=f"rows to run, of: {', '.join(ROWS)} (default: all but hf*)")
+    p.add_argument('--rows', nargs='+', default=[k for k in ROWS if k not in HF_ROWS + ONNX_ROWS],
+                   choices=list(ROWS), metavar='ROW',
+                   help=f"rows to run, of: {', '.join(ROWS)} (default: all but hf* and onnx)")
     p.add_argument('--members', type=int, default=10, help="N: Deep Ensemble members, DSE heads per task")
     p.add_argument('--samples', type=int, default=10, help="T: MC Dropout passes")
     p.add_argument('--hf', action='store_true',
                    help="add the rows hf and hf-encoder: Hugging Face transformers' SegFormer "
                         "(an optional package)")
+    p.add_argument('--onnx', action='store_true',
+                   help="add the row onnx: SegDepthFormer exported to ONNX, run by onnxruntime on the CPU "
+                        "(optional packages onnx, onnxruntime)")
     p.add_argument('--train', action='store_true',
                    help="time training steps of SegDepthFormer (folded vs textbook) instead of the table")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
@@ -544,6 +579,10 @@ def parse_args(argv):
         p.error("--iters must be at least 2 (the std needs two timings)")
     if args.train and args.hf:
         p.error("--hf compares inference; --train times SegDepthFormer only")
+    if 'onnx' in args.rows or args.onnx:
+        if args.train or args.device != 'cpu' or args.precision != 'fp32' or args.compile:
+            p.error("the onnx row times onnxruntime's fp32 CPU inference: use it with --device cpu, "
+                    "fp32, without --compile or --train")
     if args.compile_mode != 'default' and not args.compile:
         p.error("--compile-mode needs --compile")
     return args

@@ -1,0 +1,515 @@
+"""
+Use a trained model on your own images, and ship the single network as one ONNX file.
+
+Predicting. Any checkpoint of train.py or distill.py, with any uncertainty method (uq.py), on
+image files, folders and glob patterns:
+
+    python predict.py runs/emuformer/best.pt photos/ --out out/photos              # one network
+    python predict.py runs/sdf/best.pt 'photos/*.jpg' --out out/mcd --method mcd --samples 10 --dropout 0.2
+    python predict.py runs/dse/best.pt photos/ --out out/dse                       # a DSE: method dse
+    python predict.py runs/sdf_seed*/best.pt photos/ --out out/de                  # a Deep Ensemble: de
+    python predict.py runs/emuformer/best.pt big/ --out out/big --size 480 640 --batch-size 8
+
+Positional arguments ending in .pt or .pth are checkpoints (several: a Deep Ensemble), the
+rest are inputs: an image file, a folder (every file in it, sorted; not its sub-folders, so an
+output folder inside it is never read back as input), or a glob pattern, which the script
+expands itself (so a quoted pattern works too). An image is used at its own size, which must
+be at least mit.MIN_SIZE (29) pixels on each side, or with --size H W resized for the network
+(bilinear, antialiased) and every output resized back to the image's size: probabilities,
+entropy, depth and variance bilinearly, the class map the argmax of the resized
+probabilities. Images of equal network-input size are batched (--batch-size), on the GPU if
+there is one (--device), in fp32 unless --precision bf16|fp16 (autocast, plumbing.py); MC
+Dropout's masks are seeded (--seed), so a rerun writes the same files. A file that is
+not an image, is broken or too small is reported by name and skipped; the others are still
+predicted, and the exit status is then 1, with the list of what was skipped.
+
+For each image STEM.ext, written atomically into --out (which must be empty unless --overwrite):
+
+    STEM_seg.png        the class map as a palette PNG, in the checkpoint's colours
+    STEM_classes.png    the class ids, 8-bit greyscale (16-bit with more than 255 classes, so
+                        that 255, data.IGNORE_INDEX, never means a class in an 8-bit file)
+    STEM_entropy.png    entropy of the mean softmax (Eq. 3), 16-bit: nats = value * log(K) / 65535
+    STEM_entropy.npy    the same, float32 nats
+    STEM_depth.png      mean depth, 16-bit millimetres; it saturates: 65535 means 65.535 m or more
+    STEM_depth.npy      the same, float32 metres
+    STEM_depth_std.png  predictive standard deviation (Eq. 10), 16-bit millimetres, saturating alike
+    STEM_depth_std.npy  the same, float32 metres
+    STEM_panels.png     Figure 5 without ground truth: input, prediction, entropy, depth, std
+
+(the files of the model's tasks). Each PNG states its scale in its text chunks ('Description',
+'unit', 'scale'), and DIR/predict.json states it once more, with the method, the checkpoints,
+the class names and palette, the images written and the files skipped. The class names and
+palette travel in the checkpoint (data.describe, written by train.py and distill.py), so a model
+trained on NYUv2 or Cityscapes names its classes without the data set at hand; a checkpoint
+without them gets class_0 .. class_{K-1} and a fixed palette, with a warning.
+
+Exporting. A single network (SegFormer, DepthFormer, SegDepthFormer, the EMUFormer student)
+goes to ONNX with its whole prediction, uncertainty included:
+
+    python predict.py runs/emuformer/best.pt --export onnx --out emuformer.onnx
+
+    input   image       (B, 3, H, W) float32, RGB in [0, 1] normalised with data.MEAN / data.STD;
+                        H, W >= 29 (batch, height and width are dynamic)
+    output  seg_probs   (B, K, H, W) softmax of the upsampled logits (Eq. 1)
+            seg_entropy (B, H, W)    nats (Eq. 3)
+            depth_mean  (B, H, W)    metres, ReLU (Eq. 4)
+            depth_var   (B, H, W)    metres^2, Softplus (Eq. 5)
+    (the outputs of the model's tasks), with the classes, palette and units in the file's
+    metadata. What is exported is the folded decoder of heads.py (FoldedNetwork), its matrices
+    W_i L_i (BatchNorm included: in eval mode it is a fixed affine map) computed once, here,
+    and stored as constants. The graph is traced with PyTorch's TorchScript-based ONNX exporter
+    (deprecated since PyTorch 2.9, still in 2.13), which needs nothing beyond PyTorch and one
+    translation of our own (onnx_unflatten) to keep height and width dynamic; the newer
+    torch.export-based exporter gives the same graph but needs the onnxscript and onnx_ir
+    packages and took 26 s instead of 0.7 s for B0 here. onnx (to write the metadata and check
+    the graph) and onnxruntime are optional extras, imported only by the export (and bench.py
+    --onnx and the tests): python -m pip install onnx onnxruntime
+
+MC Dropout, Deep Sub-Ensembles and Deep Ensembles are not exported. Dropout is an identity in
+an exported inference graph, so MC Dropout's T passes would all be the one network's. A DSE or
+a Deep Ensemble is several networks whose outputs are combined (Eq. 3, Eq. 10): each of them
+can be exported on its own, member by member, and combined as uq.Summary does. EMUFormer exists
+to make that unnecessary: one network that predicts the ensemble's uncertainty.
+"""
+
+import argparse
+import glob
+import io
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageOps, PngImagePlugin
+
+import data
+import evaluate
+import figures
+import heads
+import plumbing
+import uq
+from mit import MIN_SIZE
+
+CHECKPOINT_SUFFIXES = ('.pt', '.pth')
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a('paths', nargs='+', metavar='PATH', help='checkpoints (*.pt, *.pth; several = a Deep Ensemble), then '
+                                               'images, folders and glob patterns')
+    a('--out', required=True, help='output folder; with --export, the file to write')
+    a('--method', choices=uq.METHODS,
+      help="uncertainty method; default: 'de' for several checkpoints, 'dse' for a Deep Sub-Ensemble, else 'none'")
+    a('--samples', type=int, default=10, help='MC Dropout: forward passes')
+    a('--dropout', type=float, default=0.2, help='MC Dropout: dropout rate at test time')
+    a('--seed', type=int, default=0, help='seed of the MC Dropout masks')
+    a('--size', type=int, nargs=2, metavar=('H', 'W'),
+      help='resize every image to H x W for the network, and its outputs back (default: each as it is)')
+    a('--batch-size', type=int, default=1, help='images per predict() call (of equal network-input size)')
+    a('--precision', default='fp32', choices=plumbing.PRECISIONS, help='autocast of the forward passes')
+    a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu (default: cuda if there is one)')
+    a('--label', help='model name in the pictures; default e.g. "EMUFormer-B2", "SegDepthFormer-B2 (DE x10)"')
+    a('--overwrite', action='store_true', help='write into a --out that already holds results')
+    a('--export', choices=('onnx',), help='write the single network to --out instead of predicting')
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+def list_inputs(args):
+    """Image files, folders and glob patterns -> (files in order, without repeats; [(argument,
+    why it gave no file)])."""
+    files, missing = [], []
+    for arg in args:
+        paths = [Path(arg)] if Path(arg).exists() else [Path(p) for p in sorted(glob.glob(arg))]
+        if not paths:
+            missing.append((arg, f'{arg}: no such file or folder, and no file matches it as a pattern'))
+        for path in paths:
+            if path.is_dir():  # hidden files (.DS_Store, editors' backups) are no one's images
+                files += sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith('.'))
+            else:
+                files.append(path)
+    return list(dict.fromkeys(files)), missing
+
+
+def check_stems(files):
+    """The outputs are named after the image's stem: refuse, before any work, two inputs that
+    would write the same files."""
+    by_stem = {}
+    for f in files:
+        by_stem.setdefault(f.stem, []).append(str(f))
+    clashes = [' and '.join(paths) for paths in by_stem.values() if len(paths) > 1]
+    if clashes:
+        raise ValueError('these inputs would write the same output files (named after the stem); rename '
+                         'one of each, or predict them into different --out folders: ' + '; '.join(clashes))
+
+
+def read_image(path):
+    """An image file -> (H, W, 3) uint8 RGB, turned upright as its EXIF orientation says (as
+    photos are shown). ValueError naming the file if it is no image Pillow can read, is broken,
+    or is smaller than the encoder's minimum."""
+    try:
+        with Image.open(path) as im:
+            rgb = np.array(ImageOps.exif_transpose(im).convert('RGB'))
+    except Exception as e:  # Pillow: OSError, SyntaxError, struct.error, zlib.error... by format
+        raise ValueError(f'{path}: not a readable image ({type(e).__name__}: {e})') from e
+    if min(rgb.shape[:2]) < MIN_SIZE:
+        raise ValueError(f'{path}: {rgb.shape[0]}x{rgb.shape[1]} pixels (HxW), below the encoder\'s '
+                         f'minimum of {MIN_SIZE} on each side')
+    return rgb
+
+
+def batches(files, size, batch_size, skipped):
+    """Read the files in order and yield (paths, images) batches of equal network-input size
+    (`size`, or the image's own): a group is yielded as soon as it has batch_size images, the
+    rest at the end. A file that cannot be used is reported at once and appended to
+    `skipped` as (path, why)."""
+    pending = {}
+    for path in files:
+        try:
+            rgb = read_image(path)
+        except ValueError as e:
+            print(f'error: {e}; skipped', file=sys.stderr, flush=True)
+            skipped.append((str(path), str(e)))
+            continue
+        key = tuple(size) if size else rgb.shape[:2]
+        pending.setdefault(key, []).append((path, rgb))
+        if len(pending[key]) == batch_size:
+            yield list(zip(*pending.pop(key)))
+    for group in pending.values():
+        yield list(zip(*group))
+
+
+def resize(x, size):
+    """Bilinear resizing of (B, C, h, w) to size (H, W), antialiased: shrinking averages over
+    the pixels that fall into one, as a photo should be shrunk, instead of sampling four."""
+    return F.interpolate(x, size=tuple(size), mode='bilinear', align_corners=False, antialias=True)
+
+
+def to_tensor(rgb):
+    """(H, W, 3) uint8 -> the normalised (3, H, W) float32 image the networks take."""
+    return data.normalize(torch.from_numpy(rgb).permute(2, 0, 1).float() / 255)
+
+
+def image_prediction(pred, i, size):
+    """Image i of a batch's Prediction, on the CPU at `size` (H, W), its own: every map is resized
+    bilinearly where the network saw another size, so the class map (Prediction.pred) is the
+    argmax of the resized probabilities, and the standard deviation the root of the resized
+    variance."""
+    maps = {}
+    for name in ('probs', 'entropy', 'depth_mean', 'depth_var'):
+        x = getattr(pred, name)
+        if x is not None:
+            x = x[i:i + 1].float()
+            if x.shape[-2:] != size:  # a (1, H, W) map is resized as one channel, (1, 1, H, W)
+                x = resize(x, size) if x.ndim == 4 else resize(x[:, None], size)[:, 0]
+            maps[name] = x.cpu()
+    return uq.Prediction(**maps)
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+def file_formats(tasks, num_classes):
+    """{suffix: what the file holds}; the 16-bit PNGs with their 'unit' and 'scale' (unit per
+    step of the stored integer). Written into predict.json and into each PNG's text chunks."""
+    formats = {}
+    if 'seg' in tasks:
+        bits = 8 if num_classes <= data.IGNORE_INDEX else 16
+        step = math.log(num_classes) / 65535  # the entropy of K classes is at most log K
+        formats.update({
+            '_seg.png': {'Description': 'palette PNG: the class map in the colours of the palette in predict.json'},
+            '_classes.png': {'Description': f'{bits}-bit greyscale PNG: the class id of each pixel, the argmax '
+                                            'of the mean softmax'},
+            '_entropy.png': {'Description': f'16-bit greyscale PNG: entropy of the mean softmax (Eq. 3); '
+                                            f'nats = value * log({num_classes}) / 65535', 'unit': 'nats', 'scale': step},
+            '_entropy.npy': {'Description': 'float32 (H, W): entropy of the mean softmax (Eq. 3)', 'unit': 'nats'}})
+    if 'depth' in tasks:
+        formats.update({
+            '_depth.png': {'Description': '16-bit greyscale PNG: mean depth in millimetres, metres = value / '
+                                          '1000; saturates: 65535 means 65.535 m or more', 'unit': 'm', 'scale': 0.001},
+            '_depth.npy': {'Description': 'float32 (H, W): mean depth', 'unit': 'm'},
+            '_depth_std.png': {'Description': '16-bit greyscale PNG: predictive standard deviation of the depth '
+                                              '(Eq. 10) in millimetres, metres = value / 1000; saturates: 65535 means '
+                                              '65.535 m or more', 'unit': 'm', 'scale': 0.001},
+            '_depth_std.npy': {'Description': 'float32 (H, W): predictive standard deviation of the depth (Eq. 10)',
+                               'unit': 'm'}})
+    formats['_panels.png'] = {'Description': 'Figure-5-like panels: input, prediction, uncertainty'}
+    return formats
+
+
+def quantize(values, scale):
+    """Float values -> uint16 steps of `scale`, rounded to the nearest, saturating at 65535."""
+    return np.clip(np.rint(values.astype(np.float64) / scale), 0, 65535).astype(np.uint16)
+
+
+def save_png(path, image, text):
+    """A PIL image as a PNG, atomically, with `text` ({key: value}) in its text chunks."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        info.add_text(key, str(value))
+    plumbing.save_atomic(path, lambda f: image.save(f, format='PNG', pnginfo=info))
+
+
+def save_npy(path, array):
+    plumbing.save_atomic(path, lambda f: np.save(f, array))
+
+
+def class_names(model, path):
+    """The class names and the palette (K, 3) that the checkpoint at `path` carries
+    (data.describe), or, with a warning, class_0 .. class_{K-1} in a fixed palette."""
+    if 'classes' in model.meta and 'palette' in model.meta:
+        return list(model.meta['classes']), np.array(model.meta['palette'], np.uint8)
+    print(f'warning: {path} carries no class names and palette; naming the classes class_0 .. '
+          f'class_{model.num_classes - 1}, in a fixed palette', file=sys.stderr)
+    names = [f'class_{k}' for k in range(model.num_classes)]
+    return names, data._voc_palette(model.num_classes + 1)[1:]  # VOC's colours, without its black
+
+
+@dataclass
+class Writer:
+    """Writes every output of one image into `folder` (the module docstring's list)."""
+    folder: Path
+    label: str
+    formats: dict
+    classes: list = None          # the model's class names and palette (K, 3), None without segmentation
+    palette: np.ndarray = None
+
+    def write(self, path, image, pred):
+        """path: the input file (its stem names the outputs); image: its normalised (3, H, W)
+        tensor; pred: its Prediction at (H, W) on the CPU. Returns the names of the files written."""
+        out = lambda suffix: self.folder / f'{path.stem}{suffix}'
+        text = lambda suffix: {'Software': 'emuformer predict.py', 'Model': self.label, **self.formats[suffix]}
+        legend = []
+        if pred.probs is not None:
+            ids = pred.pred[0].numpy()
+            if len(self.palette) <= 256:  # a PNG palette has at most 256 entries; beyond, RGB colours
+                seg = Image.fromarray(ids.astype(np.uint8))
+                seg.putpalette(self.palette.astype(np.uint8).tobytes())  # makes it mode 'P'
+            else:
+                seg = Image.fromarray(self.palette[ids].astype(np.uint8))
+            save_png(out('_seg.png'), seg, text('_seg.png'))
+            classes = ids.astype(np.uint8 if len(self.classes) <= data.IGNORE_INDEX else np.uint16)
+            save_png(out('_classes.png'), Image.fromarray(classes), text('_classes.png'))
+            entropy = pred.entropy[0].numpy()
+            save_png(out('_entropy.png'), Image.fromarray(quantize(entropy, self.formats['_entropy.png']['scale'])),
+                     text('_entropy.png'))
+            save_npy(out('_entropy.npy'), entropy)
+            legend = figures.class_legend(np.unique(ids), self.palette, self.classes)
+        if pred.depth_mean is not None:
+            depth, std = pred.depth_mean[0].numpy(), pred.depth_var[0].sqrt().numpy()
+            save_png(out('_depth.png'), Image.fromarray(quantize(depth, 0.001)), text('_depth.png'))
+            save_npy(out('_depth.npy'), depth)
+            save_png(out('_depth_std.png'), Image.fromarray(quantize(std, 0.001)), text('_depth_std.png'))
+            save_npy(out('_depth_std.npy'), std)
+        rows = figures.prediction_panels(image[None], pred, 0, self.palette, len(self.classes or ()))
+        figures.save_figure(out('_panels.png'), rows, f'{self.label} on {path.name}', legend)
+        return [out(suffix).name for suffix in self.formats]
+
+
+# ---------------------------------------------------------------------------------------------
+# predicting
+
+def predict(model, method, files, args, writer, device):
+    """Every file through uq.predict, its outputs written by `writer` -> (images written as
+    manifest entries, [(path, why skipped)])."""
+    kwargs = {'samples': args.samples, 'dropout': args.dropout} if method == 'mcd' else {}
+    dtype = plumbing.autocast_dtype(args.precision, device)
+    progress = plumbing.Progress('predicted', len(files))
+    written, skipped = [], []
+    for paths, rgbs in batches(files, args.size, args.batch_size, skipped):
+        images = [to_tensor(rgb) for rgb in rgbs]
+        x = torch.stack([image if args.size is None else resize(image[None], args.size)[0] for image in images])
+        with plumbing.autocast(device, dtype):
+            pred = uq.predict(model, x.to(device), method, **kwargs)
+        for i, (path, image) in enumerate(zip(paths, images)):
+            names = writer.write(path, image, image_prediction(pred, i, image.shape[-2:]))
+            written.append({'input': str(path), 'height': image.shape[1], 'width': image.shape[2], 'files': names})
+        progress.update(len(written) + len(skipped))
+    return written, skipped
+
+
+def main(argv=None):
+    """Predict (or export); returns the exit status: 0, or 1 if a file was skipped."""
+    args = get_parser().parse_args(argv)
+    checkpoints = [p for p in args.paths if p.endswith(CHECKPOINT_SUFFIXES)]
+    inputs = [p for p in args.paths if not p.endswith(CHECKPOINT_SUFFIXES)]
+    if not checkpoints:
+        raise ValueError('no checkpoint: the positional arguments ending in .pt or .pth are the checkpoints')
+    if args.export:
+        if inputs:
+            raise ValueError(f'--export writes the network alone; leave out the inputs ({", ".join(inputs)})')
+        return export(args, checkpoints)
+    if not inputs:
+        raise ValueError('no inputs: give image files, folders or glob patterns after the checkpoint(s)')
+    if args.size and min(args.size) < MIN_SIZE:
+        raise ValueError(f'--size {args.size[0]} {args.size[1]}: the encoder needs at least {MIN_SIZE} on each side')
+    plumbing.check_output(args.out, '--out', args.overwrite, folder=True)
+    files, missing = list_inputs(inputs)
+    for _, why in missing:
+        print(f'error: {why}', file=sys.stderr)
+    check_stems(files)
+
+    models = uq.load_members(checkpoints)
+    method = evaluate.resolve_method(args.method, models, checkpoints)
+    first = models[0]
+    classes, palette = class_names(first, checkpoints[0]) if 'seg' in first.tasks else (None, None)
+    label = args.label or evaluate.default_label(models, method, args.dropout)
+    formats = file_formats(first.tasks, first.num_classes)
+    device = torch.device(args.device)
+    models = [m.to(device) for m in models]
+    model = uq.DeepEnsemble(models) if method == 'de' else models[0]
+    torch.manual_seed(args.seed)  # MC Dropout's masks: the same outputs on every run
+    print(f'{label}: {len(files)} file(s), method {method}, on {device}', flush=True)
+
+    writer = Writer(Path(args.out), label, formats, classes, palette)
+    written, skipped = predict(model, method, files, args, writer, device)
+    skipped = missing + skipped
+    plumbing.write_json({
+        'label': label, 'method': method, 'checkpoints': checkpoints,
+        'settings': {k: v for k, v in vars(args).items() if k not in ('paths', 'out', 'overwrite', 'export')},
+        'tasks': list(first.tasks), 'classes': classes, 'palette': None if palette is None else palette.tolist(),
+        'files': formats, 'images': written,
+        'skipped': [{'input': path, 'error': why} for path, why in skipped]}, Path(args.out) / 'predict.json')
+    print(f'wrote the outputs of {len(written)} image(s) to {args.out}', flush=True)
+    if skipped:
+        print(f'skipped {len(skipped)}:\n' + '\n'.join(f'  {why}' for _, why in skipped), file=sys.stderr)
+    return 1 if skipped else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+OUTPUT_NAMES = {'seg': ('seg_probs', 'seg_entropy'), 'depth': ('depth_mean', 'depth_var')}
+NOT_EXPORTED = {
+    'mcd': 'MC Dropout is not exported: dropout is an identity in an exported inference graph, so its '
+           'passes would all be the one network; export the network (method none) or predict with '
+           'predict.py --method mcd',
+    'dse': 'a Deep Sub-Ensemble is not exported: it is N heads whose outputs are combined (Eq. 3, Eq. 10); '
+           'each head with the shared encoder could be exported member by member, which predict.py does '
+           'not do; predict with predict.py instead',
+    'de': 'a Deep Ensemble is not exported as one graph: export each member on its own (one checkpoint per '
+          'call) and combine their outputs with Eq. 3 and Eq. 10, as uq.Summary does',
+}
+OPSET = 17  # LayerNormalization is an ONNX operator from opset 17 on
+
+
+class FoldedNetwork(nn.Module):
+    """A SegFormer, DepthFormer or SegDepthFormer as it is exported: image in, the prediction
+    with its uncertainty out (the module docstring's outputs, in that order), through the fold
+    of heads.py with its matrices computed once, here, as constants:
+
+        z = sum_i up(M_i f_i) + c      M_i: the heads' W_i L_i stacked, BatchNorm folded in
+        y = up(P ReLU(z))              each head's 1x1 prediction layer, to the input size
+        softmax and entropy (Eq. 1, 3), or ReLU and Softplus (Eq. 4, 5)
+
+    Every stage is taken to the fused width at its own resolution and then upsampled with
+    F.interpolate (heads.fused_features upsamples stage 2 first and uses its own upsampling;
+    the order is exact up to rounding, and this one is plain ONNX Conv and Resize). The
+    decoder's dropout is an identity in eval mode and is left out."""
+
+    def __init__(self, model):
+        super().__init__()
+        model.eval()  # fold() then folds BatchNorm's running statistics into the matrices
+        self.backbone, self.tasks = model.backbone, model.tasks
+        decoders = [model.decode_head if t == 'seg' else model.depth_head for t in self.tasks]
+        with torch.no_grad():
+            folds = [[heads.fold(d, i) for d in decoders] for i in range(4)]  # per stage, per head
+            for i, stage in enumerate(folds):  # a 1x1 conv's weight: (G*E, C_i) -> (G*E, C_i, 1, 1)
+                self.register_buffer(f'stage{i + 1}', torch.cat([m for m, _ in stage])[:, :, None, None])
+            self.register_buffer('bias', sum(torch.cat([c for _, c in stage]) for stage in folds))  # (G*E,)
+        self.predictors = nn.ModuleList(d.linear_pred for d in decoders)
+        self.output_names = [name for t in self.tasks for name in OUTPUT_NAMES[t]]
+
+    def forward(self, x):
+        features = self.backbone(x)  # [(B, C_i, H / 2^(i+1), W / 2^(i+1))]
+        size = features[0].shape[-2:]
+        z = F.conv2d(features[0], self.stage1, self.bias)  # (B, G*E, H/4, W/4), every bias once
+        for i in (1, 2, 3):
+            z = z + F.interpolate(F.conv2d(features[i], getattr(self, f'stage{i + 1}')), size,
+                                  mode='bilinear', align_corners=False)
+        outputs = []
+        for task, predictor, fused in zip(self.tasks, self.predictors, F.relu(z).chunk(len(self.tasks), dim=1)):
+            y = F.interpolate(predictor(fused), x.shape[-2:], mode='bilinear', align_corners=False)
+            if task == 'seg':  # the entropy from log_softmax, finite where the softmax underflows to 0
+                outputs += [y.softmax(dim=1), -(y.softmax(dim=1) * y.log_softmax(dim=1)).sum(dim=1)]
+            else:
+                outputs += [F.relu(y[:, 0]), F.softplus(y[:, 1])]
+        return tuple(outputs)
+
+
+def onnx_unflatten(g, x, dim, sizes):
+    """x.unflatten(dim, sizes) in ONNX: a Reshape to x's shape with dimension `dim` replaced by
+    `sizes`. PyTorch's own translation computes the axis in the graph (Add, Mod), after which
+    the exporter's shape inference falls back to the traced example's shapes and writes the
+    token maps' sizes from stage 2 on as constants: the graph then fails on any other size.
+    Here the axis is a constant (mit.py unflattens with dim >= 0), and H and W stay dynamic."""
+    dim = int(dim.node().t('value'))
+    shape = g.op('Shape', x)
+    const = lambda v: g.op('Constant', value_t=torch.tensor([v], dtype=torch.int64))
+    head, tail = g.op('Slice', shape, const(0), const(dim)), g.op('Slice', shape, const(dim + 1), const(2**62))
+    return g.op('Reshape', x, g.op('Concat', head, sizes, tail, axis_i=0))
+
+
+def onnx_bytes(network, metadata):
+    """The FoldedNetwork as an ONNX model (bytes) with dynamic batch, height and width, and
+    `metadata` ({key: str}) in its metadata_props (onnxruntime: get_modelmeta())."""
+    try:
+        import onnx  # an optional extra: only the export needs it
+    except ImportError:
+        raise SystemExit('--export onnx needs the optional package onnx: python -m pip install onnx') from None
+    dynamic = {'image': {0: 'batch', 2: 'height', 3: 'width'}}
+    for name in network.output_names:
+        dynamic[name] = {0: 'batch', 2: 'height', 3: 'width'} if name == 'seg_probs' else {0: 'batch', 1: 'height', 2: 'width'}
+    buffer = io.BytesIO()
+    torch.onnx.register_custom_op_symbolic('aten::unflatten', onnx_unflatten, OPSET)
+    try:
+        with warnings.catch_warnings():
+            # tracing records the encoder's size check as a constant (the graph keeps no Python
+            # `if`), and the TorchScript-based exporter announces its deprecation: only noise
+            warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
+            warnings.filterwarnings('ignore', category=DeprecationWarning)
+            torch.onnx.export(network.eval(), (torch.zeros(2, 3, 64, 96),), buffer, input_names=['image'],
+                              output_names=network.output_names, dynamic_axes=dynamic, opset_version=OPSET,
+                              dynamo=False)
+    finally:
+        torch.onnx.unregister_custom_op_symbolic('aten::unflatten', OPSET)
+    model = onnx.load_from_string(buffer.getvalue())
+    onnx.helper.set_model_props(model, metadata)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def export(args, checkpoints):
+    """--export onnx: the single network of the checkpoint, folded, to --out."""
+    plumbing.check_output(args.out, '--out', args.overwrite)
+    models = uq.load_members(checkpoints)
+    method = evaluate.resolve_method(args.method, models, checkpoints)
+    if method != 'none':
+        raise ValueError(NOT_EXPORTED[method])
+    model = models[0]
+    network = FoldedNetwork(model)
+    metadata = {'label': args.label or evaluate.default_label(models, method, args.dropout),
+                'input': 'image (B, 3, H, W) float32: RGB in [0, 1], normalised as (rgb - mean) / std with '
+                         f'mean {list(data.MEAN)}, std {list(data.STD)}; H, W >= {MIN_SIZE}',
+                'outputs': 'seg_probs (B, K, H, W) softmax; seg_entropy (B, H, W) nats; depth_mean (B, H, W) '
+                           'metres; depth_var (B, H, W) metres^2 (those of the model\'s tasks)'}
+    if 'seg' in model.tasks:
+        classes, palette = class_names(model, checkpoints[0])
+        metadata.update(classes=json.dumps(classes), palette=json.dumps(palette.tolist()))
+    content = onnx_bytes(network, metadata)
+    plumbing.save_atomic(args.out, lambda f: f.write(content))
+    print(f"wrote {args.out}: {metadata['label']}, outputs {', '.join(network.output_names)}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

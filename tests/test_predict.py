@@ -1,0 +1,229 @@
+"""predict.py: every output file in its documented format and equal to uq.predict's numbers
+within its quantisation step; broken inputs named and skipped; --size, Deep Ensembles and MC
+Dropout; class names and palette from the checkpoint; the exported ONNX network against
+PyTorch, and the methods it refuses to export."""
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import bench
+import data
+import predict
+import uq
+from heads import build_model, load_model
+
+K = data.NUM_CLASSES['synthetic']
+HAS_ONNX = all(importlib.util.find_spec(m) for m in ('onnx', 'onnxruntime'))  # optional extras
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_checkpoint(path, name, seed, meta=None, num_classes=K, **kwargs):
+    """A random B0 model in train.py's checkpoint format, its output layers larger than the
+    initialisation's N(0, 0.01) so that predictions vary from pixel to pixel (as in
+    test_evaluate.py); `meta` as data.describe writes it, or none."""
+    torch.manual_seed(seed)
+    model = build_model(name, 'b0', num_classes, **kwargs)
+    for module_name, module in model.named_modules():
+        if module_name.endswith('linear_pred'):
+            torch.nn.init.normal_(module.weight, std=0.5)
+            torch.nn.init.constant_(module.bias, 1.0)
+    ckpt = {'model': model.state_dict(), 'config': model.config}
+    torch.save(ckpt if meta is None else dict(ckpt, meta=meta), path)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp('checkpoints')
+    meta = data.describe('synthetic', objective='eq7')
+    return {'sdf': write_checkpoint(d / 'sdf.pt', 'segdepthformer', 0, meta),
+            'members': [write_checkpoint(d / f'member{i}.pt', 'segdepthformer', 10 + i) for i in range(2)],
+            'dse': write_checkpoint(d / 'dse.pt', 'dse', 3, meta, num_members=2)}
+
+
+def random_image(path, h, w, seed):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+    """Two sizes, PNG and JPEG; a truncated PNG, a text file and an image below the minimum."""
+    d = tmp_path_factory.mktemp('images')
+    random_image(d / 'a.png', 64, 96, 0)
+    random_image(d / 'b.jpg', 64, 96, 1)
+    random_image(d / 'c.png', 80, 120, 2)
+    random_image(d / 'small.png', 20, 40, 3)
+    (d / 'broken.png').write_bytes((d / 'a.png').read_bytes()[:2000])
+    (d / 'notes.txt').write_text('not an image\n')
+    return d
+
+
+def reference(model, paths, method='none', **kwargs):
+    """uq.predict on the images read independently of predict.py, as one batch."""
+    x = torch.stack([data.normalize(torch.from_numpy(np.array(Image.open(p).convert('RGB'))).permute(2, 0, 1)
+                                    .float() / 255) for p in paths])
+    return uq.predict(model, x, method, **kwargs)
+
+
+def test_folder_with_broken_files(ckpt, images, tmp_path, capsys):
+    out = tmp_path / 'out'
+    assert predict.main([ckpt['sdf'], str(images), '--out', str(out), '--batch-size', '2']) == 1
+    err = capsys.readouterr().err
+    for bad in ('broken.png', 'notes.txt', 'small.png'):
+        assert f'error: {images / bad}' in err and f'{images / bad}:' in err.split('skipped 3:')[1]
+    assert 'below the encoder\'s minimum' in err and 'not a readable image' in err
+    manifest = json.loads((out / 'predict.json').read_text())
+    assert [m['input'] for m in manifest['images']] == [str(images / n) for n in ('a.png', 'b.jpg', 'c.png')]
+    assert sorted(s['input'] for s in manifest['skipped']) == sorted(str(images / n) for n in
+                                                                     ('broken.png', 'notes.txt', 'small.png'))
+    assert manifest['classes'] == list(data.SYNTHETIC_CLASSES) and manifest['method'] == 'none'
+    assert manifest['label'] == 'SegDepthFormer-B0'
+
+    # a and b (64x96) form one batch of --batch-size 2, c (80x120) another
+    model = load_model(ckpt['sdf']).eval()
+    preds = {**dict(zip('ab', [reference(model, [images / 'a.png', images / 'b.jpg'])] * 2)),
+             'c': reference(model, [images / 'c.png'])}
+    scale = math.log(K) / 65535
+    assert manifest['files']['_entropy.png']['scale'] == scale
+    for name, i, (h, w) in (('a', 0, (64, 96)), ('b', 1, (64, 96)), ('c', 0, (80, 120))):
+        pred = preds[name]
+        read = lambda suffix: Image.open(out / f'{name}{suffix}')
+        seg, classes = read('_seg.png'), read('_classes.png')
+        assert seg.mode == 'P' and classes.mode == 'L' and seg.size == classes.size == (w, h)
+        assert np.array_equal(np.array(seg), pred.pred[i].numpy()) and np.array_equal(np.array(classes), np.array(seg))
+        assert np.array_equal(np.array(seg.getpalette()).reshape(-1, 3)[:K], data.SYNTHETIC_PALETTE)
+
+        entropy, depth, std = (np.load(out / f'{name}{s}.npy') for s in ('_entropy', '_depth', '_depth_std'))
+        assert entropy.dtype == depth.dtype == std.dtype == np.float32
+        assert entropy.shape == depth.shape == std.shape == (h, w)
+        torch.testing.assert_close(torch.from_numpy(entropy), pred.entropy[i], rtol=0, atol=1e-6)
+        torch.testing.assert_close(torch.from_numpy(depth), pred.depth_mean[i], rtol=0, atol=1e-6)
+        torch.testing.assert_close(torch.from_numpy(std), pred.depth_var[i].sqrt(), rtol=0, atol=1e-6)
+
+        pngs = {s: read(s) for s in ('_entropy.png', '_depth.png', '_depth_std.png')}
+        for suffix, im in pngs.items():
+            assert np.array(im).dtype == np.uint16 and im.size == (w, h)
+            assert float(im.text['scale']) == manifest['files'][suffix]['scale'] and im.text['unit']
+        assert np.abs(np.array(pngs['_entropy.png']) * scale - entropy).max() <= scale / 2 + 1e-6
+        for values, im in ((depth, pngs['_depth.png']), (std, pngs['_depth_std.png'])):
+            below = values < 65.535  # the PNGs saturate at 65535 mm
+            error = np.abs(np.array(im) / 1000 - values)[below]
+            assert (error <= 0.0005 + np.spacing(values[below])).all()
+        assert read('_panels.png').width > w
+
+
+def test_size_resizes_back_to_each_image(ckpt, images, tmp_path):
+    out = tmp_path / 'out'
+    args = [ckpt['sdf'], str(images / 'a.png'), str(images / 'c.png'), '--out', str(out), '--size', '64', '64',
+            '--batch-size', '2']
+    assert predict.main(args) == 0
+    for name, size in (('a', (64, 96)), ('c', (80, 120))):
+        assert np.load(out / f'{name}_depth.npy').shape == size
+        assert Image.open(out / f'{name}_classes.png').size == size[::-1]
+        entropy = np.load(out / f'{name}_entropy.npy')
+        assert np.isfinite(entropy).all() and (entropy >= 0).all()
+
+
+def test_deep_ensemble_sub_ensemble_and_mc_dropout(ckpt, images, tmp_path, capsys):
+    pattern = str(images / '*.jpg')  # a pattern the script expands itself
+    assert predict.main([*ckpt['members'], pattern, '--out', str(tmp_path / 'de')]) == 0
+    manifest = json.loads((tmp_path / 'de' / 'predict.json').read_text())
+    assert manifest['method'] == 'de' and manifest['label'] == 'SegDepthFormer-B0 (DE x2)'
+    # the members carry no class names: a warning, and names and colours that say so
+    assert 'carries no class names' in capsys.readouterr().err
+    assert manifest['classes'] == [f'class_{k}' for k in range(K)] and len(manifest['palette']) == K
+    members = [load_model(p) for p in ckpt['members']]
+    pred = reference(members, [images / 'b.jpg'], 'de')
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / 'de' / 'b_depth.npy')), pred.depth_mean[0],
+                               rtol=0, atol=1e-6)
+
+    args = [ckpt['sdf'], pattern, '--out', str(tmp_path / 'mcd'), '--method', 'mcd', '--samples', '2']
+    assert predict.main(args) == 0
+    manifest = json.loads((tmp_path / 'mcd' / 'predict.json').read_text())
+    assert manifest['method'] == 'mcd' and manifest['label'] == 'SegDepthFormer-B0 (MCD 20%)'
+    assert (tmp_path / 'mcd' / 'b_depth_std.png').exists()
+
+    assert predict.main([ckpt['dse'], pattern, '--out', str(tmp_path / 'dse')]) == 0
+    manifest = json.loads((tmp_path / 'dse' / 'predict.json').read_text())
+    assert manifest['method'] == 'dse' and manifest['label'] == 'SegDepthFormer-B0 (DSE x2)'
+
+
+def test_class_names_and_palette_come_from_the_checkpoint(images, tmp_path):
+    palette = [[255, 0, 0], [0, 255, 0], [0, 0, 255]]
+    meta = {'data': 'mine', 'classes': ['sky', 'road', 'tree'], 'palette': palette, 'objective': 'eq7'}
+    path = write_checkpoint(tmp_path / 'seg3.pth', 'segformer', 5, meta, num_classes=3)
+    assert predict.main([path, str(images / 'a.png'), '--out', str(tmp_path / 'out')]) == 0
+    seg = Image.open(tmp_path / 'out' / 'a_seg.png')
+    assert seg.mode == 'P' and np.array(seg.getpalette()).reshape(-1, 3)[:3].tolist() == palette
+    manifest = json.loads((tmp_path / 'out' / 'predict.json').read_text())
+    assert manifest['classes'] == ['sky', 'road', 'tree'] and manifest['palette'] == palette
+    assert not (tmp_path / 'out' / 'a_depth.png').exists()  # a SegFormer predicts no depth
+
+
+def test_refuses_to_replace_results_and_clashing_names(ckpt, images, tmp_path):
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'a_seg.png').write_bytes(b'earlier result')
+    with pytest.raises(FileExistsError, match='--overwrite'):
+        predict.main([ckpt['sdf'], str(images / 'a.png'), '--out', str(tmp_path / 'out')])
+    random_image(tmp_path / 'a.jpg', 64, 64, 4)
+    with pytest.raises(ValueError, match='same output files'):
+        predict.main([ckpt['sdf'], str(images / 'a.png'), str(tmp_path / 'a.jpg'), '--out', str(tmp_path / 'new')])
+
+
+def test_export_refuses_mc_dropout_and_ensembles(ckpt, tmp_path):
+    out = str(tmp_path / 'model.onnx')
+    with pytest.raises(ValueError, match='dropout is an identity'):
+        predict.main([ckpt['sdf'], '--export', 'onnx', '--method', 'mcd', '--out', out])
+    with pytest.raises(ValueError, match='Deep Sub-Ensemble is not exported'):
+        predict.main([ckpt['dse'], '--export', 'onnx', '--out', out])
+    with pytest.raises(ValueError, match='export each member'):
+        predict.main([*ckpt['members'], '--export', 'onnx', '--out', out])
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason='onnx and onnxruntime are optional extras')
+def test_onnx_export_matches_pytorch(ckpt, tmp_path, capsys):
+    import onnxruntime
+    path = tmp_path / 'sdf.onnx'
+    assert predict.main([ckpt['sdf'], '--export', 'onnx', '--out', str(path)]) == 0
+    session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    assert json.loads(session.get_modelmeta().custom_metadata_map['classes']) == list(data.SYNTHETIC_CLASSES)
+    model = load_model(ckpt['sdf']).eval()
+    names = ('seg_probs', 'seg_entropy', 'depth_mean', 'depth_var')
+    assert [o.name for o in session.get_outputs()] == list(names)
+    torch.manual_seed(0)
+    # two sizes (one not a multiple of 32, where heads.upsample falls back to F.interpolate) and a batch of 2
+    for x in (torch.randn(1, 3, 64, 96), torch.randn(1, 3, 77, 101), torch.randn(2, 3, 64, 96)):
+        pred = uq.predict(model, x, 'none')
+        outputs = session.run(None, {'image': x.numpy()})
+        for name, ours, theirs in zip(names, (pred.probs, pred.entropy, pred.depth_mean, pred.depth_var), outputs):
+            # the same fp32 arithmetic in another order (stage 2 upsampled after its matmul, not
+            # before; onnxruntime's kernels) differs by rounding accumulated over the encoder's
+            # layers: up to 1.1e-5 of the largest value here; 1e-4 leaves room for other CPUs'
+            # kernels and is far below what a wrong operator or weight would give
+            assert theirs.shape == tuple(ours.shape), name
+            relative = np.abs(theirs - ours.numpy()).max() / np.abs(ours.numpy()).max()
+            print(f'{name} {tuple(x.shape)}: max |onnx - torch| / max |torch| = {relative:.2e}')
+            assert relative <= 1e-4, (name, tuple(x.shape), relative)
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason='onnx and onnxruntime are optional extras')
+def test_bench_onnx_row():
+    tiny = ['--backbone', 'b0', '--size', '64', '96', '--num-classes', '5', '--warmup', '1', '--iters', '2',
+            '--device', 'cpu', '--threads', '1']
+    rows = {r['key']: r for r in bench.main(tiny + ['--rows', 'segdepthformer', '--onnx'])}
+    assert list(rows) == ['segdepthformer', 'onnx']
+    assert rows['onnx']['params'] == rows['segdepthformer']['params']
+    assert rows['onnx']['latency_ms_median'] > 0 and rows['onnx']['peak_bytes'] > 0
