@@ -33,7 +33,9 @@ On-disk layouts:
         ROOT/camera/{split}/<city>/<city>_<seq>_<frame>_camera.json
         ROOT/ood/{split}/<city>/<city>_<seq>_<frame>_ood.png   optional: nonzero = out of distribution
     Synthetic (6 classes): no files, every scene is drawn on the fly from (seed, index); with
-    ood=True each scene also has one or two objects of a kind never drawn in training.
+    ood=True each scene also has one or two objects of a kind never drawn in training. As image
+    files, for tools that read images (predict.py):
+        python data.py render-synthetic --out out/scenes --count 4 [--size H W] [--ood]
 
 A data set with an `ood` folder in its split gives every sample an 'ood' mask, read from the
 one-channel PNG of the sample (any nonzero value marks an out-of-distribution pixel): an
@@ -64,7 +66,7 @@ from torch.utils.data import Dataset
 
 from corrupt import CORRUPTIONS, corrupt
 from mit import MIN_SIZE
-from plumbing import save_atomic
+from plumbing import check_output, save_atomic
 
 IGNORE_INDEX = 255  # the label of a pixel without a class (unlabelled, Cityscapes' void classes)
 
@@ -690,10 +692,14 @@ class SyntheticScenes(Dataset):
     def __len__(self):
         return self.num_images
 
-    def __getitem__(self, i):
+    def render(self, i):
+        """Scene i as render_scene draws it: image, label, depth, ood mask (or None)."""
         rng = np.random.default_rng([self.seed, i])
         ood_rng = np.random.default_rng([self.seed, i, 1]) if self.ood else None
-        image, label, depth, ood = render_scene(rng, self.size, self.annotation_noise, ood_rng)
+        return render_scene(rng, self.size, self.annotation_noise, ood_rng)
+
+    def __getitem__(self, i):
+        image, label, depth, ood = self.render(i)
         return self.transform(image, label, depth, f'synthetic_{self.seed}_{i:06d}', ood)
 
 
@@ -733,6 +739,17 @@ def build_dataset(name, root, split, train, crop_size=None, teacher_jitter=None,
                            seed + offset, annotation_noise, transform, ood)
 
 
+def render_synthetic(out, count, size, seed, ood, overwrite=False):
+    """Write validation scenes 0..count-1 (build_dataset's 'val' split, seed `seed`) to the folder
+    `out` as PNG images, scene_000.png ..., for predict.py or any other tool that reads images."""
+    check_output(out, '--out', overwrite, folder=True)
+    scenes = SyntheticScenes(count, tuple(size), seed + 1_000_003, ood=ood)
+    for i in range(count):
+        image = scenes.render(i)[0]
+        save_atomic(Path(out) / f'scene_{i:03d}.png', lambda f: Image.fromarray(image).save(f, format='PNG'))
+    print(f'wrote {count} scene(s) of {size[0]}x{size[1]} to {out}')
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description='Data set tools; see the docstring of data.py.')
     commands = parser.add_subparsers(dest='command', required=True)
@@ -741,8 +758,18 @@ def main(argv=None):
     convert.add_argument('--splits', required=True, help='splits.mat (1-based trainNdxs, testNdxs)')
     convert.add_argument('--mapping', required=True, help='classMapping40.mat (mapClass)')
     convert.add_argument('--out', required=True, help='output root of the NYUD-MT layout')
+    render = commands.add_parser('render-synthetic', help='synthetic validation scenes as PNG images')
+    render.add_argument('--out', required=True, help='output folder (must be empty unless --overwrite)')
+    render.add_argument('--count', type=int, default=4, help='how many scenes (0, 1, ... of the val split)')
+    render.add_argument('--size', type=int, nargs=2, default=(96, 128), metavar=('H', 'W'))
+    render.add_argument('--seed', type=int, default=0, help="the data set's seed, as --seed of train.py")
+    render.add_argument('--ood', action='store_true', help='with out-of-distribution objects')
+    render.add_argument('--overwrite', action='store_true')
     args = parser.parse_args(argv)
-    convert_nyuv2(args.mat, args.splits, args.mapping, args.out)
+    if args.command == 'convert-nyuv2':
+        convert_nyuv2(args.mat, args.splits, args.mapping, args.out)
+    else:
+        render_synthetic(args.out, args.count, args.size, args.seed, args.ood, args.overwrite)
 
 
 if __name__ == '__main__':

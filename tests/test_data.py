@@ -636,3 +636,15 @@ def test_an_ood_folder_gives_every_sample_its_mask(nyu):
     (nyu / 'ood' / '000002.png').unlink()
     with pytest.raises(RuntimeError, match=re.escape(str(nyu / 'ood' / '000002.png'))):
         train[1]
+
+
+def test_render_synthetic_writes_the_val_scenes_as_pngs(tmp_path):
+    data.main(['render-synthetic', '--out', str(tmp_path / 's'), '--count', '2', '--size', '64', '96', '--ood'])
+    scenes = data.build_dataset('synthetic', None, 'val', train=False, size=(64, 96), ood=True)
+    for i in range(2):
+        written = np.array(Image.open(tmp_path / 's' / f'scene_{i:03d}.png'))
+        assert written.dtype == np.uint8 and written.shape == (64, 96, 3)
+        assert np.array_equal(written, scenes.render(i)[0])  # PNG is lossless: the very image evaluated
+    assert scenes.render(0)[3].any()  # with --ood the unseen objects are in the picture
+    with pytest.raises(FileExistsError, match='--out .* already holds a result'):
+        data.main(['render-synthetic', '--out', str(tmp_path / 's')])
