@@ -389,6 +389,8 @@ def main(argv=None):
 # export
 
 OUTPUT_NAMES = {'seg': ('seg_probs', 'seg_entropy'), 'depth': ('depth_mean', 'depth_var')}
+PREDICTION_FIELDS = {'seg_probs': 'probs', 'seg_entropy': 'entropy', 'depth_mean': 'depth_mean',
+                     'depth_var': 'depth_var'}  # the uq.Prediction field of each graph output
 NOT_EXPORTED = {
     'mcd': 'MC Dropout is not exported: dropout is an identity in an exported inference graph, so its '
            'passes would all be the one network; export the network (method none) or predict with '
@@ -508,7 +510,35 @@ def export(args, checkpoints):
     content = onnx_bytes(network, metadata)
     plumbing.save_atomic(args.out, lambda f: f.write(content))
     print(f"wrote {args.out}: {metadata['label']}, outputs {', '.join(network.output_names)}")
+    differences = parity(args.out, model)
+    if differences is None:
+        print('not checked against PyTorch: that needs onnxruntime (python -m pip install onnxruntime)')
+    else:
+        print('parity, max |onnxruntime - PyTorch| / max |PyTorch| over images of 96x128 and 77x101: ' +
+              ', '.join(f'{name} {d:.1e}' for name, d in differences.items()))
     return 0
+
+
+def parity(path, model, sizes=((96, 128), (77, 101))):
+    """The exported file at `path` in onnxruntime against the PyTorch model (uq.predict, method
+    none) on random images of `sizes` (one side not a multiple of 32, where heads.upsample
+    takes another path) -> {output: max |onnx - torch| / max |torch|, the worst over the sizes},
+    or None without onnxruntime."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    generator = torch.Generator().manual_seed(0)
+    worst = {}
+    for size in sizes:
+        x = torch.randn(1, 3, *size, generator=generator)
+        pred = uq.predict(model.eval(), x, 'none')
+        for output, theirs in zip(session.get_outputs(), session.run(None, {'image': x.numpy()})):
+            ours = getattr(pred, PREDICTION_FIELDS[output.name]).numpy()
+            difference = float(np.abs(theirs - ours).max() / np.abs(ours).max())
+            worst[output.name] = max(worst.get(output.name, 0.0), difference)
+    return worst
 
 
 if __name__ == '__main__':

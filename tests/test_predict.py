@@ -6,6 +6,7 @@ PyTorch, and the methods it refuses to export."""
 import importlib.util
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -198,6 +199,7 @@ def test_onnx_export_matches_pytorch(ckpt, tmp_path, capsys):
     import onnxruntime
     path = tmp_path / 'sdf.onnx'
     assert predict.main([ckpt['sdf'], '--export', 'onnx', '--out', str(path)]) == 0
+    printed = capsys.readouterr().out  # the export checks itself against PyTorch and says how close
     session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     assert json.loads(session.get_modelmeta().custom_metadata_map['classes']) == list(data.SYNTHETIC_CLASSES)
     model = load_model(ckpt['sdf']).eval()
@@ -217,6 +219,8 @@ def test_onnx_export_matches_pytorch(ckpt, tmp_path, capsys):
             relative = np.abs(theirs - ours.numpy()).max() / np.abs(ours.numpy()).max()
             print(f'{name} {tuple(x.shape)}: max |onnx - torch| / max |torch| = {relative:.2e}')
             assert relative <= 1e-4, (name, tuple(x.shape), relative)
+    figures = dict(re.findall(r'(\w+) (\d\.\de[-+]\d+)', printed.split('parity, ')[1]))
+    assert set(figures) == set(names) and all(float(v) <= 1e-4 for v in figures.values())
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason='onnx and onnxruntime are optional extras')
