@@ -36,16 +36,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def write_checkpoint(path, name, seed, **kwargs):
-    """A random B0 model in train.py's checkpoint format. Its output layers get larger weights
-    than the initialisation's N(0, 0.01), so that predictions vary from pixel to pixel."""
+def write_checkpoint(path, name, seed, meta=None, num_classes=K, **kwargs):
+    """A random B0 model in train.py's checkpoint format, with `meta` as data.describe writes it
+    (class names and palette) or without. Its output layers get larger weights than the
+    initialisation's N(0, 0.01), so that predictions vary from pixel to pixel."""
     torch.manual_seed(seed)
-    model = build_model(name, 'b0', K, **kwargs)
+    model = build_model(name, 'b0', num_classes, **kwargs)
     for module_name, module in model.named_modules():
         if module_name.endswith('linear_pred'):
             torch.nn.init.normal_(module.weight, std=0.5)
             torch.nn.init.constant_(module.bias, 1.0)  # depth head: mostly positive means
-    torch.save({'model': model.state_dict(), 'config': model.config, 'step': 0}, path)
+    ckpt = {'model': model.state_dict(), 'config': model.config, 'step': 0}
+    torch.save(ckpt if meta is None else dict(ckpt, meta=meta), path)
     return str(path)
 
 

@@ -17,33 +17,11 @@ import bench
 import data
 import predict
 import uq
-from heads import build_model, load_model
+from heads import load_model
+from test_evaluate import one_thread, write_checkpoint  # noqa: F401 (one_thread: an autouse fixture)
 
 K = data.NUM_CLASSES['synthetic']
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ('onnx', 'onnxruntime'))  # optional extras
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_checkpoint(path, name, seed, meta=None, num_classes=K, **kwargs):
-    """A random B0 model in train.py's checkpoint format, its output layers larger than the
-    initialisation's N(0, 0.01) so that predictions vary from pixel to pixel (as in
-    test_evaluate.py); `meta` as data.describe writes it, or none."""
-    torch.manual_seed(seed)
-    model = build_model(name, 'b0', num_classes, **kwargs)
-    for module_name, module in model.named_modules():
-        if module_name.endswith('linear_pred'):
-            torch.nn.init.normal_(module.weight, std=0.5)
-            torch.nn.init.constant_(module.bias, 1.0)
-    ckpt = {'model': model.state_dict(), 'config': model.config}
-    torch.save(ckpt if meta is None else dict(ckpt, meta=meta), path)
-    return str(path)
 
 
 @pytest.fixture(scope='module')
