@@ -472,7 +472,7 @@ def _numpy_percentile(ascending, percentiles):
     float64), computed with numpy's own formulas in numpy's order, so that the same pixels fall
     on each side of it: the index (n - 1) q / 100 and the lerp that counts from the nearer end."""
     n = len(ascending)
-    q = torch.tensor(percentiles, dtype=torch.float64) / 100
+    q = torch.tensor(percentiles, dtype=torch.float64, device=ascending.device) / 100
     index = (n - 1) * q
     below = index.floor()
     gamma = index - below
@@ -508,7 +508,7 @@ def sparsification(pred, gt, uncertainty):
     ratio = torch.maximum(pred / gt, gt / pred)
     per_pixel = ((gt - pred) ** 2, (gt - pred).abs() / gt, (ratio >= 1.25).double())
     oracle_keys = {'rmse': per_pixel[0], 'absrel': per_pixel[1], 'a1': ratio}
-    x = torch.tensor(POGGI_X, dtype=torch.float64)
+    x = torch.tensor(POGGI_X, dtype=torch.float64, device=pred.device)
     area = lambda y: ((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2).sum()
     out = {}
     for m in SPARSIFICATION:
@@ -763,7 +763,7 @@ class DepthMetrics(StreamingMetric):
             self._add('decomposed', valid.sum())
 
     def _add_sparsification(self, image):
-        self._add('images', torch.ones((), dtype=torch.int64))
+        self._add('images', torch.ones((), dtype=torch.int64, device=self.device))
         self._add('sparsification', torch.stack([torch.stack([image[m]['ause'], image[m]['aurg']])
                                                  for m in SPARSIFICATION]))
         self._add('curves', torch.stack([torch.stack([image[m][c] for c in ('curve', 'oracle', 'random')])

@@ -522,3 +522,20 @@ def test_ood_metrics_match_the_reference_in_any_batches():
     assert got['mutual_information'] is None and got['depth_var'] is None
     exact = bf.auroc(scores['entropy'].flatten().double().numpy(), ood.flatten().numpy())
     assert abs(got['entropy']['auroc'] - exact) <= got['entropy']['auroc_bound'] + 1e-12
+
+
+def test_the_metrics_make_their_tensors_on_the_inputs_device():
+    # The first GPU run failed here: a tensor made without device= lands on the default device
+    # (the CPU), beside CUDA inputs. The same mistake shows on a CPU with the default device set to
+    # 'meta': such a tensor is then a meta tensor beside the CPU inputs, and the op raises.
+    seg, depth = random_data()
+    scores, ood = ood_data()
+    with torch.device('meta'):
+        seg_m, depth_m, ood_m = (uq.SegMetrics(K, 15, device='cpu'), uq.DepthMetrics(device='cpu'),
+                                 uq.OODMetrics(K, device='cpu'))
+        seg_m.update(*seg)
+        depth_m.update(*depth)
+        ood_m.update(scores, ood)
+        got = {'seg': seg_m.compute(), 'depth': depth_m.compute()}
+    assert_close(got['seg'], run_seg([seg]).compute())
+    assert_close(got['depth'], run_depth([depth]).compute())
