@@ -285,35 +285,38 @@ def _ticks(low, high, count=5):
     return [first + k * step for k in range(int((high - first) / step + 1e-9) + 1)]
 
 
-def line_plots(path, panels, title):
-    """Panels side by side, each (panel title, x label, y label, [(name, xs, ys)]) with one line
-    per series (None in ys: no point), a shared colour per series name and a legend below;
-    `title` on top. Written atomically as a PNG."""
+def line_plots(path, panels, title, columns=4):
+    """Panels in rows of `columns`, each (panel title, x label, y label, [(name, xs, ys)]) with
+    one line per series (None in ys: no point), a shared colour per series name and a legend
+    below; `title` on top. Written atomically as a PNG."""
     names = list(dict.fromkeys(name for *_, series in panels for name, _, _ in series))
     colour = {name: LINE_COLOURS[k % len(LINE_COLOURS)] for k, name in enumerate(names)}
-    pw, ph, left, top, bottom = 300, 220, 62, 40, 56
-    canvas = Image.new('RGB', (len(panels) * (left + pw + 20), top + ph + bottom + 18 * len(names)), 'white')
+    pw, ph, left, top, bottom = 300, 220, 62, 40, 56  # a panel's plot area and its margins
+    columns = min(columns, len(panels))
+    rows = -(-len(panels) // columns)
+    canvas = Image.new('RGB', (columns * (left + pw + 20), rows * (top + ph + bottom) + 18 * len(names)), 'white')
     draw = ImageDraw.Draw(canvas)
     draw.text((PAD, PAD), title, fill='black', font=FONT)
     for p, (panel_title, xlabel, ylabel, series) in enumerate(panels):
-        x0 = p * (left + pw + 20) + left
+        x0, y0 = p % columns * (left + pw + 20) + left, p // columns * (top + ph + bottom) + top
         points = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys) if y is not None]
         xs_all, ys_all = [x for x, _ in points] or [0, 1], [y for _, y in points] or [0, 1]
         (xl, xh), (yl, yh) = (min(xs_all), max(xs_all)), (min(ys_all), max(ys_all))
         yl, yh = yl - 0.05 * (yh - yl or 1), yh + 0.05 * (yh - yl or 1)
         xh = xh if xh > xl else xl + 1
         px = lambda v: x0 + (v - xl) / (xh - xl) * pw
-        py = lambda v: top + (1 - (v - yl) / (yh - yl)) * ph
-        draw.text((x0, top - 16), panel_title, fill='black', font=FONT)
+        py = lambda v: y0 + (1 - (v - yl) / (yh - yl)) * ph
+        draw.text((x0, y0 - 16), panel_title, fill='black', font=FONT)
         for v in _ticks(yl, yh):
             draw.line([x0, py(v), x0 + pw, py(v)], fill=(230, 230, 230))
             draw.text((x0 - 6 - FONT.getlength(f'{v:.3g}'), py(v) - 7), f'{v:.3g}', fill='black', font=FONT)
         for v in _ticks(xl, xh):
-            draw.line([px(v), top + ph, px(v), top + ph + 4], fill='black')
-            draw.text((px(v) - FONT.getlength(f'{v:.3g}') / 2, top + ph + 6), f'{v:.3g}', fill='black', font=FONT)
-        draw.rectangle([x0, top, x0 + pw, top + ph], outline='black')
-        draw.text((x0 + pw / 2 - FONT.getlength(xlabel) / 2, top + ph + 22), xlabel, fill='black', font=FONT)
-        draw.text((x0 - left + 2, top + ph + 38), ylabel, fill=(80, 80, 80), font=FONT)
+            draw.line([px(v), y0 + ph, px(v), y0 + ph + 4], fill='black')
+            draw.text((px(v) - FONT.getlength(f'{v:.3g}') / 2, y0 + ph + 6), f'{v:.3g}', fill='black', font=FONT)
+        draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline='black')
+        draw.text((x0 + pw / 2 - FONT.getlength(xlabel) / 2, y0 + ph + 22), xlabel, fill='black', font=FONT)
+        if ylabel != panel_title:
+            draw.text((x0 - left + 2, y0 + ph + 38), ylabel, fill=(80, 80, 80), font=FONT)
         for name, xs, ys in series:
             line = [(px(x), py(y)) for x, y in zip(xs, ys) if y is not None]
             if len(line) > 1:
@@ -321,7 +324,7 @@ def line_plots(path, panels, title):
             for x, y in line:
                 draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour[name])
     for k, name in enumerate(names):
-        y = top + ph + bottom + 18 * k
+        y = rows * (top + ph + bottom) + 18 * k - 8
         draw.line([left, y + 7, left + 24, y + 7], fill=colour[name], width=3)
         draw.text((left + 30, y), name, fill='black', font=FONT)
     save_atomic(path, lambda f: canvas.save(f, format='PNG'))
