@@ -74,6 +74,7 @@ to make that unnecessary: one network that predicts the ensemble's uncertainty.
 
 import argparse
 import glob
+import inspect
 import io
 import json
 import math
@@ -461,6 +462,11 @@ def onnx_unflatten(g, x, dim, sizes):
     return g.op('Reshape', x, g.op('Concat', head, sizes, tail, axis_i=0))
 
 
+# the TorchScript-based exporter, the one every torch >= 2.3 has; torch 2.5 added the `dynamo`
+# flag, and from 2.9 on it defaults to the other exporter, so ask for this one where it is a flag
+TORCHSCRIPT_EXPORTER = {'dynamo': False} if 'dynamo' in inspect.signature(torch.onnx.export).parameters else {}
+
+
 def onnx_bytes(network, metadata):
     """The FoldedNetwork as an ONNX model (bytes) with dynamic batch, height and width, and
     `metadata` ({key: str}) in its metadata_props (onnxruntime: get_modelmeta())."""
@@ -481,7 +487,7 @@ def onnx_bytes(network, metadata):
             warnings.filterwarnings('ignore', category=DeprecationWarning)
             torch.onnx.export(network.eval(), (torch.zeros(2, 3, 64, 96),), buffer, input_names=['image'],
                               output_names=network.output_names, dynamic_axes=dynamic, opset_version=OPSET,
-                              dynamo=False)
+                              **TORCHSCRIPT_EXPORTER)
     finally:
         torch.onnx.unregister_custom_op_symbolic('aten::unflatten', OPSET)
     model = onnx.load_from_string(buffer.getvalue())
