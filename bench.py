@@ -296,7 +296,7 @@ def make_row(key, args, cache, device):
     """
     build = lambda name, **kw: heads.build_model(name, args.backbone, args.num_classes, **kw).eval()
     T, N = args.samples, args.members
-    chunk = {'samples': T, 'members': N} if device.type == 'cuda' else {'samples': 1, 'members': 1}
+    chunk = {'samples': T, 'members': N} if uq.all_at_once(device) else {'samples': 1, 'members': 1}
     if key in ('segformer', 'depthformer', 'segdepthformer', 'emuformer'):
         model = build('segdepthformer' if key == 'emuformer' else key)
         return [model], lambda x: uq.predict(model, x, 'none'), Textbook(model)
@@ -319,7 +319,7 @@ def make_row(key, args, cache, device):
         if 'members' not in cache:
             cache['members'] = [build('segdepthformer') for _ in range(N)]
         members = cache['members']
-        batched = {'de': device.type == 'cuda', 'de-batched': True, 'de-looped': False}[key]  # 'de': DeepEnsemble's default
+        batched = {'de': uq.all_at_once(device), 'de-batched': True, 'de-looped': False}[key]  # 'de': DeepEnsemble's default
         ensemble = uq.DeepEnsemble(members, batched=batched)
         paper = lambda x: [m(x, textbook=True) for m in members]
         return members, lambda x: uq.predict(ensemble, x, 'de'), paper

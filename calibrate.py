@@ -77,11 +77,11 @@ def collect(model, loader, pixels_per_image, seed, device):
     for batch in loader:
         out = model(batch['image'].to(device))
         if 'seg_logits' in out:
-            z = out['seg_logits'].float().permute(0, 2, 3, 1).cpu()  # (B, H, W, K)
+            z = out['seg_logits'].flatten(2)  # (B, K, H*W); only the sampled pixels leave the device
             for b in range(len(z)):
                 where = (batch['label'][b] != data.IGNORE_INDEX).flatten().nonzero().squeeze(1)
                 pick = where[torch.randperm(len(where), generator=generator)[:pixels_per_image]]
-                logits.append(z[b].flatten(0, 1)[pick])
+                logits.append(z[b][:, pick.to(z.device)].T.float().cpu())  # (n, K)
                 labels.append(batch['label'][b].flatten()[pick])
         if 'depth_var' in out:
             y = batch['depth'].to(device)

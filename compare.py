@@ -33,7 +33,7 @@ def markdown(headers, rows):
 
 def evaluation_tables(results):
     """The paper's columns and the second block's, one row per result."""
-    paper = markdown(['', *[f'{"seg" if t == "seg" else "depth"} {h}' for t, _, h in evaluate.COLUMNS], 'ms/image'],
+    paper = markdown(['', *[f'{t} {h}' for t, _, h in evaluate.COLUMNS], 'ms/image'],
                      [[r['label'], *[_cell((r[t] or {}).get(k)) for t, k, _ in evaluate.COLUMNS],
                        _cell(r['time_ms']['mean'], 1)] for r in results])
     tables = [paper]

@@ -376,6 +376,7 @@ class NYUv2(Dataset):
     def __init__(self, root, split, transform):
         self.root = Path(root)
         self.transform = transform
+        self.has_ood = (self.root / 'ood').is_dir()  # an anomaly benchmark's masks (README)
         listing = self.root / 'gt_sets' / f'{split}.txt'
         expected = [self.root / d for d in ('images', 'segmentation', 'depth')] + [listing]
         missing = [str(p) for p in expected if not p.exists()]
@@ -401,7 +402,7 @@ class NYUv2(Dataset):
         label = np.where(raw == 0, IGNORE_INDEX, raw - 1)  # 1..40 -> 0..39, 0 -> ignore
         depth = _read(self.root / 'depth' / f'{name}.npy', _npy)
         ood = self.root / 'ood' / f'{name}.png'
-        return self.transform(image, label, depth, name, _read(ood, _ood_png) if (self.root / 'ood').is_dir() else None)
+        return self.transform(image, label, depth, name, _read(ood, _ood_png) if self.has_ood else None)
 
 
 def convert_nyuv2(mat, splits, mapping, out):
@@ -465,6 +466,7 @@ class Cityscapes(Dataset):
         self.root = Path(root)
         self.split = split
         self.transform = transform
+        self.has_ood = (self.root / 'ood' / split).is_dir()  # an anomaly benchmark's masks (README)
         self.images = sorted((self.root / 'leftImg8bit' / split).glob('*/*_leftImg8bit.png'))
         missing = [str(self.root / d / split) for d in ('gtFine', 'disparity', 'camera')
                    if not (self.root / d / split).is_dir()]
@@ -493,8 +495,7 @@ class Cityscapes(Dataset):
         depth = np.zeros_like(p)
         depth[valid] = baseline * fx / disparity[valid]
         ood = self.root / 'ood' / self.split / city / f'{name}_ood.png'
-        return self.transform(image, label, depth, name,
-                              _read(ood, _ood_png) if (self.root / 'ood' / self.split).is_dir() else None)
+        return self.transform(image, label, depth, name, _read(ood, _ood_png) if self.has_ood else None)
 
 
 # -----------------------------------------------------------------------------
@@ -706,6 +707,11 @@ class SyntheticScenes(Dataset):
 # -----------------------------------------------------------------------------
 
 
+# the synthetic splits' scenes come from seed + offset: far apart, so that no nearby training
+# seed draws the val or calib scenes
+SYNTHETIC_SEED_OFFSET = {'train': 0, 'val': 1_000_003, 'calib': 2_000_003}
+
+
 def build_dataset(name, root, split, train, crop_size=None, teacher_jitter=None, max_depth=None,
                   corruption=None, num_images=None, size=(96, 128), seed=0, annotation_noise=True, ood=False):
     """The data set `name` ('nyuv2', 'cityscapes' or 'synthetic') of split 'train' or 'val'.
@@ -734,16 +740,15 @@ def build_dataset(name, root, split, train, crop_size=None, teacher_jitter=None,
         return NYUv2(root, split, transform)
     if name == 'cityscapes':
         return Cityscapes(root, split, transform)
-    offset = {'train': 0, 'val': 1_000_003, 'calib': 2_000_003}[split]
     return SyntheticScenes(num_images or {'train': 200, 'val': 50, 'calib': 50}[split], size,
-                           seed + offset, annotation_noise, transform, ood)
+                           seed + SYNTHETIC_SEED_OFFSET[split], annotation_noise, transform, ood)
 
 
 def render_synthetic(out, count, size, seed, ood, overwrite=False):
     """Write validation scenes 0..count-1 (build_dataset's 'val' split, seed `seed`) to the folder
     `out` as PNG images, scene_000.png ..., for predict.py or any other tool that reads images."""
     check_output(out, '--out', overwrite, folder=True)
-    scenes = SyntheticScenes(count, tuple(size), seed + 1_000_003, ood=ood)
+    scenes = SyntheticScenes(count, tuple(size), seed + SYNTHETIC_SEED_OFFSET['val'], ood=ood)
     for i in range(count):
         image = scenes.render(i)[0]
         save_atomic(Path(out) / f'scene_{i:03d}.png', lambda f: Image.fromarray(image).save(f, format='PNG'))

@@ -196,6 +196,14 @@ def fold(decoder, i):
     return s[:, None] * M, s * c + t
 
 
+def stacked_folds(decoders, stages=4):
+    """The folds of G decoders stacked: per stage i the matrix (G*E, C_i) of every decoder's
+    W_i L_i, and one bias (G*E,), the sum of the stages' (each decoder's BatchNorm shift once)."""
+    folds = [[fold(d, i) for d in decoders] for i in range(stages)]  # per stage, per decoder
+    weights = [torch.cat([m for m, _ in stage]) for stage in folds]
+    return weights, sum(torch.cat([c for _, c in stage]) for stage in folds)
+
+
 def fused_features(decoders, features):
     """ReLU(BN(z)) of every decoder, through the fold: the encoder's four maps
     [(B, C_i, h_i, w_i)] -> one (B, E, h_1, w_1) map per decoder, equal to what
@@ -209,9 +217,7 @@ def fused_features(decoders, features):
     Every bias goes in once, with stage 4's small map, which upsampling carries to each pixel
     unchanged (it keeps a constant constant)."""
     size = features[0].shape[-2:]
-    folds = [[fold(d, i) for d in decoders] for i in range(len(features))]  # per stage, per decoder
-    weights = [torch.cat([m for m, _ in stage]) for stage in folds]  # (G*E, C_i)
-    bias = sum(torch.cat([c for _, c in stage]) for stage in folds)  # (G*E,)
+    weights, bias = stacked_folds(decoders, len(features))  # [(G*E, C_i)], (G*E,)
     # a 1x1 conv is a matmul over the channels of the channels_last features (under vmap, a Deep
     # Ensemble's, one batched matmul): (B, h, w, C) @ (C, G*E) -> (B, G*E, h, w), channels_last
     conv = lambda f, weight, bias=None: F.linear(f.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
@@ -232,8 +238,7 @@ def head_outputs(task, z, size):
     for depth. Upsampling comes before the activations, as the paper does for the softmax
     (Section 3.2.1)."""
     if task == 'seg':
-        # contiguous first: the softmax over classes is 4x slower on a channels_last map
-        return {'seg_logits': upsample(z.contiguous(), size)}
+        return {'seg_logits': upsample(z, size)}
     # depth in float32 whatever autocast does (no autocast list lowers these ops): in half
     # precision Softplus underflows to 0 below about -17, where the loss's 1/s^2 then overflows
     z = upsample(z.float(), size)

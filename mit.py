@@ -125,8 +125,7 @@ def dropout(x, p):
     if x.device.type != 'cpu' or p in (0, 1):
         return F.dropout(x, p, training=True)
     k = max(1, round(65536 * (1 - p)))
-    bits = np.random.Generator(np.random.PCG64(int(torch.randint(2**62, ())))).bit_generator.random_raw(
-        (x.numel() + 3) // 4)
+    bits = np.random.PCG64(int(torch.randint(2**62, ()))).random_raw((x.numel() + 3) // 4)
     u = torch.from_numpy(bits.view(np.int16)[:x.numel()]).view(x.shape)  # uniform over -32768..32767
     keep = u <= k - 32769  # u + 32768 < k, with the threshold inside int16's range
     return (x.mul_(keep) if not x.requires_grad else x * keep).mul_(65536 / k)

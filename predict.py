@@ -304,7 +304,7 @@ class Writer:
             save_png(out('_entropy.png'), Image.fromarray(quantize(entropy, self.formats['_entropy.png']['scale'])),
                      text('_entropy.png'))
             save_npy(out('_entropy.npy'), entropy)
-            legend = figures.class_legend(np.unique(ids), self.palette, self.classes)
+            legend = figures.class_legend(ids, self.palette, self.classes)
         if pred.depth_mean is not None:
             depth, std = pred.depth_mean[0].numpy(), pred.depth_var[0].sqrt().numpy()
             save_png(out('_depth.png'), Image.fromarray(quantize(depth, 0.001)), text('_depth.png'))
@@ -425,10 +425,10 @@ class FoldedNetwork(nn.Module):
         self.backbone, self.tasks = model.backbone, model.tasks
         decoders = [model.decode_head if t == 'seg' else model.depth_head for t in self.tasks]
         with torch.no_grad():
-            folds = [[heads.fold(d, i) for d in decoders] for i in range(4)]  # per stage, per head
-            for i, stage in enumerate(folds):  # a 1x1 conv's weight: (G*E, C_i) -> (G*E, C_i, 1, 1)
-                self.register_buffer(f'stage{i + 1}', torch.cat([m for m, _ in stage])[:, :, None, None])
-            self.register_buffer('bias', sum(torch.cat([c for _, c in stage]) for stage in folds))  # (G*E,)
+            weights, bias = heads.stacked_folds(decoders)
+            for i, weight in enumerate(weights):  # a 1x1 conv's weight: (G*E, C_i) -> (G*E, C_i, 1, 1)
+                self.register_buffer(f'stage{i + 1}', weight[:, :, None, None])
+            self.register_buffer('bias', bias)  # (G*E,)
         self.predictors = nn.ModuleList(d.linear_pred for d in decoders)
         self.output_names = [name for t in self.tasks for name in OUTPUT_NAMES[t]]
 

@@ -203,7 +203,8 @@ class Summary:
         pred = Prediction()
         if self.probs is not None:
             pred.probs = self.probs.div_(self.n)
-            pred.entropy = entropy(pred.probs)  # Eq. 3
+            # Eq. 3; of one sample it is that sample's entropy, already summed when decomposing
+            pred.entropy = self.entropies if self.decompose and self.n == 1 else entropy(pred.probs)
             if self.decompose:
                 pred.aleatoric_entropy = self.entropies / self.n
                 pred.mutual_information = pred.entropy - pred.aleatoric_entropy
@@ -241,7 +242,7 @@ class DeepEnsemble:
 
     def __init__(self, members, batched=None):
         self.members = [m.eval() for m in members]
-        self.batched = next(members[0].parameters()).is_cuda if batched is None else batched
+        self.batched = all_at_once(next(members[0].parameters()).device) if batched is None else batched
         if self.batched:
             params, self.buffers = stack_module_state(self.members)
             self.params = {k: v.detach() for k, v in params.items()}
@@ -292,11 +293,16 @@ def load_members(paths):
     return models
 
 
+def all_at_once(device):
+    """Whether the samples of a prediction (MC Dropout passes, DSE heads, Deep Ensemble members)
+    run all at once on `device`: on a GPU, which wants large batches, yes; on a CPU, which runs
+    no faster in larger batches and would hold them all in memory, one at a time."""
+    return torch.device(device).type == 'cuda'
+
+
 def default_chunk(images, total):
-    """How many samples (MC Dropout passes, DSE heads) one call computes: all at once on a GPU,
-    which wants large batches, one at a time on a CPU, which runs no faster in larger batches
-    and would hold them all in memory."""
-    return total if images.is_cuda else 1
+    """How many samples one call computes (all_at_once)."""
+    return total if all_at_once(images.device) else 1
 
 
 def mc_dropout_outputs(model, images, samples=10, dropout=0.2, chunk=None):
@@ -482,16 +488,20 @@ def _numpy_percentile(ascending, percentiles):
     return torch.where(gamma >= 0.5, b - (b - a) * (1 - gamma), a + (b - a) * gamma)
 
 
-def _sparsification_curve(key, per_pixel, metric):
-    """The curve of `metric` over the pixels left after removing the 0, 2, .., 98% with the
-    largest `key`, as compute_aucs removes them: keep -key >= np.percentile(-key, q), so a pixel
-    tied with the cut is kept. per_pixel: (squared error, absolute relative error, outlier)
-    of each pixel; the means over every kept set come from suffix sums in the order of -key."""
+def _sparsification_curves(key, per_pixel, metrics=SPARSIFICATION):
+    """The curve of each of `metrics` over the pixels left after removing the 0, 2, .., 98% with
+    the largest `key`, as compute_aucs removes them: keep -key >= np.percentile(-key, q), so a
+    pixel tied with the cut is kept. per_pixel: (squared error, absolute relative error,
+    outlier) of each pixel; the means over every kept set come from suffix sums in the order of
+    -key, which is sorted once for all the metrics. -> {metric: curve}"""
     negated, order = torch.sort(-key, stable=True)
     first_kept = torch.searchsorted(negated, _numpy_percentile(negated, POGGI_PERCENTILES))
     kept = len(key) - first_kept
-    value = per_pixel[SPARSIFICATION.index(metric)][order].flip(0).cumsum(0).flip(0)[first_kept] / kept
-    return torch.cat([value.sqrt() if metric == 'rmse' else value, value.new_zeros(1)])  # 0 at x = 1
+    curves = {}
+    for m in metrics:
+        value = per_pixel[SPARSIFICATION.index(m)][order].flip(0).cumsum(0).flip(0)[first_kept] / kept
+        curves[m] = torch.cat([value.sqrt() if m == 'rmse' else value, value.new_zeros(1)])  # 0 at x = 1
+    return curves
 
 
 def sparsification(pred, gt, uncertainty):
@@ -512,9 +522,10 @@ def sparsification(pred, gt, uncertainty):
     x = torch.tensor(POGGI_X, dtype=torch.float64, device=pred.device)
     area = lambda y: ((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2).sum()
     out = {}
+    curves = _sparsification_curves(uncertainty, per_pixel)
     for m in SPARSIFICATION:
-        curve = _sparsification_curve(uncertainty, per_pixel, m)
-        oracle = _sparsification_curve(oracle_keys[m], per_pixel, m)
+        curve = curves[m]
+        oracle = _sparsification_curves(oracle_keys[m], per_pixel, [m])[m]
         random = curve[0].expand(51)  # the whole image's metric: nothing removed
         out[m] = {'ause': area(curve) - area(oracle), 'aurg': random[0] - area(curve),
                   'curve': curve, 'oracle': oracle, 'random': random}
