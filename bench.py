@@ -621,4 +621,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    plumbing.entry_point(main)

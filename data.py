@@ -66,7 +66,7 @@ from torch.utils.data import Dataset
 
 from corrupt import CORRUPTIONS, corrupt
 from mit import MIN_SIZE
-from plumbing import check_output, save_atomic
+from plumbing import check_output, entry_point, save_atomic
 
 IGNORE_INDEX = 255  # the label of a pixel without a class (unlabelled, Cityscapes' void classes)
 
@@ -778,4 +778,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    entry_point(main)

@@ -39,6 +39,8 @@ needed only to ask for another student, e.g. a B0 student of a B2 teacher withou
 
 from functools import partial
 
+import torch
+
 import data
 import losses
 import plumbing
@@ -106,14 +108,15 @@ def main(argv=None):
     if args.model != 'segdepthformer':
         raise ValueError(f'the EMUFormer student is a SegDepthFormer, not a {args.model}')
     train.check_args(args)
-    run = train.setup(args)
-    teacher = build_teacher(args.teacher, data.NUM_CLASSES[args.data], run.device)
-    args.backbone, args.init = student_backbone(args, teacher), args.student_init or args.init
-    loss_fn = partial(distillation_loss, teacher=teacher, w1=args.w1, w2=args.w2, w3=args.w3,
-                      depth_loss=args.depth_loss, across_ranks=run.ddp)
-    return train.train(args, run, loss_fn, meta=data.describe(args.data, objective='eq11'),
-                       teacher_jitter=tuple(args.jitter))
+    with plumbing.process_group(torch.device(args.device)) as (rank, world_size, device):
+        run = train.setup(args, rank, world_size, device)
+        teacher = build_teacher(args.teacher, data.NUM_CLASSES[args.data], run.device)
+        args.backbone, args.init = student_backbone(args, teacher), args.student_init or args.init
+        loss_fn = partial(distillation_loss, teacher=teacher, w1=args.w1, w2=args.w2, w3=args.w3,
+                          depth_loss=args.depth_loss, across_ranks=run.ddp)
+        return train.train(args, run, loss_fn, meta=data.describe(args.data, objective='eq11'),
+                           teacher_jitter=tuple(args.jitter))
 
 
 if __name__ == '__main__':
-    main()
+    plumbing.entry_point(main)

@@ -442,17 +442,13 @@ def main(argv=None):
     if 'seg' in models[0].tasks and models[0].num_classes != num_classes:
         raise ValueError(f'{args.checkpoints[0]} predicts {models[0].num_classes} classes, '
                          f'{args.data} has {num_classes}')
-    rank, world_size, device = plumbing.setup_distributed(torch.device(args.device))
-    models = [m.to(device) for m in models]
-    model = uq.DeepEnsemble(models) if method == 'de' else models[0]
-    label = args.label or default_label(models, method, args.dropout) + (', calibrated' if args.calibration else '')
-    try:
+    with plumbing.process_group(torch.device(args.device)) as (rank, world_size, device):
+        models = [m.to(device) for m in models]
+        model = uq.DeepEnsemble(models) if method == 'de' else models[0]
+        label = args.label or default_label(models, method, args.dropout) + (', calibrated' if args.calibration else '')
         if args.corruption == 'all':
             return run_sweep(args, model, method, label, num_classes, rank, world_size, device)
         return run(args, model, method, label, num_classes, rank, world_size, device)
-    finally:
-        if world_size > 1:
-            dist.destroy_process_group()
 
 
 def evaluate_split(args, model, method, label, num_classes, rank, world_size, device, corruption=None, drawing=None):
@@ -509,4 +505,4 @@ def run(args, model, method, label, num_classes, rank, world_size, device):
 
 
 if __name__ == '__main__':
-    main()
+    plumbing.entry_point(main)

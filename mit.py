@@ -184,6 +184,12 @@ class DWConv(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        # Its input is a channels_last view, so the weight's gradient comes out in channels_last
+        # strides, which for a (C, 1, 3, 3) weight differ from the default ones in the size-1
+        # dimension only (.contiguous() leaves that alone; .to(memory_format=...) restrides). The
+        # weight is laid out the same way, so that the gradient matches the parameter and DDP's
+        # gradient buckets (DDP copies, and warns about, a gradient of other strides).
+        self.dwconv.weight = nn.Parameter(self.dwconv.weight.detach().to(memory_format=torch.channels_last))
 
     def forward(self, x, H, W):
         return map_to_tokens(self.dwconv(tokens_to_map(x, H, W)))

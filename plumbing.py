@@ -4,6 +4,10 @@ a run finds its rank and device, which precision it computes in, and how it repo
 Nothing here is about the paper; train.py, distill.py, evaluate.py, bench.py and predict.py
 point here from their docstrings.
 
+Commands
+    entry_point(main)           a script's main as a command: a user's mistake is one line and
+                                exit 1, Ctrl-C one line and exit 130, a bug a traceback
+
 Files
     save_atomic(path, write)    every result, checkpoint and converted sample is written to a
                                 temporary file, flushed to disk and renamed: a kill or a power
@@ -19,7 +23,8 @@ Files
                                 and misshapen key and names the file
 
 Distributed (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; a plain process is rank 0 of 1)
-    setup_distributed(device)   -> (rank, world_size, device)
+    process_group(device)       with it as (rank, world_size, device): the process group for
+                                the block, destroyed however the block is left
     eval_loader(...)            each rank's share of an evaluation set: every world_size-th
                                 sample, no padding, so that metric sums added over the ranks are
                                 exactly the single-process ones
@@ -36,14 +41,55 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+# What a user's mistake raises (a bad option, a missing or unreadable file, a run that went
+# non-finite): entry_point prints its message as one line. Anything else is a bug: a traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def entry_point(main):
+    """Run a script's main() as a command, exiting with the status it returns (0 if none). A user's mistake prints one line, 'script: message',
+    and exits 1; Ctrl-C prints one line and exits 130; EMUFORMER_TRACEBACK=1 shows the
+    traceback of either. The exception is let go of before the exit, and with it every frame it
+    holds (a DDP wrapper among them, see process_group)."""
+    script = os.path.basename(sys.argv[0])
+    signal.signal(signal.SIGINT, interrupt_once)
+    try:
+        status = main()
+    except KeyboardInterrupt as e:
+        if os.environ.get('EMUFORMER_TRACEBACK'):
+            raise
+        code, message = 130, str(e) or 'interrupted'
+    except USER_ERRORS as e:
+        if os.environ.get('EMUFORMER_TRACEBACK'):
+            raise
+        code, message = 1, str(e)
+    else:  # main's exit status, if it returns one (predict.py: 1 when an input was skipped)
+        sys.exit(status if isinstance(status, int) else 0)
+    print(f'{script}: {message}', file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def interrupt_once(signum, frame):
+    """The first Ctrl-C stops the script; more (torchrun passes one on to every rank that the
+    terminal already sent one) are ignored, so that none cuts short the way out, where the
+    process group is destroyed and the files are closed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
 
 # ---------------------------------------------------------------------------------------------
 # Files
@@ -157,17 +203,43 @@ def load_strict(module, state, source):
 # Distributed
 
 
-def setup_distributed(device):
-    """torchrun's environment -> (rank, world_size, device); a plain process is rank 0 of 1.
-    Each rank takes the GPU of its LOCAL_RANK; NCCL between GPUs, gloo between CPU processes."""
+@contextmanager
+def process_group(device):
+    """with process_group(device) as (rank, world_size, device): the ranks from torchrun's
+    environment (a plain process is rank 0 of 1), each on the GPU of its LOCAL_RANK; NCCL
+    between GPUs, gloo between CPU processes. However the block is left (its end, an error,
+    Ctrl-C), the process group is destroyed on the way out.
+
+    Destroying it must free it, with its worker threads, while Python still runs. A gloo worker
+    thread lets go of each finished collective itself, and that work item holds a Python object
+    (in its saved thread-local state): should the interpreter already be shutting down, taking
+    the GIL ends the thread inside a C++ destructor, and the process aborts ("terminate called
+    without an active exception"). Two things kept the group alive past its destruction:
+    torch.distributed.nn.functional binds group.WORLD as the default argument of its functions
+    when it is first imported, which DDP and torch.compile do (through torch._dynamo); imported
+    here first, its defaults are None. And the DDP wrapper holds the group: callers keep it in a
+    local of a function that has returned by the time the block is left (or, on an error, that
+    entry_point has let go of)."""
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     if world_size == 1:
-        return 0, 1, device
+        yield 0, 1, device
+        return
     if device.type == 'cuda':
         device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
         torch.cuda.set_device(device)
+    import torch.distributed.nn.functional  # noqa: F401  before the group exists (see above)
     dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return int(os.environ['RANK']), world_size, device
+    rank = int(os.environ['RANK'])
+    try:
+        yield rank, world_size, device
+    except RuntimeError as e:
+        if not (isinstance(e, dist.DistError) or '/gloo/' in str(e)):
+            raise
+        # a collective failed because another rank stopped: that rank's own message says why
+        raise ConnectionError(f"rank {rank}: another rank stopped, so a collective failed; that rank's "
+                              f"message says why") from e
+    finally:
+        dist.destroy_process_group()
 
 
 def eval_loader(dataset, batch_size, workers, rank, world_size, device):

@@ -548,4 +548,4 @@ def parity(path, model, sizes=((96, 128), (77, 101))):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    plumbing.entry_point(main)

@@ -152,9 +152,9 @@ class Setup:
         return self.world_size > 1
 
 
-def setup(args):
-    """Ranks and device from torchrun's environment, TF32, the precision of --precision."""
-    rank, world_size, device = plumbing.setup_distributed(torch.device(args.device))
+def setup(args, rank, world_size, device):
+    """The Setup of this process (its rank and device from plumbing.process_group), TF32, the
+    precision of --precision."""
     if args.batch_size % world_size:
         raise ValueError(f'--batch-size {args.batch_size} is not divisible by the {world_size} ranks')
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs: fp32 range, faster
@@ -483,18 +483,17 @@ def train(args, run, loss_fn, meta, teacher_jitter=None):
                 save_checkpoint(last, step=step, best=best, window=window, saved_step=saved, **checkpoint)
                 saved = step
             tick = time.perf_counter()  # evaluating and saving are not step time
-    if run.ddp:
-        dist.destroy_process_group()
-    return raw
+    return raw  # the DDP wrapper goes with this frame, before the process group (plumbing.process_group)
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
     check_args(args)
-    run = setup(args)
-    loss_fn = partial(supervised_loss, w1=args.w1, depth_loss=args.depth_loss, across_ranks=run.ddp)
-    return train(args, run, loss_fn, meta=data.describe(args.data, objective='eq7'))
+    with plumbing.process_group(torch.device(args.device)) as (rank, world_size, device):
+        run = setup(args, rank, world_size, device)
+        loss_fn = partial(supervised_loss, w1=args.w1, depth_loss=args.depth_loss, across_ranks=run.ddp)
+        return train(args, run, loss_fn, meta=data.describe(args.data, objective='eq7'))
 
 
 if __name__ == '__main__':
-    main()
+    plumbing.entry_point(main)

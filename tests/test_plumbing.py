@@ -98,3 +98,18 @@ def test_default_workers_fit_the_machine(monkeypatch):
     assert plumbing.default_workers() == min(4, cores)
     monkeypatch.setenv('LOCAL_WORLD_SIZE', str(cores))  # as many ranks on this machine as cores
     assert plumbing.default_workers() == 1
+
+
+def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path):
+    script = lambda *args, **env: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                                                 env={**os.environ, **env}, timeout=120)
+    mistake = script('train.py', '--data', 'nyuv2', '--out', str(tmp_path / 'run'))
+    assert mistake.returncode == 1
+    assert mistake.stderr == 'train.py: --data nyuv2 needs --root, the data set directory\n'
+    shown = script('train.py', '--data', 'nyuv2', '--out', str(tmp_path / 'run'), EMUFORMER_TRACEBACK='1')
+    assert shown.returncode == 1 and 'Traceback' in shown.stderr and 'needs --root' in shown.stderr
+    bug = script('-c', 'import plumbing; plumbing.entry_point(lambda: [][0])')
+    assert bug.returncode == 1 and 'Traceback' in bug.stderr and 'IndexError' in bug.stderr
+    status = script('-c', 'import plumbing; plumbing.entry_point(lambda: 3)')
+    assert status.returncode == 3 and status.stderr == ''
+    assert not (tmp_path / 'run').exists()  # refused before anything was made

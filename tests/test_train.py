@@ -257,6 +257,17 @@ def test_two_ranks_take_the_gradient_of_the_global_batch():
         assert (ranks[n] - p.grad).abs().max() <= 1e-5 * p.grad.abs().max() + 1e-12, n
 
 
+TWO_RANKS = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+RANKS_ENV = {'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}  # tests/ranks.py imports the project
+
+
+def assert_clean_ends(output):
+    """No rank aborted at its exit (the gloo threads outliving the interpreter) or printed a
+    traceback; the agent's own report of a failed worker is torchrun's, not ours."""
+    assert 'terminate called' not in output and 'SIGABRT' not in output, output
+    assert not any(line.startswith('[rank') and 'Traceback' in line for line in output.splitlines()), output
+
+
 def test_torchrun_two_ranks_follows_the_single_process_loss_curve(tmp_path):
     # The same global batch of 8 (4 per rank). No dropout or stochastic depth, so the only
     # difference left is BatchNorm's statistics, over 4 images per rank instead of 8
@@ -265,11 +276,16 @@ def test_torchrun_two_ranks_follows_the_single_process_loss_curve(tmp_path):
               '--dropout', '0', '--drop-path', '0']
     single = run_script(['train.py', *common, '--out', str(tmp_path / 'one')])
     assert single.wait(300) == 0, single.stdout.read()
-    ddp = run_script(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
-                      *common, '--out', str(tmp_path / 'two')], env={'OMP_NUM_THREADS': '1'})
+    ddp = run_script([*TWO_RANKS, 'tests/ranks.py', 'threads', *common, '--out', str(tmp_path / 'two')], env=RANKS_ENV)
     output = ddp.communicate(timeout=300)[0]
     assert ddp.returncode == 0, output
     assert 'global batch 8 on 2 rank(s)' in output
+    assert_clean_ends(output)
+    # every gradient has its parameter's strides, so DDP's buckets take it as it is
+    assert 'Grad strides do not match bucket view strides' not in output, output
+    # the process group, destroyed on the way out of train.main, took its gloo threads with it
+    threads = [line for line in output.splitlines() if 'threads after train.main' in line]
+    assert len(threads) == 2 and not any('gloo' in line for line in threads), threads
     one, two = read_log(tmp_path / 'one'), read_log(tmp_path / 'two')
     curve = lambda log: [r['loss'] for r in log if 'loss' in r]
     assert len(curve(one)) == len(curve(two)) == 8
@@ -277,6 +293,32 @@ def test_torchrun_two_ranks_follows_the_single_process_loss_curve(tmp_path):
     assert max(gaps) < 0.08 and sum(gaps) / len(gaps) < 0.03, (curve(one), curve(two))
     evals = [r['eval'] for r in two if 'eval' in r]
     assert len(evals) == 1 and 0 <= evals[0]['seg']['miou'] <= 1  # reduced over both ranks
+
+
+def test_torchrun_an_error_on_one_rank_ends_every_rank_in_one_line(tmp_path):
+    ddp = run_script([*TWO_RANKS, 'tests/ranks.py', 'fail', *TINY, '--epochs', '2', '--out', str(tmp_path)],
+                     env=RANKS_ENV)
+    output = ddp.communicate(timeout=300)[0]
+    assert ddp.returncode != 0
+    assert 'ranks.py: rank 1 stops at its third step' in output, output
+    assert 'ranks.py: rank 0: another rank stopped, so a collective failed' in output, output
+    assert_clean_ends(output)
+
+
+def test_torchrun_ctrl_c_ends_every_rank_in_one_line(tmp_path):
+    # Ctrl-C sends SIGINT to the terminal's whole process group: torchrun and both ranks
+    ddp = run_script([*TWO_RANKS, 'train.py', *TINY, '--epochs', '100', '--out', str(tmp_path)],
+                     env={'OMP_NUM_THREADS': '1'}, start_new_session=True)
+    lines = []
+    for line in ddp.stdout:  # until training runs
+        lines.append(line)
+        if line.startswith('step 2/'):
+            break
+    os.killpg(ddp.pid, signal.SIGINT)
+    output = ''.join(lines) + ddp.communicate(timeout=120)[0]
+    assert ddp.returncode != 0
+    assert output.count('train.py: interrupted') == 2, output
+    assert_clean_ends(output)
 
 
 @pytest.mark.slow
