@@ -42,6 +42,7 @@ from functools import partial
 import torch
 
 import data
+import heads
 import losses
 import plumbing
 import train
@@ -66,10 +67,10 @@ def get_parser():
 def build_teacher(paths, num_classes, device):
     """The Deep Ensemble teacher: SegDepthFormers of one architecture, frozen (eval mode, no
     gradients), their weights stacked once to run as one model."""
-    members = uq.load_members(paths)
+    members = heads.load_members(paths)
     if set(members[0].tasks) != {'seg', 'depth'} or members[0].num_classes != num_classes:
         raise ValueError(f'the teacher must be SegDepthFormers with {num_classes} classes; '
-                         f'{paths[0]} is {uq.describe(members[0])}')
+                         f'{paths[0]} is {heads.describe(members[0])}')
     return uq.DeepEnsemble([m.to(device) for m in members])
 
 

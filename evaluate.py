@@ -79,6 +79,7 @@ import calibrate
 import corrupt
 import data
 import figures
+import heads
 import plumbing
 import uq
 from heads import DeepSubEnsemble
@@ -139,11 +140,11 @@ def resolve_method(method, models, paths):
                              f'(or leave --method out), not {method!r}')
         return 'de'
     if is_dse and method not in (None, 'dse'):
-        raise ValueError(f'{paths[0]} is a Deep Sub-Ensemble ({uq.describe(models[0])}): use --method dse '
+        raise ValueError(f'{paths[0]} is a Deep Sub-Ensemble ({heads.describe(models[0])}): use --method dse '
                          f'(or leave --method out), not {method!r}')
     if not is_dse and method == 'dse':
         raise ValueError(f'--method dse needs a Deep Sub-Ensemble checkpoint (model dse, dse-segformer or '
-                         f'dse-depthformer); {paths[0]} holds {uq.describe(models[0])}')
+                         f'dse-depthformer); {paths[0]} holds {heads.describe(models[0])}')
     if method == 'de':
         raise ValueError(f'--method de needs one checkpoint per member of the Deep Ensemble; got only {paths[0]}')
     return 'dse' if is_dse else method or 'none'
@@ -432,7 +433,7 @@ def main(argv=None):
         plumbing.check_output(args.json, '--json', args.overwrite)
     if args.save_vis:
         plumbing.check_output(args.save_vis, '--save-vis', args.overwrite, folder=True)
-    models = uq.load_members(args.checkpoints)
+    models = heads.load_members(args.checkpoints)
     method = resolve_method(args.method, models, args.checkpoints)
     if args.calibration:
         if method not in ('none', 'mcd'):

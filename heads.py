@@ -44,8 +44,9 @@ A Deep Sub-Ensemble run with all heads returns the same keys with a leading head
 
 Models: SegFormer (segmentation), DepthFormer (depth), SegDepthFormer (both, shared encoder;
 the EMUFormer student has this architecture) and DeepSubEnsemble (one encoder, N heads per task).
-`build_model` makes any of them by name, `load_model` from a checkpoint of train.py or
-distill.py (reading and strict loading: plumbing.py).
+`build_model` makes any of them by name. Checkpoints are read here, in one place: `load_model`
+rebuilds one from a checkpoint of train.py or distill.py, `load_members` the members of a Deep
+Ensemble, `describe` names what was loaded (reading and strict loading: plumbing.py).
 """
 
 import math
@@ -377,3 +378,24 @@ def load_model(path):
     load_strict(model, ckpt['model'], path)
     model.meta = ckpt.get('meta', {})
     return model
+
+
+def describe(model):
+    """E.g. 'segdepthformer-b0 with 6 classes', to name an architecture in a message."""
+    cfg = model.config
+    return f"{cfg['name']}-{cfg['backbone']} with {cfg['num_classes']} classes"
+
+
+def load_members(paths):
+    """One model per checkpoint (on the CPU). Several are a Deep Ensemble, whose members must be
+    single models of one architecture: vmap stacks their weights tensor by tensor."""
+    models = [load_model(p) for p in paths]  # a missing or foreign file raises, naming it
+    if len(models) > 1:
+        for path, model in zip(paths, models):
+            if isinstance(model, DeepSubEnsemble):
+                raise ValueError(f'{path} is a Deep Sub-Ensemble; the members of a Deep Ensemble '
+                                 'must be single models (evaluate a DSE on its own)')
+            if describe(model) != describe(models[0]):
+                raise ValueError(f'the members of a Deep Ensemble must share one architecture: '
+                                 f'{paths[0]} is {describe(models[0])}, {path} is {describe(model)}')
+    return models

@@ -359,7 +359,7 @@ def main(argv=None):
         print(f'error: {why}', file=sys.stderr)
     check_stems(files)
 
-    models = uq.load_members(checkpoints)
+    models = heads.load_members(checkpoints)
     method = evaluate.resolve_method(args.method, models, checkpoints)
     first = models[0]
     classes, palette = class_names(first, checkpoints[0]) if 'seg' in first.tasks else (None, None)
@@ -499,7 +499,7 @@ def onnx_bytes(network, metadata):
 def export(args, checkpoints):
     """--export onnx: the single network of the checkpoint, folded, to --out."""
     plumbing.check_output(args.out, '--out', args.overwrite)
-    models = uq.load_members(checkpoints)
+    models = heads.load_members(checkpoints)
     method = evaluate.resolve_method(args.method, models, checkpoints)
     if method != 'none':
         raise ValueError(NOT_EXPORTED[method])

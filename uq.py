@@ -88,7 +88,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 import plumbing
 from data import IGNORE_INDEX, valid_depth
-from heads import DeepSubEnsemble, full_size, load_model
+from heads import DeepSubEnsemble, full_size
 
 # ---- Uncertainty methods ----
 
@@ -270,27 +270,6 @@ class DeepEnsemble:
     def __call__(self, images):
         outs = list(self.outputs(images))
         return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
-
-
-def describe(model):
-    """E.g. 'segdepthformer-b0 with 6 classes', to name an architecture in a message."""
-    cfg = model.config
-    return f"{cfg['name']}-{cfg['backbone']} with {cfg['num_classes']} classes"
-
-
-def load_members(paths):
-    """One model per checkpoint (on the CPU). Several are a Deep Ensemble, whose members must be
-    single models of one architecture: vmap stacks their weights tensor by tensor."""
-    models = [load_model(p) for p in paths]  # a missing or foreign file raises, naming it
-    if len(models) > 1:
-        for path, model in zip(paths, models):
-            if isinstance(model, DeepSubEnsemble):
-                raise ValueError(f'{path} is a Deep Sub-Ensemble; the members of a Deep Ensemble '
-                                 'must be single models (evaluate a DSE on its own)')
-            if describe(model) != describe(models[0]):
-                raise ValueError(f'the members of a Deep Ensemble must share one architecture: '
-                                 f'{paths[0]} is {describe(models[0])}, {path} is {describe(model)}')
-    return models
 
 
 def all_at_once(device):
