@@ -18,9 +18,10 @@ Files
                                 replace a result? (never silently: --overwrite says so)
     load_file(path)             torch.load onto the CPU, tensors and plain Python only, with
                                 errors that name the file
-    read_state_dict, load_strict  a state dict out of any official or own checkpoint, loaded with
-                                strict key matching; a mismatch lists every missing, unexpected
-                                and misshapen key and names the file
+    read_state_dict, load_strict  a state dict out of any official, Hugging Face (.safetensors,
+                                .bin, or the folder) or own checkpoint, loaded with strict key
+                                matching; a mismatch lists every missing, unexpected and
+                                misshapen key, a non-finite weight its tensors, and names the file
 
 Distributed (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; a plain process is rank 0 of 1)
     process_group(device)       with it as (rank, world_size, device): the process group for
@@ -162,9 +163,11 @@ def check_output(path, flag, overwrite=False, folder=False):
 
 
 def load_file(path):
-    """torch.load onto the CPU (tensors and plain Python only), with errors that name the file."""
+    """torch.load onto the CPU (tensors and plain Python only), with errors that name the file.
+    It is given the open file, not the name, which recent torch versions read for a format."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with open(path, 'rb') as f:
+            return torch.load(f, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
     except Exception as e:
@@ -172,12 +175,82 @@ def load_file(path):
 
 
 def read_state_dict(path):
-    """The state dict in a .pth file: bare, or wrapped under 'state_dict' or 'model'."""
+    """The state dict of a checkpoint, recognised from what the file holds, not from its name:
+    PyTorch's format (.pth, .pt, Hugging Face's pytorch_model.bin), bare or wrapped under
+    'state_dict' or 'model'; or a .safetensors file; or a folder that Hugging Face's
+    save_pretrained wrote (its model.safetensors or pytorch_model.bin)."""
+    path = weights_file(path)
+    if is_safetensors(path):
+        return read_safetensors(path)
     ckpt = load_file(path)
     for key in ('state_dict', 'model'):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             return ckpt[key]
+    if not (isinstance(ckpt, dict) and all(torch.is_tensor(v) for v in ckpt.values())):
+        raise ValueError(f'{path}: holds no state dict (a {type(ckpt).__name__})')
     return ckpt
+
+
+def weights_file(path):
+    """A folder written by Hugging Face's save_pretrained -> its weights file; a file -> itself."""
+    if not os.path.isdir(path):
+        return path
+    for name in ('model.safetensors', 'pytorch_model.bin'):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise FileNotFoundError(f'{path}: a folder without model.safetensors or pytorch_model.bin '
+                            f'(a sharded checkpoint is not read)')
+
+
+def read_config(path):
+    """The config.json of a Hugging Face folder (or beside its weights file), else None."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    config = os.path.join(folder, 'config.json')
+    if not os.path.isfile(config):
+        return None
+    try:
+        with open(config) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{config}: not a readable JSON file ({e})') from None
+
+
+def is_safetensors(path):
+    """The safetensors format opens with an 8-byte header length and the header's '{'."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(9)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'checkpoint not found: {path}') from None
+    return len(head) == 9 and head[8:] == b'{' and int.from_bytes(head[:8], 'little') < os.path.getsize(path)
+
+
+SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+                      'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8,
+                      'U8': torch.uint8, 'BOOL': torch.bool}
+
+
+def read_safetensors(path):
+    """A .safetensors file -> {name: tensor}, with no package: an 8-byte little-endian length n,
+    n bytes of JSON {name: {'dtype', 'shape', 'data_offsets': [begin, end]}} (and an optional
+    '__metadata__'), then the tensors' bytes, little-endian and row-major, at those offsets
+    (counted from the end of the header)."""
+    try:
+        with open(path, 'rb') as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), 'little')))
+            data = f.read()
+        state = {}
+        for name, entry in header.items():
+            if name == '__metadata__':
+                continue
+            begin, end = entry['data_offsets']
+            dtype = SAFETENSORS_DTYPES[entry['dtype']]
+            chunk = bytearray(data[begin:end])  # a writable copy: the tensor owns its memory
+            flat = torch.frombuffer(chunk, dtype=dtype) if chunk else torch.empty(0, dtype=dtype)
+            state[name] = flat.reshape(entry['shape'])
+        return state
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f'{path}: not a readable safetensors file ({type(e).__name__}: {e})') from None
 
 
 def load_strict(module, state, source):
@@ -196,6 +269,9 @@ def load_strict(module, state, source):
                 lines.append(f"  {len(items)} {title}: " + ', '.join(items[:20])
                              + (' ...' if len(items) > 20 else ''))
         raise ValueError('\n'.join(lines))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} tensors hold NaN or inf ({', '.join(bad[:5])}); not loaded")
     module.load_state_dict(state)
 
 

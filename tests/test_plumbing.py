@@ -113,3 +113,57 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path):
     status = script('-c', 'import plumbing; plumbing.entry_point(lambda: 3)')
     assert status.returncode == 3 and status.stderr == ''
     assert not (tmp_path / 'run').exists()  # refused before anything was made
+
+
+def write_safetensors(path, tensors):
+    """The format, from its definition: an 8-byte little-endian header length, the JSON header,
+    then each tensor's little-endian bytes at the offsets the header gives."""
+    names = {torch.float32: 'F32', torch.int64: 'I64', torch.bfloat16: 'BF16', torch.bool: 'BOOL'}
+    header, blobs, offset = {'__metadata__': {'format': 'pt'}}, [], 0
+    for name, t in tensors.items():
+        blob = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b''
+        header[name] = {'dtype': names[t.dtype], 'shape': list(t.shape), 'data_offsets': [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, 'little') + text + b''.join(blobs))
+
+
+def test_a_state_dict_is_read_from_what_the_file_holds_not_its_name(tmp_path):
+    tensors = {'a.weight': torch.randn(3, 4), 'steps': torch.arange(5), 'half': torch.randn(2, 2).bfloat16(),
+               'empty': torch.zeros(0, 3), 'flag': torch.tensor(True)}
+    write_safetensors(tmp_path / 'weights.pth', tensors)  # a misleading name
+    torch.save({'state_dict': tensors}, tmp_path / 'weights.safetensors')
+    for name in ('weights.pth', 'weights.safetensors'):
+        read = plumbing.read_state_dict(tmp_path / name)
+        assert read.keys() == tensors.keys()
+        assert all(read[k].dtype == v.dtype and torch.equal(read[k], v) for k, v in tensors.items())
+    folder = tmp_path / 'hub'  # a folder as Hugging Face's save_pretrained writes it
+    folder.mkdir()
+    write_safetensors(folder / 'model.safetensors', tensors)
+    (folder / 'config.json').write_text('{"hidden_sizes": [32, 64, 160, 256]}')
+    assert torch.equal(plumbing.read_state_dict(folder)['a.weight'], tensors['a.weight'])
+    assert plumbing.read_config(folder)['hidden_sizes'] == [32, 64, 160, 256]
+    with pytest.raises(FileNotFoundError, match='without model.safetensors or pytorch_model.bin'):
+        plumbing.read_state_dict(tmp_path)
+    (tmp_path / 'torn.safetensors').write_bytes((tmp_path / 'weights.pth').read_bytes()[:-7])
+    with pytest.raises(ValueError, match='torn.safetensors: not a readable safetensors file'):
+        plumbing.read_state_dict(tmp_path / 'torn.safetensors')
+    torch.save(torch.zeros(3), tmp_path / 'tensor.pt')
+    with pytest.raises(ValueError, match='tensor.pt: holds no state dict'):
+        plumbing.read_state_dict(tmp_path / 'tensor.pt')
+
+
+def test_the_safetensors_reader_agrees_with_the_safetensors_package(tmp_path):
+    safetensors = pytest.importorskip('safetensors.torch')  # installed with transformers
+    tensors = {'w': torch.randn(4, 5), 'i': torch.arange(7), 'b': torch.randn(3).bfloat16()}
+    safetensors.save_file(tensors, tmp_path / 'w.safetensors')
+    read = plumbing.read_state_dict(tmp_path / 'w.safetensors')
+    assert all(torch.equal(read[k], v) for k, v in tensors.items())
+
+
+def test_load_strict_refuses_non_finite_weights():
+    layer = torch.nn.Linear(2, 2)
+    state = {'weight': torch.tensor([[1.0, float('nan')], [0.0, 1.0]]), 'bias': torch.zeros(2)}
+    with pytest.raises(ValueError, match=r'bad.pt: 1 tensors hold NaN or inf \(weight\)'):
+        plumbing.load_strict(layer, state, 'bad.pt')
