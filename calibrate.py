@@ -14,8 +14,9 @@ s = mean over valid pixels of (y - mu)^2 / sigma^2, a sum that streams over the 
 The temperature has none; the NLL is convex in 1/T, so a golden-section search over log T
 finds it, on the logits of a random sample of up to --pixels labelled pixels (drawn per image
 from a fixed seed: the logits of every pixel of a real data set would not fit in memory). The
-result goes beside the checkpoint, <checkpoint>.calibration.json, and evaluate.py
---calibration applies it (Calibrated), to the network or its MC Dropout samples.
+result goes beside the checkpoint, <checkpoint>.calibration.json, with the NLL of each task
+before and after on the data it was fitted on (also printed), and evaluate.py --calibration
+applies it (Calibrated), to the network or its MC Dropout samples.
 
     # the synthetic scenes have a calibration split of their own, unseen in training
     python calibrate.py runs/demo0/best.pt --data synthetic --split calib
@@ -59,38 +60,63 @@ class Calibrated(nn.Module):
 
 
 def load_calibration(path, model):
-    """The network of `model` wrapped with the calibration in the JSON file at `path`."""
+    """The network of `model` wrapped with the calibration in the JSON file at `path`. Refused,
+    naming the file: a file calibrate.py did not write, a temperature or variance scale that is
+    not a positive number, a task of `model` the file has no value for, and another number of
+    classes than `model` predicts."""
     try:
         with open(path) as f:
             fitted = json.load(f)
-        return Calibrated(model, fitted['temperature'] or 1.0, fitted['variance_scale'] or 1.0)
-    except (OSError, ValueError, KeyError) as e:
+        temperature, scale, num_classes = fitted['temperature'], fitted['variance_scale'], fitted['num_classes']
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f'--calibration {path}: not a calibration written by calibrate.py ({e})') from None
+    for task, name, value in (('seg', 'temperature', temperature), ('depth', 'variance scale', scale)):
+        if task in model.tasks and value is None:
+            raise ValueError(f'--calibration {path} has no {name}: it was fitted on a network without the {task} task')
+        if value is not None and not (type(value) in (int, float) and 0 < value < math.inf):
+            raise ValueError(f'--calibration {path}: the {name} must be a positive number, not {value}')
+    if 'seg' in model.tasks and num_classes != model.num_classes:
+        raise ValueError(f'--calibration {path} was fitted on {num_classes} classes; '
+                         f'the network predicts {model.num_classes}')
+    return Calibrated(model, 1.0 if temperature is None else temperature, 1.0 if scale is None else scale)
 
 
 @torch.no_grad()
-def collect(model, loader, pixels_per_image, seed, device):
-    """One pass over the data: a random sample of each image's labelled pixels, their logits
-    (n, K) and labels (n,), and the depth's sum of (y - mu)^2 / sigma^2 and its pixel count."""
-    logits, labels, ratio, valid_pixels = [], [], 0.0, 0
+def collect(model, loader, pixels_per_image, seed, device, dtype):
+    """One pass over the data, the forward under autocast to `dtype` (None: fp32): a random
+    sample of each image's labelled pixels, their logits (n, K) and labels (n,); and over the
+    valid depth pixels the sums of (y - mu)^2 / sigma^2 and of log(2 pi sigma^2), and their
+    count (None for a network without depth)."""
+    logits, labels, ratio, log_var, valid_pixels = [], [], 0.0, 0.0, 0
     generator = torch.Generator().manual_seed(seed)
     for batch in loader:
-        out = model(batch['image'].to(device))
+        with plumbing.autocast(device, dtype):
+            out = model(batch['image'].to(device))
         if 'seg_logits' in out:
-            z = out['seg_logits'].flatten(2)  # (B, K, H*W); only the sampled pixels leave the device
+            z = out['seg_logits'].flatten(2)  # (B, K, H, W) -> (B, K, H*W); only the sampled pixels leave the device
             for b in range(len(z)):
                 where = (batch['label'][b] != data.IGNORE_INDEX).flatten().nonzero().squeeze(1)
                 pick = where[torch.randperm(len(where), generator=generator)[:pixels_per_image]]
-                logits.append(z[b][:, pick.to(z.device)].T.float().cpu())  # (n, K)
+                logits.append(z[b][:, pick.to(z.device)].T.float().cpu())  # (K, n) -> (n, K)
                 labels.append(batch['label'][b].flatten()[pick])
         if 'depth_var' in out:
             y = batch['depth'].to(device)
             valid = data.valid_depth(y)
-            mu, var = out['depth_mean'].double()[valid], out['depth_var'].double()[valid]
+            # the variance floored as evaluate.py's depth NLL floors it, so that the NLLs agree
+            mu = out['depth_mean'].double()[valid]
+            var = out['depth_var'].double()[valid].clamp_min(torch.finfo(torch.float32).tiny)
             ratio += ((y.double()[valid] - mu) ** 2 / var).sum().item()
+            log_var += torch.log(2 * math.pi * var).sum().item()
             valid_pixels += int(valid.sum())
     seg = (torch.cat(logits), torch.cat(labels)) if logits else None
-    return seg, ratio, valid_pixels
+    depth = (ratio, log_var, valid_pixels) if valid_pixels else None
+    return seg, depth
+
+
+def depth_nll(ratio, log_var, n, scale=1.0):
+    """The mean Gaussian NLL over n pixels with their variances multiplied by `scale`, from
+    collect's sums: the mean of 0.5 log(2 pi s sigma^2) + (y - mu)^2 / (2 s sigma^2)."""
+    return 0.5 * (log_var / n + math.log(scale) + ratio / (n * scale))
 
 
 def fit_temperature(logits, labels, low=-4.0, high=4.0, steps=80):
@@ -114,6 +140,20 @@ def fit_temperature(logits, labels, low=-4.0, high=4.0, steps=80):
     return math.exp((a + b) / 2)
 
 
+def number(kind, low, strict=False):
+    """An argparse type: `kind` (int or float) at least `low` (above it if strict), else the
+    option's error names the value and the allowed range (NaN is refused)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (value > low if strict else value >= low):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {'>' if strict else '>='} {low}")
+        return value
+    return parse
+
+
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -121,43 +161,59 @@ def get_parser():
     a('--data', default='synthetic', choices=sorted(data.NUM_CLASSES), help='data set')
     a('--root', help='data set root (nyuv2, cityscapes)')
     a('--split', default='calib', help='data the network did not train on (synthetic: calib, fresh scenes)')
-    a('--max-depth', type=float, help='metres; farther ground truth is invalid (default: data.MAX_DEPTH)')
-    a('--pixels', type=int, default=1_000_000, help='labelled pixels sampled for the temperature, in all')
+    a('--max-depth', type=number(float, 0, strict=True),
+      help='metres; farther ground truth is invalid (default: data.MAX_DEPTH)')
+    a('--pixels', type=number(int, 1), default=1_000_000, help='labelled pixels sampled for the temperature, in all')
     a('--seed', type=int, default=0, help='the pixel sample')
     a('--out', help='default: <checkpoint without .pt>.calibration.json, beside it')
     a('--overwrite', action='store_true', help='replace an existing --out')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
-    a('--workers', type=int, default=plumbing.default_workers(), help='data loader processes')
-    a('--synthetic-images', type=int, help='synthetic only: number of scenes (default 50)')
-    a('--synthetic-size', type=int, nargs=2, default=(96, 128), metavar=('H', 'W'))
+    a('--batch-size', type=number(int, 1), default=1, help='images per forward pass')
+    a('--precision', default='auto', choices=plumbing.PRECISIONS, help='autocast of the forward pass (plumbing.py)')
+    a('--workers', type=number(int, 0), default=plumbing.default_workers(), help='data loader processes')
+    a('--synthetic-images', type=number(int, 1), help='synthetic only: number of scenes (default 50)')
+    a('--synthetic-size', type=number(int, 1), nargs=2, default=(96, 128), metavar=('H', 'W'))
     return p
 
 
 def main(argv=None):
+    """Fit, print the fitted values with the NLL before and after, write the JSON; returns its
+    content."""
     args = get_parser().parse_args(argv)
     out = args.out or os.path.splitext(args.checkpoint)[0] + '.calibration.json'
-    plumbing.check_output(out, '--out', args.overwrite)
     model = load_model(args.checkpoint)
     if isinstance(model, DeepSubEnsemble):
         raise ValueError(f'{args.checkpoint} is a Deep Sub-Ensemble; calibration is the baseline of a single network')
+    num_classes = data.NUM_CLASSES[args.data]
+    if 'seg' in model.tasks and model.num_classes != num_classes:
+        raise ValueError(f'{args.checkpoint} predicts {model.num_classes} classes, {args.data} has {num_classes}')
+    plumbing.check_output(out, '--out', args.overwrite)
     device = torch.device(args.device)
     dataset = data.build_dataset(args.data, args.root, args.split, train=False, max_depth=args.max_depth,
                                  num_images=args.synthetic_images, size=tuple(args.synthetic_size))
-    loader = plumbing.eval_loader(dataset, 1, args.workers, 0, 1, device)
+    loader = plumbing.eval_loader(dataset, args.batch_size, args.workers, 0, 1, device)
     print(f'calibrating {args.checkpoint} on {args.data} {args.split}: {len(dataset)} images')
-    seg, ratio, valid_pixels = collect(model.to(device).eval(), loader, max(1, args.pixels // len(dataset)),
-                                       args.seed, device)
+    seg, depth = collect(model.to(device).eval(), loader, max(1, args.pixels // len(dataset)), args.seed, device,
+                         plumbing.autocast_dtype(args.precision, device))
     fitted = {'checkpoint': args.checkpoint, 'data': args.data, 'split': args.split, 'images': len(dataset),
+              'num_classes': model.num_classes if 'seg' in model.tasks else None,
               'temperature': None, 'variance_scale': None}
     if seg is not None:
         logits, labels = seg
-        fitted['temperature'] = fit_temperature(logits, labels)
-        fitted.update(seg_pixels=len(labels), seg_nll_before=F.cross_entropy(logits, labels).item(),
-                      seg_nll_after=F.cross_entropy(logits / fitted['temperature'], labels).item())
-    if valid_pixels:
-        fitted.update(variance_scale=ratio / valid_pixels, depth_pixels=valid_pixels)
+        t = fit_temperature(logits, labels)
+        fitted.update(temperature=t, seg_pixels=len(labels), seg_nll_before=F.cross_entropy(logits, labels).item(),
+                      seg_nll_after=F.cross_entropy(logits / t, labels).item())
+        print(f"seg: temperature {t:.4g} on {len(labels):,} sampled pixels; "
+              f"seg NLL {fitted['seg_nll_before']:.4f} -> {fitted['seg_nll_after']:.4f}")
+    if depth is not None:
+        ratio, log_var, n = depth
+        s = ratio / n
+        fitted.update(variance_scale=s, depth_pixels=n, depth_nll_before=depth_nll(ratio, log_var, n),
+                      depth_nll_after=depth_nll(ratio, log_var, n, s))
+        print(f"depth: variance scale {s:.4g} on {n:,} valid pixels; "
+              f"depth NLL {fitted['depth_nll_before']:.4f} -> {fitted['depth_nll_after']:.4f}")
     plumbing.write_json(fitted, out)
-    print(f"temperature {fitted['temperature']}, variance scale {fitted['variance_scale']} -> {out}")
+    print(f'wrote {out}')
     return fitted
 
 

@@ -41,24 +41,78 @@ def test_the_variance_scale_minimises_the_gaussian_nll():
     assert abs(s - 3.0) < 0.2
 
 
-def test_calibrate_then_evaluate(tmp_path):
+def test_calibrate_then_evaluate(tmp_path, capsys):
     ckpt = write_checkpoint(tmp_path / 'sdf.pt', 'segdepthformer', 0)
     args = [ckpt, '--synthetic-images', '4', '--synthetic-size', *map(str, SIZE), '--workers', '0']
     fitted = calibrate.main(args)
     path = tmp_path / 'sdf.calibration.json'
-    assert json.loads(path.read_text()) == fitted and fitted['split'] == 'calib'
+    assert json.loads(path.read_text()) == fitted and fitted['split'] == 'calib' and fitted['num_classes'] == K
     assert fitted['seg_nll_after'] <= fitted['seg_nll_before'] and fitted['variance_scale'] > 0
+    assert fitted['depth_nll_after'] <= fitted['depth_nll_before']
+    # the fitted values, rounded, and the NLL before and after: one line per task, and the file
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1] == (f"seg: temperature {fitted['temperature']:.4g} on {fitted['seg_pixels']:,} sampled pixels; "
+                          f"seg NLL {fitted['seg_nll_before']:.4f} -> {fitted['seg_nll_after']:.4f}")
+    assert printed[2] == (f"depth: variance scale {fitted['variance_scale']:.4g} on {fitted['depth_pixels']:,} valid "
+                          f"pixels; depth NLL {fitted['depth_nll_before']:.4f} -> {fitted['depth_nll_after']:.4f}")
+    assert printed[3] == f'wrote {path}'
     with pytest.raises(FileExistsError, match='--out .*sdf.calibration.json already holds a result'):
         calibrate.main(args)
     plain = evaluate.main([ckpt, *SYNTHETIC, '--split', 'calib', '--synthetic-images', '4'])
     calibrated = evaluate.main([ckpt, *SYNTHETIC, '--split', 'calib', '--synthetic-images', '4',
                                 '--calibration', str(path)])
     assert calibrated['label'] == 'SegDepthFormer-B0, calibrated'
+    # the depth NLL before and after is evaluate.py's, over the same pixels: float32 outputs
+    # summed in float64 by both, in another order (1e-6 relative)
+    assert fitted['depth_nll_before'] == pytest.approx(plain['depth']['nll'], rel=1e-6)
+    assert fitted['depth_nll_after'] == pytest.approx(calibrated['depth']['nll'], rel=1e-6)
     # on the data it was fitted on, the fitted scale and temperature cannot make the NLL worse
     assert calibrated['depth']['nll'] <= plain['depth']['nll'] + 1e-9
     assert calibrated['seg']['nll'] <= plain['seg']['nll'] + 0.01  # the temperature saw a pixel sample
     with pytest.raises(ValueError, match='--calibration is the baseline of a single network'):
         evaluate.main([ckpt, ckpt, *SYNTHETIC, '--calibration', str(path)])
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'temperature': 0}, ': the temperature must be a positive number, not 0'),
+    ({'temperature': -1.0}, ': the temperature must be a positive number, not -1.0'),
+    ({'variance_scale': -2.0}, ': the variance scale must be a positive number, not -2.0'),
+    ({'variance_scale': float('nan')}, ': the variance scale must be a positive number, not nan'),
+    ({'temperature': None}, ' has no temperature: it was fitted on a network without the seg task'),
+    ({'num_classes': K + 1}, f' was fitted on {K + 1} classes; the network predicts {K}'),
+    ({'temperature': 'hot'}, ': the temperature must be a positive number, not hot')])
+def test_a_calibration_that_cannot_apply_is_refused_naming_the_file(tmp_path, change, message):
+    model = build_model('segdepthformer', 'b0', K)
+    path = tmp_path / 'c.json'
+    path.write_text(json.dumps(dict({'temperature': 1.5, 'variance_scale': 0.7, 'num_classes': K}, **change)))
+    with pytest.raises(ValueError) as error:
+        calibrate.load_calibration(str(path), model)
+    assert str(error.value) == f'--calibration {path}{message}'
+    path.write_text(json.dumps({'label': 'a predict.py result'}))
+    with pytest.raises(ValueError, match=f'--calibration {path}: not a calibration written by calibrate.py'):
+        calibrate.load_calibration(str(path), model)
+
+
+def test_a_class_count_mismatch_is_refused_before_anything_is_written(tmp_path):
+    ckpt = write_checkpoint(tmp_path / 'sdf.pt', 'segdepthformer', 0)
+    out = tmp_path / 'new' / 'c.json'
+    with pytest.raises(ValueError, match=f'sdf.pt predicts {K} classes, nyuv2 has 40'):
+        calibrate.main([ckpt, '--data', 'nyuv2', '--root', str(tmp_path / 'nowhere'), '--out', str(out)])
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize('option, value, message', [
+    ('--batch-size', '0', '0 is out of range: it must be >= 1'),
+    ('--pixels', '-5', '-5 is out of range: it must be >= 1'),
+    ('--workers', '-1', '-1 is out of range: it must be >= 0'),
+    ('--max-depth', '0', '0 is out of range: it must be > 0'),
+    ('--max-depth', 'nan', 'nan is out of range: it must be > 0'),
+    ('--synthetic-images', '2.5', "'2.5' is not an integer"),
+    ('--precision', 'fp8', "invalid choice: 'fp8'")])
+def test_numeric_options_are_checked_where_parsed(option, value, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        calibrate.get_parser().parse_args(['x.pt', option, value])
+    assert exit.value.code == 2 and f'argument {option}: {message}' in capsys.readouterr().err
 
 
 def test_calibrated_divides_the_logits_and_scales_the_variance():
