@@ -84,6 +84,7 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import heads
@@ -333,7 +334,8 @@ def make_row(key, args, cache, device):
             # HF returns logits at 1/4 resolution: upsample and summarize (softmax, entropy)
             # like our models do inside uq.predict, so both rows do the same work
             logits = model(pixel_values=x).logits
-            return uq.summarize({'seg_logits': heads.upsample(logits, x.shape[-2:]).unsqueeze(0)})
+            up = F.interpolate(logits, x.shape[-2:], mode='bilinear', align_corners=False)
+            return uq.summarize({'seg_logits': up.unsqueeze(0)})
         return [model], step, lambda x: model(pixel_values=x)
     if key == 'hf-encoder':
         model = hf_segformer(args.backbone, args.num_classes).segformer.eval()

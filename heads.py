@@ -22,15 +22,16 @@ W_i (one per stage),
 
 because a 1x1 conv commutes with upsampling, and up() maps a constant to the same constant. So
 each stage can be taken straight to the fused width E at its own low resolution with the
-(E x C_i) matrix W_i L_i, and the (E x 4E) fuse conv on 4E channels at 1/4 resolution
-disappears: at 480x640 with 40 classes that conv is 45.3G of SegFormer-B2's 72.2G
-multiply-adds (63%), and three quarters of SegDepthFormer-B2's, which has two heads. BatchNorm,
-ReLU, dropout and the prediction layer come after the sum and are unchanged, except that in
-eval mode BatchNorm is a fixed per-channel affine map, which folds into the W_i L_i too. The
-models compute this form (`fused_features`), in training and inference; gradients flow to the
-original parameters through W_i L_i. Several decoders reading the same features (the two
-heads of SegDepthFormer, the 2N heads of a Deep Sub-Ensemble) run as one grouped computation:
-their matrices W_i L_i are stacked, so each stage costs one matmul for all heads. The tests
+(E x C_i) matrix W_i L_i, and the (E x 4E) fuse conv on 4E channels at 1/4 resolution, most of
+the decoder's multiply-adds, disappears (bench.py counts both forms; docs/results.md has the
+figures). BatchNorm, ReLU, dropout and the prediction layer come after the sum and are
+unchanged, except that in eval mode BatchNorm is a fixed per-channel affine map, which folds
+into the W_i L_i too. The models compute this form (`fused_features`), in training and
+inference; gradients flow to the original parameters through W_i L_i. Several decoders reading
+the same features (the two heads of SegDepthFormer, the 2N heads of a Deep Sub-Ensemble) run as
+one grouped computation: their matrices W_i L_i are stacked, so each stage costs one 1x1 conv
+for all heads. `folded_sum` is the one implementation of the sum: the models run it through
+`fused_features`, and predict.py's export (FoldedNetwork) and bench.py run it too. The tests
 check the fold against `AllMLPDecoder.forward`.
 
 Heads and outputs (`head_outputs`):
@@ -49,61 +50,12 @@ rebuilds one from a checkpoint of train.py or distill.py, `load_members` the mem
 Ensemble, `describe` names what was loaded (reading and strict loading: plumbing.py).
 """
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mit import MixVisionTransformer, get_config
 from plumbing import load_file, load_strict, read_state_dict
-
-
-def upsample(x, size, out=None):
-    """Bilinear upsampling of x (B, C, h, w) to size (H, W), as F.interpolate(align_corners=
-    False) computes it, or added into `out` (B, C, H, W) in place.
-
-    Where H/h and W/w are whole numbers (the decoder's stages for every input whose sides are
-    multiples of 32, the outputs for multiples of 4) it runs as two 1-d passes (_lerp_phases),
-    rows then columns, a few strided in-place operations each, in the tensor's memory order;
-    the numbers are F.interpolate's up to rounding (tests/test_models.py), at about a third of
-    its time on a CPU for the decoder's many channels. Other sizes go through F.interpolate."""
-    (h, w), (H, W) = x.shape[-2:], size
-    if H % h or W % w:
-        up = F.interpolate(x, size=size, mode='bilinear', align_corners=False)
-        return up if out is None else out.add_(up)
-    y = x.permute(0, 2, 3, 1)  # (B, h, w, C): contiguous for the channels_last maps of the decoder
-    # new buffers through empty_like, so that under vmap (a batched Deep Ensemble) they are batched
-    rows = torch.empty_like(y.unsqueeze(3).expand(-1, -1, -1, W // w, -1)).flatten(2, 3)  # (B, h, W, C)
-    _lerp_phases(y, rows, dim=2, accumulate=False)
-    target = torch.empty_like(rows.unsqueeze(2).expand(-1, -1, H // h, -1, -1)).flatten(1, 2) if out is None \
-        else out.permute(0, 2, 3, 1)  # (B, H, W, C)
-    _lerp_phases(rows, target, dim=1, accumulate=out is not None)
-    return target.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W), channels_last in memory
-
-
-def _lerp_phases(x, out, dim, accumulate):
-    """1-d bilinear upsampling of x along dim by the whole factor s = out.size(dim) / x.size(dim),
-    into out (or added to it). Output o = s q + a has the source coordinate
-    q + (a + 0.5) / s - 0.5, so each phase a is a fixed blend (1 - t) x[q + d] + t x[q + d + 1]
-    with d = -1 or 0, the source clamped at the ends, as F.interpolate does."""
-    n = x.shape[dim]
-    s = out.shape[dim] // n
-    first, second = x.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1)
-    for a in range(s):
-        src = (a + 0.5) / s - 0.5
-        d = math.floor(src)
-        t = src - d
-        # outputs s q + a for every q: the first or last one is the clamped end, the rest a blend
-        phase = lambda: out.unflatten(dim, (n, s)).select(dim + 1, a)  # a fresh view after each write
-        body, edge = (1, 0) if d < 0 else (0, n - 1)
-        clamped = x.narrow(dim, 0 if d < 0 else n - 1, 1)
-        if accumulate:
-            phase().narrow(dim, body, n - 1).add_(first, alpha=1 - t).add_(second, alpha=t)
-            phase().narrow(dim, edge, 1).add_(clamped)
-        else:
-            phase().narrow(dim, body, n - 1).copy_(first).mul_(1 - t).add_(second, alpha=t)
-            phase().narrow(dim, edge, 1).copy_(clamped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,26 +106,12 @@ class AllMLPDecoder(nn.Module):
         e = [getattr(self, f'linear_c{i + 1}')(f) for i, f in enumerate(features)]  # (B, E, h_i, w_i)
         u = [e[0]] + [F.interpolate(x, size, mode='bilinear', align_corners=False) for x in e[1:]]  # all at 1/4
         z = self.linear_fuse.conv(torch.cat(u[::-1], dim=1))  # concatenated c4, c3, c2, c1: (B, 4E, h, w) -> (B, E, h, w)
-        return self.predict(F.relu(self.linear_fuse.bn(z)))
+        return self.output_layer(F.relu(self.linear_fuse.bn(z)))
 
-    def predict(self, x):
-        """(B, E, h, w) = ReLU(BN(fused features)) -> (B, out_dim, h, w): dropout, then the 1x1
-        prediction layer, a matmul over the channels; as one it reads a head's channel slice of
-        the grouped map of fused_features (a strided view) without copying it first.
-
-        The dropout (Dropout2d: whole channels, in training and under MC Dropout) acts on the
-        prediction layer's weights instead of the map: zeroing channel e of image b and scaling
-        the others by 1 / (1 - p) does the same to the output as doing so to column e of the
-        weights used for image b, which costs K x E per image instead of a pass over the map.
-        The mask is drawn as Dropout2d draws it, Bernoulli(1 - p) per (image, channel)."""
-        x = x.permute(0, 2, 3, 1)  # (B, E, h, w) -> (B, h, w, E)
-        weight, bias = self.linear_pred.weight.flatten(1), self.linear_pred.bias  # (K, E), (K,)
-        if not (self.dropout.training and self.dropout.p > 0):
-            return F.linear(x, weight, bias).permute(0, 3, 1, 2)
-        p = self.dropout.p
-        keep = x.new_empty(x.shape[0], 1, weight.shape[1]).bernoulli_(1 - p).div_(1 - p)  # (B, 1, E)
-        y = torch.baddbmm(bias, x.flatten(1, 2), (weight * keep).transpose(1, 2))  # (B, h*w, E) @ (B, E, K)
-        return y.unflatten(1, x.shape[1:3]).permute(0, 3, 1, 2)  # (B, h*w, K) -> (B, K, h, w)
+    def output_layer(self, x):
+        """(B, E, h, w) = ReLU(BN(fused features)) -> (B, out_dim, h, w): Dropout2d (whole
+        channels, in training and under MC Dropout), then the 1x1 prediction layer."""
+        return self.linear_pred(self.dropout(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,30 +143,28 @@ def stacked_folds(decoders, stages=4):
     return weights, sum(torch.cat([c for _, c in stage]) for stage in folds)
 
 
+def folded_sum(features, weights, bias):
+    """z = sum_i up(M_i f_i) + c: the encoder's four maps [(B, C_i, h_i, w_i)], the stacked
+    matrices [(G*E, C_i)] and bias (G*E,) of stacked_folds -> (B, G*E, h_1, w_1). Each stage
+    goes to the fused width at its own resolution (a 1x1 conv), then up to 1/4 resolution; the
+    bias goes in once, with stage 1."""
+    size = features[0].shape[-2:]
+    conv = lambda f, weight, b=None: F.conv2d(f, weight[:, :, None, None], b)  # (G*E, C_i) as a 1x1 conv
+    z = conv(features[0], weights[0], bias)
+    for f, weight in zip(features[1:], weights[1:]):
+        z += F.interpolate(conv(f, weight), size, mode='bilinear', align_corners=False)
+    return z
+
+
 def fused_features(decoders, features):
     """ReLU(BN(z)) of every decoder, through the fold: the encoder's four maps
     [(B, C_i, h_i, w_i)] -> one (B, E, h_1, w_1) map per decoder, equal to what
-    AllMLPDecoder.forward computes before its prediction layer.
-
-    The matrices of G decoders are stacked, (G*E, C_i) per stage. Stages 3 and 4 go to the
-    fused width at their own resolution and are upsampled there. Stage 2 is upsampled first,
-    since W_2 L_2 up(f_2) = up(W_2 L_2 f_2) and its C_2 channels (128) cost less to upsample than
-    the G*E of its output (a pass over the 1/4-resolution map per phase, each worth more than
-    C_2 multiply-adds per element); it then joins stage 1 in one matmul of C_1 + C_2 inputs.
-    Every bias goes in once, with stage 4's small map, which upsampling carries to each pixel
-    unchanged (it keeps a constant constant)."""
-    size = features[0].shape[-2:]
-    weights, bias = stacked_folds(decoders, len(features))  # [(G*E, C_i)], (G*E,)
-    # a 1x1 conv is a matmul over the channels of the channels_last features (under vmap, a Deep
-    # Ensemble's, one batched matmul): (B, h, w, C) @ (C, G*E) -> (B, G*E, h, w), channels_last
-    conv = lambda f, weight, bias=None: F.linear(f.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
-    z = conv(torch.cat([features[0], upsample(features[1], size)], dim=1), torch.cat(weights[:2], dim=1))
-    upsample(conv(features[2], weights[2]), size, out=z)  # added in place: z is the large tensor here
-    upsample(conv(features[3], weights[3], bias), size, out=z)
+    AllMLPDecoder.forward computes before its output layer. The G decoders' matrices are
+    stacked, so each stage costs one 1x1 conv for all of them."""
+    z = folded_sum(features, *stacked_folds(decoders, len(features)))  # (B, G*E, h_1, w_1)
     if not decoders[0].training:  # BatchNorm is folded into the matrices: ReLU is all that is left
         return F.relu(z, inplace=True).chunk(len(decoders), dim=1)
-    return [F.relu(d.linear_fuse.bn(z_d), inplace=True)
-            for d, z_d in zip(decoders, z.chunk(len(decoders), dim=1))]
+    return [F.relu(d.linear_fuse.bn(z_d)) for d, z_d in zip(decoders, z.chunk(len(decoders), dim=1))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,10 +175,10 @@ def head_outputs(task, z, size):
     for depth. Upsampling comes before the activations, as the paper does for the softmax
     (Section 3.2.1)."""
     if task == 'seg':
-        return {'seg_logits': upsample(z, size)}
+        return {'seg_logits': F.interpolate(z, size, mode='bilinear', align_corners=False)}
     # depth in float32 whatever autocast does (no autocast list lowers these ops): in half
     # precision Softplus underflows to 0 below about -17, where the loss's 1/s^2 then overflows
-    z = upsample(z.float(), size)
+    z = F.interpolate(z.float(), size, mode='bilinear', align_corners=False)
     return {'depth_mean': F.relu(z[:, 0]),        # Eq. 4
             'depth_var': F.softplus(z[:, 1])}     # Eq. 5
 
@@ -255,7 +191,7 @@ def run_heads(heads, features, textbook=False):
     if textbook:
         z = [d(features) for d in decoders]
     else:
-        z = [d.predict(fused) for d, fused in zip(decoders, fused_features(decoders, features))]
+        z = [d.output_layer(fused) for d, fused in zip(decoders, fused_features(decoders, features))]
     return list(zip(tasks, z))
 
 
@@ -369,7 +305,7 @@ def load_segformer_checkpoint(model, path):
 def load_model(path):
     """Rebuild a model from a checkpoint written by train.py or distill.py: a dict with the
     model's weights under 'model', build_model's arguments under 'config', and what else it
-    knows under 'meta' (data.describe: the classes and their palette, the objective), which
+    knows under 'meta' (data.checkpoint_meta: the classes and their palette, the objective), which
     the model keeps as model.meta."""
     ckpt = load_file(path)
     if not isinstance(ckpt, dict) or 'config' not in ckpt:

@@ -11,12 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bench
 import evaluate
-import heads
 import losses
 import mit
 import train
@@ -78,11 +76,6 @@ def test_mc_dropout_on_the_gpu():
     assert torch.isfinite(pred.entropy).all() and (pred.depth_var > 0).all()
     y = mit.dropout(torch.ones(1_000_000, device='cuda'), 0.2)  # torch's fused kernel
     assert abs((y > 0).float().mean().item() - 0.8) < 0.005
-
-
-def test_fast_upsampling_on_the_gpu():
-    x = torch.randn(2, 48, 15, 20, device='cuda').contiguous(memory_format=torch.channels_last)
-    assert close(heads.upsample(x, (120, 160)), F.interpolate(x, (120, 160), mode='bilinear'), rel=1e-6)
 
 
 @pytest.mark.parametrize('precision', ['bf16', 'fp16'])
