@@ -18,10 +18,13 @@ be at least mit.MIN_SIZE (29) pixels on each side, or with --size H W resized fo
 (bilinear, antialiased) and every output resized back to the image's size: probabilities,
 entropy, depth and variance bilinearly, the class map the argmax of the resized
 probabilities. Images of equal network-input size are batched (--batch-size), on the GPU if
-there is one (--device), in fp32 unless --precision bf16|fp16 (autocast, plumbing.py); MC
-Dropout's masks are seeded (--seed), so a rerun writes the same files. A file that is
-not an image, is broken or too small is reported by name and skipped; the others are still
-predicted, and the exit status is then 1, with the list of what was skipped.
+there is one (--device), under --precision (default auto: bf16 or fp16 autocast on a GPU,
+fp32 on a CPU; plumbing.autocast_dtype); MC Dropout's masks are seeded (--seed), so a rerun
+writes the same files. An 8-bit image is read as it is; a 16-bit one (greyscale or RGB PNG,
+TIFF) is scaled from 0..65535 to [0, 1] like an 8-bit one from 0..255, never cut to 8 bits; a
+32-bit or floating-point one is refused. A file that is not an image, is broken, too small or
+refused is reported by name and skipped; the others are still predicted, and the exit status
+is then 1, with the list of what was skipped.
 
 For each image STEM.ext, written atomically into --out (which must be empty unless --overwrite):
 
@@ -38,15 +41,19 @@ For each image STEM.ext, written atomically into --out (which must be empty unle
 
 (the files of the model's tasks). Each PNG states its scale in its text chunks ('Description',
 'unit', 'scale'), and DIR/predict.json states it once more, with the method, the checkpoints,
-the class names and palette, the images written and the files skipped. The class names and
-palette travel in the checkpoint (data.describe, written by train.py and distill.py), so a model
+the class names and palette, the settings that shaped the outputs (those of MC Dropout only
+for --method mcd), the images written and the files skipped. The class names and
+palette travel in the checkpoint (data.checkpoint_meta, written by train.py and distill.py), so a model
 trained on NYUv2 or Cityscapes names its classes without the data set at hand; a checkpoint
 without them gets class_0 .. class_{K-1} and a fixed palette, with a warning.
 
 Exporting. A single network (SegFormer, DepthFormer, SegDepthFormer, the EMUFormer student)
 goes to ONNX with its whole prediction, uncertainty included:
 
-    python predict.py runs/emuformer/best.pt --export onnx --out emuformer.onnx
+    python predict.py runs/emuformer/best.pt --export onnx      # to out/emuformer_best.onnx
+    python predict.py runs/emuformer/best.pt --export onnx --out out/emuformer.onnx
+
+(--out defaults to out/ plus the checkpoint's folder and name, under the git-ignored out/.)
 
     input   image       (B, 3, H, W) float32, RGB in [0, 1] normalised with data.MEAN / data.STD;
                         H, W >= 29 (batch, height and width are dynamic)
@@ -105,7 +112,8 @@ def get_parser():
     a = p.add_argument
     a('paths', nargs='+', metavar='PATH', help='checkpoints (*.pt, *.pth; several = a Deep Ensemble), then '
                                                'images, folders and glob patterns')
-    a('--out', required=True, help='output folder; with --export, the file to write')
+    a('--out', help='output folder (required to predict); with --export, the file to write (default: '
+                    'out/FOLDER_NAME.onnx for the checkpoint FOLDER/NAME.pt)')
     a('--method', choices=uq.METHODS,
       help="uncertainty method; default: 'de' for several checkpoints, 'dse' for a Deep Sub-Ensemble, else 'none'")
     a('--samples', type=int, default=10, help='MC Dropout: forward passes')
@@ -113,10 +121,11 @@ def get_parser():
     a('--seed', type=int, default=0, help='seed of the MC Dropout masks')
     a('--size', type=int, nargs=2, metavar=('H', 'W'),
       help='resize every image to H x W for the network, and its outputs back (default: each as it is)')
-    a('--batch-size', type=int, default=1, help='images per predict() call (of equal network-input size)')
-    a('--precision', default='fp32', choices=plumbing.PRECISIONS, help='autocast of the forward passes')
+    a('--batch-size', type=int, default=1, help='images per uq.predict call (of equal network-input size)')
+    a('--precision', default='auto', choices=plumbing.PRECISIONS,
+      help='autocast of the forward passes; auto: bf16 (fp16 without bf16) on a GPU, fp32 on a CPU')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu (default: cuda if there is one)')
-    a('--label', help='model name in the pictures; default e.g. "EMUFormer-B2", "SegDepthFormer-B2 (DE x10)"')
+    a('--name', help='model name in the pictures; default e.g. "EMUFormer-B2", "SegDepthFormer-B2 (DE x10)"')
     a('--overwrite', action='store_true', help='write into a --out that already holds results')
     a('--export', choices=('onnx',), help='write the single network to --out instead of predicting')
     return p
@@ -154,12 +163,22 @@ def check_stems(files):
 
 
 def read_image(path):
-    """An image file -> (H, W, 3) uint8 RGB, turned upright as its EXIF orientation says (as
-    photos are shown). ValueError naming the file if it is no image Pillow can read, is broken,
-    or is smaller than the encoder's minimum."""
+    """An image file -> (H, W, 3) float32 RGB in [0, 1], turned upright as its EXIF orientation
+    says (as photos are shown): 8-bit values / 255, 16-bit ones / 65535 (a greyscale image on all
+    three channels). ValueError naming the file if it is no image Pillow can read, is broken, has
+    32-bit or floating-point pixels, or is smaller than the encoder's minimum."""
     try:
         with Image.open(path) as im:
-            rgb = np.array(ImageOps.exif_transpose(im).convert('RGB'))
+            im = ImageOps.exif_transpose(im)
+            if im.mode.startswith('I;16'):  # 16-bit greyscale; Pillow's convert('RGB') would clip it at 255
+                rgb = np.repeat(np.array(im).astype(np.float32)[:, :, None] / 65535, 3, axis=2)
+            elif im.mode in ('I', 'F'):
+                raise ValueError(f'{im.mode} mode (32-bit integer or floating-point pixels) is not read: '
+                                 'convert it to an 8- or 16-bit image')
+            else:  # 8 bits per channel (a 16-bit RGB file Pillow reads as 8-bit RGB, its high bytes)
+                rgb = np.array(im.convert('RGB')).astype(np.float32) / 255
+    except ValueError as e:
+        raise ValueError(f'{path}: {e}') from e
     except Exception as e:  # Pillow: OSError, SyntaxError, struct.error, zlib.error... by format
         raise ValueError(f'{path}: not a readable image ({type(e).__name__}: {e})') from e
     if min(rgb.shape[:2]) < MIN_SIZE:
@@ -196,18 +215,18 @@ def resize(x, size):
 
 
 def to_tensor(rgb):
-    """(H, W, 3) uint8 -> the normalised (3, H, W) float32 image the networks take."""
-    return data.normalize(torch.from_numpy(rgb).permute(2, 0, 1).float() / 255)
+    """(H, W, 3) float32 in [0, 1] -> the normalised (3, H, W) image the networks take."""
+    return data.normalize(torch.from_numpy(rgb).permute(2, 0, 1))
 
 
-def image_prediction(pred, i, size):
+def image_prediction(prediction, i, size):
     """Image i of a batch's Prediction, on the CPU at `size` (H, W), its own: every map is resized
     bilinearly where the network saw another size, so the class map (Prediction.pred) is the
     argmax of the resized probabilities, and the standard deviation the root of the resized
     variance."""
     maps = {}
     for name in ('probs', 'entropy', 'depth_mean', 'depth_var'):
-        x = getattr(pred, name)
+        x = getattr(prediction, name)
         if x is not None:
             x = x[i:i + 1].float()
             if x.shape[-2:] != size:  # a (1, H, W) map is resized as one channel, (1, 1, H, W)
@@ -266,7 +285,7 @@ def save_npy(path, array):
 
 def class_names(model, path):
     """The class names and the palette (K, 3) that the checkpoint at `path` carries
-    (data.describe), or, with a warning, class_0 .. class_{K-1} in a fixed palette."""
+    (data.checkpoint_meta), or, with a warning, class_0 .. class_{K-1} in a fixed palette."""
     if 'classes' in model.meta and 'palette' in model.meta:
         return list(model.meta['classes']), np.array(model.meta['palette'], np.uint8)
     print(f'warning: {path} carries no class names and palette; naming the classes class_0 .. '
@@ -279,19 +298,19 @@ def class_names(model, path):
 class Writer:
     """Writes every output of one image into `folder` (the module docstring's list)."""
     folder: Path
-    label: str
+    name: str                     # the model's name in the pictures
     formats: dict
     classes: list = None          # the model's class names and palette (K, 3), None without segmentation
     palette: np.ndarray = None
 
-    def write(self, path, image, pred):
+    def write(self, path, image, prediction):
         """path: the input file (its stem names the outputs); image: its normalised (3, H, W)
-        tensor; pred: its Prediction at (H, W) on the CPU. Returns the names of the files written."""
+        tensor; prediction: its uq.Prediction at (H, W) on the CPU. Returns the names of the files written."""
         out = lambda suffix: self.folder / f'{path.stem}{suffix}'
-        text = lambda suffix: {'Software': 'emuformer predict.py', 'Model': self.label, **self.formats[suffix]}
+        text = lambda suffix: {'Software': 'emuformer predict.py', 'Model': self.name, **self.formats[suffix]}
         legend = []
-        if pred.probs is not None:
-            ids = pred.pred[0].numpy()
+        if prediction.probs is not None:
+            ids = prediction.pred[0].numpy()
             if len(self.palette) <= 256:  # a PNG palette has at most 256 entries; beyond, RGB colours
                 seg = Image.fromarray(ids.astype(np.uint8))
                 seg.putpalette(self.palette.astype(np.uint8).tobytes())  # makes it mode 'P'
@@ -300,26 +319,26 @@ class Writer:
             save_png(out('_seg.png'), seg, text('_seg.png'))
             classes = ids.astype(np.uint8 if len(self.classes) <= data.IGNORE_INDEX else np.uint16)
             save_png(out('_classes.png'), Image.fromarray(classes), text('_classes.png'))
-            entropy = pred.entropy[0].numpy()
+            entropy = prediction.entropy[0].numpy()
             save_png(out('_entropy.png'), Image.fromarray(quantize(entropy, self.formats['_entropy.png']['scale'])),
                      text('_entropy.png'))
             save_npy(out('_entropy.npy'), entropy)
             legend = figures.class_legend(ids, self.palette, self.classes)
-        if pred.depth_mean is not None:
-            depth, std = pred.depth_mean[0].numpy(), pred.depth_var[0].sqrt().numpy()
+        if prediction.depth_mean is not None:
+            depth, std = prediction.depth_mean[0].numpy(), prediction.depth_var[0].sqrt().numpy()
             save_png(out('_depth.png'), Image.fromarray(quantize(depth, 0.001)), text('_depth.png'))
             save_npy(out('_depth.npy'), depth)
             save_png(out('_depth_std.png'), Image.fromarray(quantize(std, 0.001)), text('_depth_std.png'))
             save_npy(out('_depth_std.npy'), std)
-        rows = figures.prediction_panels(image[None], pred, 0, self.palette, len(self.classes or ()))
-        figures.save_figure(out('_panels.png'), rows, f'{self.label} on {path.name}', legend)
+        rows = figures.prediction_panels(image[None], prediction, 0, self.palette, len(self.classes or ()))
+        figures.save_figure(out('_panels.png'), rows, f'{self.name} on {path.name}', legend)
         return [out(suffix).name for suffix in self.formats]
 
 
 # ---------------------------------------------------------------------------------------------
 # predicting
 
-def predict(model, method, files, args, writer, device):
+def predict_files(model, method, files, args, writer, device):
     """Every file through uq.predict, its outputs written by `writer` -> (images written as
     manifest entries, [(path, why skipped)])."""
     kwargs = {'samples': args.samples, 'dropout': args.dropout} if method == 'mcd' else {}
@@ -330,12 +349,20 @@ def predict(model, method, files, args, writer, device):
         images = [to_tensor(rgb) for rgb in rgbs]
         x = torch.stack([image if args.size is None else resize(image[None], args.size)[0] for image in images])
         with plumbing.autocast(device, dtype):
-            pred = uq.predict(model, x.to(device), method, **kwargs)
+            prediction = uq.predict(model, x.to(device), method, **kwargs)
         for i, (path, image) in enumerate(zip(paths, images)):
-            names = writer.write(path, image, image_prediction(pred, i, image.shape[-2:]))
+            names = writer.write(path, image, image_prediction(prediction, i, image.shape[-2:]))
             written.append({'input': str(path), 'height': image.shape[1], 'width': image.shape[2], 'files': names})
         progress.update(len(written) + len(skipped))
     return written, skipped
+
+
+def settings(args, method):
+    """The settings that shaped the outputs, for predict.json: MC Dropout's only with its method."""
+    chosen = {'size': args.size, 'batch_size': args.batch_size, 'precision': args.precision, 'device': args.device}
+    if method == 'mcd':
+        chosen.update(samples=args.samples, dropout=args.dropout, seed=args.seed)
+    return chosen
 
 
 def main(argv=None):
@@ -351,32 +378,39 @@ def main(argv=None):
         return export(args, checkpoints)
     if not inputs:
         raise ValueError('no inputs: give image files, folders or glob patterns after the checkpoint(s)')
+    if args.out is None:
+        raise ValueError('--out: give the folder to write the outputs into, e.g. --out out/photos')
     if args.size and min(args.size) < MIN_SIZE:
         raise ValueError(f'--size {args.size[0]} {args.size[1]}: the encoder needs at least {MIN_SIZE} on each side')
+    if args.batch_size < 1:
+        raise ValueError(f'--batch-size {args.batch_size}: must be at least 1')
+    if args.samples < 1:
+        raise ValueError(f'--samples {args.samples}: must be at least 1')
+    if not 0 <= args.dropout < 1:
+        raise ValueError(f'--dropout {args.dropout}: must be in [0, 1)')
+    models = heads.load_members(checkpoints)  # before --out is made: a bad checkpoint leaves no folder
+    method = evaluate.resolve_method(args.method, models, checkpoints)
     plumbing.check_output(args.out, '--out', args.overwrite, folder=True)
     files, missing = list_inputs(inputs)
     for _, why in missing:
         print(f'error: {why}', file=sys.stderr)
     check_stems(files)
 
-    models = heads.load_members(checkpoints)
-    method = evaluate.resolve_method(args.method, models, checkpoints)
     first = models[0]
     classes, palette = class_names(first, checkpoints[0]) if 'seg' in first.tasks else (None, None)
-    label = args.label or evaluate.default_label(models, method, args.dropout)
+    name = args.name or evaluate.default_name(models, method, args.dropout)
     formats = file_formats(first.tasks, first.num_classes)
     device = torch.device(args.device)
     models = [m.to(device) for m in models]
     model = uq.DeepEnsemble(models) if method == 'de' else models[0]
     torch.manual_seed(args.seed)  # MC Dropout's masks: the same outputs on every run
-    print(f'{label}: {len(files)} file(s), method {method}, on {device}', flush=True)
+    print(f'{name}: {len(files)} file(s), method {method}, on {device}', flush=True)
 
-    writer = Writer(Path(args.out), label, formats, classes, palette)
-    written, skipped = predict(model, method, files, args, writer, device)
+    writer = Writer(Path(args.out), name, formats, classes, palette)
+    written, skipped = predict_files(model, method, files, args, writer, device)
     skipped = missing + skipped
     plumbing.write_json({
-        'label': label, 'method': method, 'checkpoints': checkpoints,
-        'settings': {k: v for k, v in vars(args).items() if k not in ('paths', 'out', 'overwrite', 'export')},
+        'name': name, 'method': method, 'checkpoints': checkpoints, 'settings': settings(args, method),
         'tasks': list(first.tasks), 'classes': classes, 'palette': None if palette is None else palette.tolist(),
         'files': formats, 'images': written,
         'skipped': [{'input': path, 'error': why} for path, why in skipped]}, Path(args.out) / 'predict.json')
@@ -408,16 +442,14 @@ OPSET = 17  # LayerNormalization is an ONNX operator from opset 17 on
 class FoldedNetwork(nn.Module):
     """A SegFormer, DepthFormer or SegDepthFormer as it is exported: image in, the prediction
     with its uncertainty out (the module docstring's outputs, in that order), through the fold
-    of heads.py with its matrices computed once, here, as constants:
+    of heads.py (heads.folded_sum, the models' own) with its matrices computed once, here, as
+    constants:
 
         z = sum_i up(M_i f_i) + c      M_i: the heads' W_i L_i stacked, BatchNorm folded in
         y = up(P ReLU(z))              each head's 1x1 prediction layer, to the input size
         softmax and entropy (Eq. 1, 3), or ReLU and Softplus (Eq. 4, 5)
 
-    Every stage is taken to the fused width at its own resolution and then upsampled with
-    F.interpolate (heads.fused_features upsamples stage 2 first and uses its own upsampling;
-    the order is exact up to rounding, and this one is plain ONNX Conv and Resize). The
-    decoder's dropout is an identity in eval mode and is left out."""
+    The decoder's dropout is an identity in eval mode and is left out."""
 
     def __init__(self, model):
         super().__init__()
@@ -426,19 +458,16 @@ class FoldedNetwork(nn.Module):
         decoders = [model.decode_head if t == 'seg' else model.depth_head for t in self.tasks]
         with torch.no_grad():
             weights, bias = heads.stacked_folds(decoders)
-            for i, weight in enumerate(weights):  # a 1x1 conv's weight: (G*E, C_i) -> (G*E, C_i, 1, 1)
-                self.register_buffer(f'stage{i + 1}', weight[:, :, None, None])
+            for i, weight in enumerate(weights):  # (G*E, C_i)
+                self.register_buffer(f'stage{i + 1}', weight)
             self.register_buffer('bias', bias)  # (G*E,)
         self.predictors = nn.ModuleList(d.linear_pred for d in decoders)
         self.output_names = [name for t in self.tasks for name in OUTPUT_NAMES[t]]
 
     def forward(self, x):
         features = self.backbone(x)  # [(B, C_i, H / 2^(i+1), W / 2^(i+1))]
-        size = features[0].shape[-2:]
-        z = F.conv2d(features[0], self.stage1, self.bias)  # (B, G*E, H/4, W/4), every bias once
-        for i in (1, 2, 3):
-            z = z + F.interpolate(F.conv2d(features[i], getattr(self, f'stage{i + 1}')), size,
-                                  mode='bilinear', align_corners=False)
+        weights = [getattr(self, f'stage{i + 1}') for i in range(4)]
+        z = heads.folded_sum(features, weights, self.bias)  # (B, G*E, H/4, W/4)
         outputs = []
         for task, predictor, fused in zip(self.tasks, self.predictors, F.relu(z).chunk(len(self.tasks), dim=1)):
             y = F.interpolate(predictor(fused), x.shape[-2:], mode='bilinear', align_corners=False)
@@ -496,16 +525,24 @@ def onnx_bytes(network, metadata):
     return model.SerializeToString()
 
 
+def export_path(checkpoint):
+    """--export's default --out: out/FOLDER_NAME.onnx for the checkpoint FOLDER/NAME.pt, under
+    the git-ignored out/ folder (runs/emuformer/best.pt -> out/emuformer_best.onnx)."""
+    path = Path(checkpoint).resolve()
+    return str(Path('out') / f'{path.parent.name}_{path.stem}.onnx')
+
+
 def export(args, checkpoints):
     """--export onnx: the single network of the checkpoint, folded, to --out."""
-    plumbing.check_output(args.out, '--out', args.overwrite)
-    models = heads.load_members(checkpoints)
+    models = heads.load_members(checkpoints)  # before --out's folder is made: a bad checkpoint leaves none
     method = evaluate.resolve_method(args.method, models, checkpoints)
     if method != 'none':
         raise ValueError(NOT_EXPORTED[method])
+    out = args.out or export_path(checkpoints[0])
+    plumbing.check_output(out, '--out', args.overwrite)
     model = models[0]
     network = FoldedNetwork(model)
-    metadata = {'label': args.label or evaluate.default_label(models, method, args.dropout),
+    metadata = {'name': args.name or evaluate.default_name(models, method, args.dropout),
                 'input': 'image (B, 3, H, W) float32: RGB in [0, 1], normalised as (rgb - mean) / std with '
                          f'mean {list(data.MEAN)}, std {list(data.STD)}; H, W >= {MIN_SIZE}',
                 'outputs': 'seg_probs (B, K, H, W) softmax; seg_entropy (B, H, W) nats; depth_mean (B, H, W) '
@@ -514,9 +551,9 @@ def export(args, checkpoints):
         classes, palette = class_names(model, checkpoints[0])
         metadata.update(classes=json.dumps(classes), palette=json.dumps(palette.tolist()))
     content = onnx_bytes(network, metadata)
-    plumbing.save_atomic(args.out, lambda f: f.write(content))
-    print(f"wrote {args.out}: {metadata['label']}, outputs {', '.join(network.output_names)}")
-    differences = parity(args.out, model)
+    plumbing.save_atomic(out, lambda f: f.write(content))
+    print(f"wrote {out}: {metadata['name']}, outputs {', '.join(network.output_names)}")
+    differences = parity(out, model)
     if differences is None:
         print('not checked against PyTorch: that needs onnxruntime (python -m pip install onnxruntime)')
     else:
@@ -527,9 +564,9 @@ def export(args, checkpoints):
 
 def parity(path, model, sizes=((96, 128), (77, 101))):
     """The exported file at `path` in onnxruntime against the PyTorch model (uq.predict, method
-    none) on random images of `sizes` (one side not a multiple of 32, where heads.upsample
-    takes another path) -> {output: max |onnx - torch| / max |torch|, the worst over the sizes},
-    or None without onnxruntime."""
+    none) on random images of `sizes` (the second with sides that are not multiples of 32, so that
+    the maps' sizes are rounded up at every stage) -> {output: max |onnx - torch| / max |torch|,
+    the worst over the sizes}, or None without onnxruntime."""
     try:
         import onnxruntime
     except ImportError:

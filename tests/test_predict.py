@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ HAS_ONNX = all(importlib.util.find_spec(m) for m in ('onnx', 'onnxruntime'))  # 
 @pytest.fixture(scope='module')
 def ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp('checkpoints')
-    meta = data.describe('synthetic', objective='eq7')
+    meta = data.checkpoint_meta('synthetic', objective='eq7')
     return {'sdf': write_checkpoint(d / 'sdf.pt', 'segdepthformer', 0, meta),
             'members': [write_checkpoint(d / f'member{i}.pt', 'segdepthformer', 10 + i) for i in range(2)],
             'dse': write_checkpoint(d / 'dse.pt', 'dse', 3, meta, num_members=2)}
@@ -69,7 +70,7 @@ def test_folder_with_broken_files(ckpt, images, tmp_path, capsys):
     assert sorted(s['input'] for s in manifest['skipped']) == sorted(str(images / n) for n in
                                                                      ('broken.png', 'notes.txt', 'small.png'))
     assert manifest['classes'] == list(data.SYNTHETIC_CLASSES) and manifest['method'] == 'none'
-    assert manifest['label'] == 'SegDepthFormer-B0'
+    assert manifest['name'] == 'SegDepthFormer-B0'
 
     # a and b (64x96) form one batch of --batch-size 2, c (80x120) another
     model = load_model(ckpt['sdf']).eval()
@@ -120,7 +121,7 @@ def test_deep_ensemble_sub_ensemble_and_mc_dropout(ckpt, images, tmp_path, capsy
     pattern = str(images / '*.jpg')  # a pattern the script expands itself
     assert predict.main([*ckpt['members'], pattern, '--out', str(tmp_path / 'de')]) == 0
     manifest = json.loads((tmp_path / 'de' / 'predict.json').read_text())
-    assert manifest['method'] == 'de' and manifest['label'] == 'SegDepthFormer-B0 (DE x2)'
+    assert manifest['method'] == 'de' and manifest['name'] == 'SegDepthFormer-B0 (DE x2)'
     # the members carry no class names: a warning, and names and colours that say so
     assert 'carries no class names' in capsys.readouterr().err
     assert manifest['classes'] == [f'class_{k}' for k in range(K)] and len(manifest['palette']) == K
@@ -132,12 +133,57 @@ def test_deep_ensemble_sub_ensemble_and_mc_dropout(ckpt, images, tmp_path, capsy
     args = [ckpt['sdf'], pattern, '--out', str(tmp_path / 'mcd'), '--method', 'mcd', '--samples', '2']
     assert predict.main(args) == 0
     manifest = json.loads((tmp_path / 'mcd' / 'predict.json').read_text())
-    assert manifest['method'] == 'mcd' and manifest['label'] == 'SegDepthFormer-B0 (MCD 20%)'
+    assert manifest['method'] == 'mcd' and manifest['name'] == 'SegDepthFormer-B0 (MCD 20%)'
     assert (tmp_path / 'mcd' / 'b_depth_std.png').exists()
 
     assert predict.main([ckpt['dse'], pattern, '--out', str(tmp_path / 'dse')]) == 0
     manifest = json.loads((tmp_path / 'dse' / 'predict.json').read_text())
-    assert manifest['method'] == 'dse' and manifest['label'] == 'SegDepthFormer-B0 (DSE x2)'
+    assert manifest['method'] == 'dse' and manifest['name'] == 'SegDepthFormer-B0 (DSE x2)'
+
+
+def test_settings_name_only_the_methods_parameters(ckpt, images, tmp_path):
+    # a single network has no samples or dropout rate; MC Dropout lists its own
+    assert predict.main([ckpt['sdf'], str(images / 'a.png'), '--out', str(tmp_path / 'one')]) == 0
+    settings = json.loads((tmp_path / 'one' / 'predict.json').read_text())['settings']
+    assert not {'samples', 'dropout', 'seed'} & set(settings) and settings['precision'] == 'auto'
+    args = [ckpt['sdf'], str(images / 'a.png'), '--out', str(tmp_path / 'mcd'), '--method', 'mcd', '--samples', '2']
+    assert predict.main(args) == 0
+    settings = json.loads((tmp_path / 'mcd' / 'predict.json').read_text())['settings']
+    assert (settings['samples'], settings['dropout'], settings['seed']) == (2, 0.2, 0)
+
+
+def test_16_bit_images_are_read_as_16_bit(tmp_path):
+    # a 16-bit greyscale PNG spanning 0..65535: scaled by 1/65535 on all three channels, where
+    # an 8-bit conversion would clip every value above 255 to white
+    values = np.arange(64 * 96, dtype=np.uint16).reshape(64, 96) * 10
+    Image.fromarray(values).save(tmp_path / 'deep.png')
+    assert Image.open(tmp_path / 'deep.png').mode == 'I;16'
+    rgb = predict.read_image(tmp_path / 'deep.png')
+    assert rgb.shape == (64, 96, 3) and rgb.dtype == np.float32
+    for c in range(3):
+        np.testing.assert_allclose(rgb[:, :, c], values / 65535, rtol=0, atol=1e-7)  # float32 rounding
+    random_image(tmp_path / 'rgb.png', 64, 96, 5)  # an 8-bit image: / 255, as before
+    np.testing.assert_allclose(predict.read_image(tmp_path / 'rgb.png'),
+                               np.array(Image.open(tmp_path / 'rgb.png')) / 255, rtol=0, atol=1e-7)
+    Image.fromarray(np.ones((64, 96), np.float32)).save(tmp_path / 'float.tif')
+    with pytest.raises(ValueError, match=r'float\.tif: F mode .* convert it to an 8- or 16-bit image'):
+        predict.read_image(tmp_path / 'float.tif')
+
+
+def test_a_missing_checkpoint_is_one_error_and_leaves_no_folder(images, tmp_path):
+    with pytest.raises(FileNotFoundError, match='checkpoint not found: .*nope.pt'):
+        predict.main([str(tmp_path / 'nope.pt'), str(images / 'a.png'), '--out', str(tmp_path / 'out')])
+    assert not (tmp_path / 'out').exists()
+    with pytest.raises(FileNotFoundError, match='checkpoint not found'):
+        predict.main([str(tmp_path / 'nope.pt'), '--export', 'onnx', '--out', str(tmp_path / 'x' / 'm.onnx')])
+    assert not (tmp_path / 'x').exists()
+
+
+def test_export_lands_under_the_ignored_out_folder():
+    # out/ is in .gitignore: the default never writes into the repository's root
+    assert predict.export_path('runs/emuformer/best.pt') == 'out/emuformer_best.onnx'
+    root = Path(__file__).resolve().parents[1]
+    assert '/out/' in (root / '.gitignore').read_text().split()
 
 
 def test_class_names_and_palette_come_from_the_checkpoint(images, tmp_path):
@@ -184,15 +230,15 @@ def test_onnx_export_matches_pytorch(ckpt, tmp_path, capsys):
     names = ('seg_probs', 'seg_entropy', 'depth_mean', 'depth_var')
     assert [o.name for o in session.get_outputs()] == list(names)
     torch.manual_seed(0)
-    # two sizes (one not a multiple of 32, where heads.upsample falls back to F.interpolate) and a batch of 2
+    # two sizes (one not a multiple of 32: every stage's map size is rounded up) and a batch of 2
     for x in (torch.randn(1, 3, 64, 96), torch.randn(1, 3, 77, 101), torch.randn(2, 3, 64, 96)):
         pred = uq.predict(model, x, 'none')
         outputs = session.run(None, {'image': x.numpy()})
         for name, ours, theirs in zip(names, (pred.probs, pred.entropy, pred.depth_mean, pred.depth_var), outputs):
-            # the same fp32 arithmetic in another order (stage 2 upsampled after its matmul, not
-            # before; onnxruntime's kernels) differs by rounding accumulated over the encoder's
-            # layers: up to 1.1e-5 of the largest value here; 1e-4 leaves room for other CPUs'
-            # kernels and is far below what a wrong operator or weight would give
+            # the same fp32 arithmetic through onnxruntime's kernels instead of PyTorch's differs
+            # by rounding accumulated over the encoder's layers, of order 1e-5 of the largest
+            # value; 1e-4 leaves room for other CPUs' kernels and is far below what a wrong
+            # operator or weight would give
             assert theirs.shape == tuple(ours.shape), name
             relative = np.abs(theirs - ours.numpy()).max() / np.abs(ours.numpy()).max()
             print(f'{name} {tuple(x.shape)}: max |onnx - torch| / max |torch| = {relative:.2e}')
