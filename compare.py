@@ -7,8 +7,10 @@ plot for corruption sweeps), for a README or a paper. Each file is read for what
                          prediction, sparsification, calibration of the variance, decomposition
     with an 'ood' block  out-of-distribution detection per score (--synthetic-ood, or any data
                          set whose samples carry an ood mask)
-    a sweep              (--corruption all) each metric per severity, the mean over corruptions,
-                         and with --plot one figure with a line per sweep
+    a sweep              (--corruption all) each metric on the clean images (severity 0) and
+                         its mean over the corruptions at each severity 1..5; with --plot one
+                         figure with a line per sweep, whose path is printed
+    anything else        refused, naming the file (a calibration, predict.py's predict.json)
 
     python compare.py out/baseline.json out/calibrated.json out/teacher.json out/emuformer.json
     python compare.py out/sweep_*.json --plot out/sweep.png
@@ -17,6 +19,7 @@ plot for corruption sweeps), for a README or a paper. Each file is read for what
 import argparse
 import json
 
+import corrupt
 import evaluate
 import plumbing
 
@@ -34,13 +37,13 @@ def markdown(headers, rows):
 def evaluation_tables(results):
     """The paper's columns and the second block's, one row per result."""
     paper = markdown(['', *[f'{t} {h}' for t, _, h in evaluate.COLUMNS], 'ms/image'],
-                     [[r['label'], *[_cell((r[t] or {}).get(k)) for t, k, _ in evaluate.COLUMNS],
+                     [[r['name'], *[_cell((r[t] or {}).get(k)) for t, k, _ in evaluate.COLUMNS],
                        _cell(r['time_ms']['mean'], 1)] for r in results])
     tables = [paper]
     for task in ('seg', 'depth'):
         columns = evaluate.UNCERTAINTY_COLUMNS[task]
         tables.append(markdown(['', *[f'{task} {h}' for _, h in columns]],
-                               [[r['label'], *[_cell((r[task] or {}).get(k)) for k, _ in columns]] for r in results]))
+                               [[r['name'], *[_cell((r[task] or {}).get(k)) for k, _ in columns]] for r in results]))
     return tables
 
 
@@ -48,16 +51,37 @@ def ood_table(results):
     """AUROC / AUPR / FPR95 of each score, one row per result."""
     scores = ('entropy', 'mutual_information', 'depth_var')
     headers = ['', *[f'{s} {m}' for s in scores for m in ('AUROC', 'AUPR', 'FPR95')]]
-    return markdown(headers, [[r['label'], *[_cell((r['ood'][s] or {}).get(m)) for s in scores
+    return markdown(headers, [[r['name'], *[_cell((r['ood'][s] or {}).get(m)) for s in scores
                                              for m in ('auroc', 'aupr', 'fpr95')]] for r in results])
 
 
 def sweep_table(reports):
-    """Each metric at severities 0 (clean) .. 5, the mean over corruptions, one row per sweep and
-    severity."""
+    """A caption, then each metric at severity 0 (the clean images) and at severities 1..5 (the
+    mean over the corruptions), one row per sweep and severity."""
     headers = list(reports[0]['summary'])
-    return markdown(['', 'severity', *headers],
-                    [[r['label'], str(s), *[_cell(r['summary'][h][s]) for h in headers]] for r in reports for s in range(6)])
+    caption = (f'Corruption sweeps: severity 0 is the clean images, 1..5 the mean over the '
+               f'{len(corrupt.CORRUPTIONS)} corruptions at that severity')
+    return caption + '\n\n' + markdown(['', 'severity', *headers],
+                                        [[r['name'], str(s), *[_cell(r['summary'][h][s]) for h in headers]]
+                                         for r in reports for s in range(6)])
+
+
+def read_result(path):
+    """The JSON at `path`, and which kind of evaluate.py result it is: 'sweep' (--corruption all)
+    or 'evaluation'. Any other file is refused, naming it and, where it is one, what it is."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f'cannot read {path} ({e})') from None
+    if isinstance(result, dict) and {'name', 'summary', 'cells'} <= result.keys():
+        return result, 'sweep'
+    if isinstance(result, dict) and {'name', 'seg', 'depth', 'time_ms'} <= result.keys():
+        return result, 'evaluation'
+    what = ('a calibration written by calibrate.py' if isinstance(result, dict) and 'variance_scale' in result else
+            "predict.py's record of its outputs" if isinstance(result, dict) and 'skipped' in result else
+            'a JSON file of another kind')
+    raise ValueError(f"{path} is {what}, not an evaluate.py result (its --json)")
 
 
 def main(argv=None):
@@ -66,25 +90,22 @@ def main(argv=None):
     p.add_argument('--plot', help='for sweeps: one plot, a line per sweep, written here (PNG)')
     p.add_argument('--overwrite', action='store_true', help='replace an existing --plot')
     args = p.parse_args(argv)
+    loaded = [read_result(path) for path in args.results]
+    sweeps = [r for r, kind in loaded if kind == 'sweep']
+    evaluations = [r for r, kind in loaded if kind == 'evaluation']
+    if args.plot and not sweeps:
+        raise ValueError('--plot draws corruption sweeps (evaluate.py --corruption all), and none of the files is one')
     if args.plot:
         plumbing.check_output(args.plot, '--plot', args.overwrite)
-    loaded = []
-    for path in args.results:
-        try:
-            with open(path) as f:
-                loaded.append(json.load(f))
-        except (OSError, ValueError) as e:
-            raise SystemExit(f'compare.py: cannot read {path}: {e}') from None
-    sweeps = [r for r in loaded if 'summary' in r]
-    evaluations = [r for r in loaded if 'summary' not in r]
     tables = evaluation_tables(evaluations) if evaluations else []
     if any(r.get('ood') for r in evaluations):
         tables.append(ood_table([r for r in evaluations if r.get('ood')]))
     if sweeps:
         tables.append(sweep_table(sweeps))
-        if args.plot:
-            evaluate.sweep_plot(args.plot, sweeps)
     print('\n\n'.join(tables))
+    if args.plot:
+        evaluate.sweep_plot(args.plot, sweeps)
+        print(f'wrote {args.plot}')
     return tables
 
 

@@ -64,6 +64,18 @@ class Panel:
     title: str
     pixels: np.ndarray       # (H, W, 3) uint8
     bar: tuple = None        # (lut, low, high, unit): a colour bar under the panel
+    note: tuple = ()         # lines of text written over the pixels, centred
+
+
+# a map that is zero at every pixel is not painted (its darkest colour would look like black,
+# "no value here"): a blank panel says so instead
+BLANK = (235, 235, 235)
+ZERO_NOTE = ('zero at every pixel', '(one network has', 'no epistemic part)')
+
+
+def nothing_to_show(title, shape):
+    """The panel of a map that is zero at every pixel: light grey, with ZERO_NOTE over it."""
+    return Panel(title, np.full((*shape, 3), BLANK, np.uint8), note=ZERO_NOTE)
 
 
 def unnormalize(image):
@@ -78,7 +90,8 @@ def prediction_panels(image, pred, i, palette, num_classes, label=None, depth=No
     Row 1, segmentation: input, ground truth, prediction, error (wrong red, right white),
     entropy (Eq. 3) on 0..log K, and its aleatoric and epistemic parts where the prediction has
     them. Row 2, depth: ground truth and prediction on one colour scale, |mu - y|, the
-    predictive standard deviation (Eq. 10), and the standard deviations of its two terms.
+    predictive standard deviation (Eq. 10), and the standard deviations of its two terms. An
+    epistemic part that is zero at every pixel (a single network's) is a nothing_to_show panel.
     image: (B, 3, H, W) normalised; label, depth: the batch's ground truth, or None
     (predict.py), which leaves out the ground truth and error panels. A task the model lacks
     has no row; the input opens the first row."""
@@ -101,7 +114,8 @@ def prediction_panels(image, pred, i, palette, num_classes, label=None, depth=No
             for title, part in (('aleatoric: mean entropy', pred.aleatoric_entropy),
                                 ('epistemic: mutual information', pred.mutual_information)):
                 part = part[i].float().cpu().numpy()
-                rows[0].append(Panel(title, colorize(part, INFERNO, 0, math.log(num_classes)),
+                rows[0].append(nothing_to_show(title, part.shape) if not part.any() else
+                               Panel(title, colorize(part, INFERNO, 0, math.log(num_classes)),
                                      (INFERNO, 0, math.log(num_classes), 'nats')))
     if pred.depth_mean is not None:
         mu = pred.depth_mean[i].float().cpu().numpy()
@@ -125,7 +139,8 @@ def prediction_panels(image, pred, i, palette, num_classes, label=None, depth=No
         if pred.aleatoric_var is not None:  # the std of each of Eq. 10's two terms, on the total's scale
             for title, part in (('aleatoric std', pred.aleatoric_var), ('epistemic std', pred.epistemic_var)):
                 part = part[i].float().cpu().sqrt().numpy()
-                panels.append(Panel(title, colorize(part, INFERNO, 0, top), (INFERNO, 0, top, 'm')))
+                panels.append(nothing_to_show(title, part.shape) if not part.any() else
+                              Panel(title, colorize(part, INFERNO, 0, top), (INFERNO, 0, top, 'm')))
         if len(rows[0]) == 1:  # depth only: one row after the input
             rows[0] += panels
         else:
@@ -174,14 +189,40 @@ def _legend_lines(legend, width):
     return lines if legend else []
 
 
+def _ticks(low, high, count=5):
+    """About `count` round tick values covering [low, high]."""
+    span = max(high - low, 1e-12)
+    step = 10 ** math.floor(math.log10(span / count))
+    step *= min((m for m in (1, 2, 2.5, 5, 10) if span / (m * step) <= count), default=10)
+    first = math.ceil(low / step) * step
+    return [first + k * step for k in range(int((high - first) / step + 1e-9) + 1)]
+
+
+def bar_ticks(low, high, width, unit):
+    """The labelled ticks of a colour bar `width` pixels wide for low..high, at round values
+    (_ticks): [(tick's x, text, text's left x)], offsets from the bar's left end; the last
+    carries the unit, each label lies within the bar and none overlaps the next (one that would
+    is left out, from the right end's side)."""
+    values = [v for v in _ticks(low, high, 4) if low <= v <= high] or [low]
+    ticks = []
+    for k, v in enumerate(reversed(values)):  # from the right: the unit's label is always kept
+        text = f'{v:.3g}' + (f' {unit}' if k == 0 else '')
+        x = (v - low) / (high - low) * (width - 1) if high > low else 0.0
+        left = min(max(x - FONT.getlength(text) / 2, 0), width - FONT.getlength(text))
+        if not ticks or left + FONT.getlength(text) + 6 <= ticks[-1][2]:
+            ticks.append((x, text, left))
+    return ticks[::-1]
+
+
 def _colour_bar(draw, canvas, x, y, width, bar):
+    """The colour map as a strip from low (left) to high (right), ticks at round values below it."""
     lut, low, high, unit = bar
     strip = Image.fromarray(np.repeat(lut[None], 8, axis=0)).resize((width, 8), Image.BILINEAR)
     canvas.paste(strip, (x, y + 2))
     draw.rectangle([x, y + 2, x + width - 1, y + 9], outline=(120, 120, 120))
-    high_text = f'{high:.3g} {unit}'
-    draw.text((x, y + 11), f'{low:.3g}', fill='black', font=FONT)
-    draw.text((x + width - FONT.getlength(high_text), y + 11), high_text, fill='black', font=FONT)
+    for offset, text, left in bar_ticks(low, high, width, unit):
+        draw.line([x + offset, y + 10, x + offset, y + 12], fill='black')
+        draw.text((x + left, y + 12), text, fill='black', font=FONT)
 
 
 def save_figure(path, rows, title, legend=()):
@@ -203,6 +244,9 @@ def save_figure(path, rows, title, legend=()):
             x, y = origin(r, c)
             draw.text((x, y - TITLE_HEIGHT), panel.title, fill='black', font=FONT)
             canvas.paste(Image.fromarray(panel.pixels).resize((w * s, h * s), Image.NEAREST), (x, y))
+            for k, line in enumerate(panel.note):
+                top = y + h * s / 2 + (k - len(panel.note) / 2) * LEGEND_LINE
+                draw.text((x + (w * s - FONT.getlength(line)) / 2, top), line, fill='black', font=FONT)
             if panel.bar is not None:
                 _colour_bar(draw, canvas, x, y + h * s, w * s, panel.bar)
     top = PAD + TITLE_HEIGHT + len(rows) * cell_h
@@ -264,9 +308,15 @@ def _axes(canvas, draw, px, py, xlabel, ylabel, xticks=(0, 0.2, 0.4, 0.6, 0.8, 1
         draw.line([px(0) - 4, py(to_y(v)), px(0), py(to_y(v))], fill='black')
         draw.text((px(0) - 8 - FONT.getlength(f'{v:.3g}'), py(to_y(v)) - 7), f'{v:.3g}', fill='black', font=FONT)
     draw.text((px(0.5) - FONT.getlength(xlabel) / 2, py(0) + 40), xlabel, fill='black', font=FONT)
-    axis = Image.new('RGB', (int(FONT.getlength(ylabel)) + 4, 14), 'white')
-    ImageDraw.Draw(axis).text((0, 0), ylabel, fill='black', font=FONT)
-    canvas.paste(axis.rotate(90, expand=True), (4, int(py(0.5) - axis.width / 2)))
+    _vertical_text(canvas, ylabel, 4, py(0.5))
+
+
+def _vertical_text(canvas, text, x, middle):
+    """`text` turned a quarter to the left (read from bottom to top), its left edge at x, its
+    middle at the height `middle`: a y axis's label."""
+    strip = Image.new('RGB', (int(FONT.getlength(text)) + 4, 14), 'white')
+    ImageDraw.Draw(strip).text((0, 0), text, fill='black', font=FONT)
+    canvas.paste(strip.rotate(90, expand=True), (int(x), int(middle - strip.width / 2)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,27 +324,72 @@ def _axes(canvas, draw, px, py, xlabel, ylabel, xticks=(0, 0.2, 0.4, 0.6, 0.8, 1
 
 LINE_COLOURS = [(31, 119, 180), (214, 39, 40), (127, 127, 127), (44, 160, 44), (255, 127, 14),
                 (148, 103, 189), (140, 86, 75), (227, 119, 194)]  # matplotlib's first eight, reordered
+# series k is drawn in colour k, marker k and dash k (each list repeats when it runs out): where
+# lines coincide the earlier one, drawn first and wider, shows through the gaps of the later
+# one's dashes and beside them, and markers of different shapes and sizes stay visible
+MARKERS = (('circle', 6), ('square', 4), ('triangle', 6), ('diamond', 4), ('cross', 5))  # shape, half-width
+DASHES = ((None, 3), ((8, 6), 2), ((2, 4), 2), ((8, 4, 2, 4), 2))  # (pixels on, off, ... or None: solid), width
 
 
-def _ticks(low, high, count=5):
-    """About `count` round tick values covering [low, high]."""
-    span = max(high - low, 1e-12)
-    step = 10 ** math.floor(math.log10(span / count))
-    step *= min((m for m in (1, 2, 2.5, 5, 10) if span / (m * step) <= count), default=10)
-    first = math.ceil(low / step) * step
-    return [first + k * step for k in range(int((high - first) / step + 1e-9) + 1)]
+MARKED = 12  # the most markers on one line
+PLOT_W, PLOT_H, PLOT_LEFT, PLOT_TOP, PLOT_BOTTOM = 300, 220, 76, 40, 44  # a panel's plot area and its margins
+
+
+def series_style(k):
+    """(colour, marker, dash) of the k-th series of a plot."""
+    return LINE_COLOURS[k % len(LINE_COLOURS)], MARKERS[k % len(MARKERS)], DASHES[k % len(DASHES)]
+
+
+def _polyline(draw, points, colour, dash):
+    """A line through `points`; dash = (pattern, width): a solid line for pattern None, else
+    (on, off, on, off, ...) in pixels, running on across the corners."""
+    dash, width = dash
+    if dash is None:
+        draw.line(points, fill=colour, width=width, joint='curve')
+        return
+    k, left = 0, dash[0]  # the pattern's current entry and what is left of it
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        length, done = math.hypot(x1 - x0, y1 - y0), 0.0
+        while done < length:
+            step = min(left, length - done)
+            if k % 2 == 0:  # an 'on' entry
+                a, b = done / length, (done + step) / length
+                draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))],
+                          fill=colour, width=width)
+            done, left = done + step, left - step
+            if left <= 0:
+                k = (k + 1) % len(dash)
+                left = dash[k]
+
+
+def _marker(draw, x, y, marker, colour):
+    """An outlined marker, (shape, half-width r), centred on (x, y)."""
+    marker, r = marker
+    if marker == 'circle':
+        draw.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=2)
+    elif marker == 'square':
+        draw.rectangle([x - r, y - r, x + r, y + r], outline=colour, width=2)
+    elif marker == 'triangle':
+        draw.polygon([(x, y - r - 2), (x + r + 1, y + r), (x - r - 1, y + r)], outline=colour, width=2)
+    elif marker == 'diamond':
+        draw.polygon([(x, y - r - 2), (x + r + 2, y), (x, y + r + 2), (x - r - 2, y)], outline=colour, width=2)
+    else:  # cross
+        draw.line([x - r, y - r, x + r, y + r], fill=colour, width=2)
+        draw.line([x - r, y + r, x + r, y - r], fill=colour, width=2)
 
 
 def line_plots(path, panels, title, columns=4):
     """Panels in rows of `columns`, each (panel title, x label, y label, [(name, xs, ys)]) with
-    one line per series (None in ys: no point), a shared colour per series name and a legend
-    below; `title` on top. Written atomically as a PNG."""
+    one line per series (None in ys: no point), marked at every point, or at about MARKED of
+    them where it has more; the y label, with its unit, turned along the y axis. A series keeps
+    its series_style in every panel, and the legend below shows it; `title` on top. Written
+    atomically as a PNG."""
     names = list(dict.fromkeys(name for *_, series in panels for name, _, _ in series))
-    colour = {name: LINE_COLOURS[k % len(LINE_COLOURS)] for k, name in enumerate(names)}
-    pw, ph, left, top, bottom = 300, 220, 62, 40, 56  # a panel's plot area and its margins
+    style = {name: series_style(k) for k, name in enumerate(names)}
+    pw, ph, left, top, bottom = PLOT_W, PLOT_H, PLOT_LEFT, PLOT_TOP, PLOT_BOTTOM
     columns = min(columns, len(panels))
     rows = -(-len(panels) // columns)
-    canvas = Image.new('RGB', (columns * (left + pw + 20), rows * (top + ph + bottom) + 18 * len(names)), 'white')
+    canvas = Image.new('RGB', (columns * (left + pw + 20), rows * (top + ph + bottom) + 18 * len(names) + PAD), 'white')
     draw = ImageDraw.Draw(canvas)
     draw.text((PAD, PAD), title, fill='black', font=FONT)
     for p, (panel_title, xlabel, ylabel, series) in enumerate(panels):
@@ -315,16 +410,18 @@ def line_plots(path, panels, title, columns=4):
             draw.text((px(v) - FONT.getlength(f'{v:.3g}') / 2, y0 + ph + 6), f'{v:.3g}', fill='black', font=FONT)
         draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline='black')
         draw.text((x0 + pw / 2 - FONT.getlength(xlabel) / 2, y0 + ph + 22), xlabel, fill='black', font=FONT)
-        if ylabel != panel_title:
-            draw.text((x0 - left + 2, y0 + ph + 38), ylabel, fill=(80, 80, 80), font=FONT)
+        _vertical_text(canvas, ylabel, x0 - left + 4, y0 + ph / 2)
         for name, xs, ys in series:
+            colour, marker, dash = style[name]
             line = [(px(x), py(y)) for x, y in zip(xs, ys) if y is not None]
             if len(line) > 1:
-                draw.line(line, fill=colour[name], width=2)
-            for x, y in line:
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour[name])
+                _polyline(draw, line, colour, dash)
+            for x, y in line[::math.ceil(len(line) / MARKED)]:
+                _marker(draw, x, y, marker, colour)
     for k, name in enumerate(names):
-        y = rows * (top + ph + bottom) + 18 * k - 8
-        draw.line([left, y + 7, left + 24, y + 7], fill=colour[name], width=3)
-        draw.text((left + 30, y), name, fill='black', font=FONT)
+        colour, marker, dash = style[name]
+        y = rows * (top + ph + bottom) + 18 * k
+        _polyline(draw, [(left, y + 7), (left + 36, y + 7)], colour, dash)
+        _marker(draw, left + 18, y + 7, marker, colour)
+        draw.text((left + 44, y), name, fill='black', font=FONT)
     save_atomic(path, lambda f: canvas.save(f, format='PNG'))
