@@ -3,10 +3,13 @@ Pictures, drawn with Pillow alone (no plotting library): Figure-5-like panels of
 and its uncertainty, the reliability diagram of the ECE, and line plots of curves. evaluate.py
 and predict.py draw with these.
 
-Every continuous map has a colour bar with its range and unit under it; black always means "no
-value here" (an unlabelled pixel, a missing ground-truth depth), and the legend says so. Colour
-maps are samples of matplotlib's viridis (depth: near purple, far yellow) and inferno
-(uncertainty: dark is certain), which are perceptually even and readable in grey.
+Every continuous map has a colour bar under it, with ticks at round values and its unit; black
+always means "no value here" (an unlabelled pixel, a missing ground-truth depth), and the legend
+says so. A map that is zero at every pixel (a single network's epistemic part) is not painted
+but says so in text. Colour maps are samples of matplotlib's viridis (depth: near purple, far
+yellow) and inferno (uncertainty: dark is certain), which are perceptually even and readable in
+grey. In line plots each series has its own colour, marker and dash, so that lines that
+coincide stay visible, and each y axis is labelled with its unit.
 
     rows = prediction_panels(image, pred, i, palette, num_classes, label=..., depth=...)
     save_figure('out/x.png', rows, title='EMUFormer-B0 on synthetic_1000003_000003',
