@@ -14,8 +14,8 @@ and depth (Kamann & Rother, CVPR 2020; Michaelis et al.'s `imagecorruptions` pac
 
 Only the evaluation IMAGE is corrupted: the label and the depth map stay as they are. The scene
 has not changed, only the camera, the weather or the transmission, so the clean ground truth is
-still the truth. None of the ten corruptions here moves a pixel to another place (blurs and
-JPEG only mix a pixel with its neighbours), so every label still lies on its object.
+still the truth. None of the ten corruptions here moves a pixel to another place (the blurs,
+JPEG and pixelate only mix a pixel with its neighbours), so every label still lies on its object.
 
     corruption        family   parameter per severity 1..5 (ImageNet-C's make_imagenet_c.py)
     gaussian_noise    noise    std 0.08, 0.12, 0.18, 0.26, 0.38 (image in [0, 1])
@@ -34,8 +34,9 @@ JPEG only mix a pixel with its neighbours), so every label still lies on its obj
     foggy = corrupt.corrupt(image, 'fog', 3, rng)   # uint8 (H, W, 3) -> uint8 (H, W, 3)
 
 The other five of ImageNet-C (glass blur, zoom blur, snow, frost, elastic transform) are not
-implemented: frost blends in photographs of frost shipped with ImageNet-C, and the elastic
-transform moves pixels, which would take them off their labels and depths.
+implemented: glass blur and the elastic transform move pixels, which would take them off their
+labels and depths; frost blends in photographs of frost shipped with ImageNet-C; zoom blur and
+snow are simply not written yet.
 
 Conventions. Every function below works, as ImageNet-C's do, on a float RGB image x in [0, 1]
 (the unit its parameters are in: a noise std of 0.08 is 8% of the range); `corrupt` converts
@@ -62,8 +63,8 @@ this file needs only numpy, torch and pillow:
                   cv2.GaussianBlur (3x3, or 5x5 for radii > 8) to anti-alias its edge, and applied
                   with cv2.filter2D (border reflected without repeating the edge pixel, BORDER_
                   REFLECT_101). Reimplemented exactly: the same kernel and border, the
-                  correlation done by FFT (torch.fft); against OpenCV 5.0 the results agreed to
-                  5e-7. At radii 8 and 10 the disk touches the edge of its grid and the
+                  correlation done by FFT (torch.fft); compared with OpenCV's result in
+                  docs/results.md. At radii 8 and 10 the disk touches the edge of its grid and the
                   reflected border of the anti-aliasing blur counts its rim twice, so the kernel
                   sums to 1.013 and 1.011: severities 4 and 5 also brighten the image by about
                   1%. That is ImageNet-C's kernel and is kept.
@@ -72,14 +73,14 @@ this file needs only numpy, torch and pillow:
                   + 1 taps, tap i at i pixels along the angle rounded to the pixel grid,
                   weighted by a half Gaussian exp(-i^2 / 2 sigma^2) normalised to sum 1, image
                   edges extended by repeating the border pixel (ImageMagick's default virtual
-                  pixels); done as an FFT correlation too. Against ImageMagick 6.9 Q16
-                  (convert -motion-blur RxS+A, every severity, angles from -45 to 45) every
-                  value was within one grey level: ImageMagick's 8-bit result (which ImageNet-C
-                  reads back through a PNG) is truncated where this one is rounded.
+                  pixels); done as an FFT correlation too. ImageMagick's 8-bit result (which
+                  ImageNet-C reads back through a PNG) is truncated where this one is rounded;
+                  compared with ImageMagick's (convert -motion-blur RxS+A) in docs/results.md.
   brightness      skimage rgb2hsv, V = min(V + c, 1), hsv2rgb. With hue and saturation fixed,
                   every RGB channel is V times a function of (H, S), so the round trip is a
                   rescaling of the pixel by V_new / V (a black pixel, S = 0, becomes grey V_new).
-                  Computed that way; against scikit-image 0.26's round trip it agreed to 2e-7.
+                  Computed that way; tests/test_corrupt.py checks it against the HSV round trip
+                  of Python's colorsys.
   fog             ImageNet-C draws a 256x256 diamond-square ("plasma") fractal and crops 224x224.
                   Here the map is square with the side the next power of two >= max(H, W) and
                   the top-left H x W is kept (imagecorruptions' choice for Cityscapes-C): the
@@ -90,6 +91,7 @@ this file needs only numpy, torch and pillow:
 """
 
 import io
+import numbers
 
 import numpy as np
 import torch
@@ -106,8 +108,8 @@ def _correlate(x, kernel, border):
 
     By the convolution theorem correlating with the kernel multiplies the image's spectrum by the
     conjugate of the kernel's. The FFT is circular, but on the image padded by p the wrap-around
-    never reaches the H x W outputs kept. Its cost does not grow with the kernel's size, where
-    a direct correlation's (torch's depthwise conv2d) grows with its area."""
+    never reaches the H x W outputs kept. Its cost grows with the kernel's size only through the
+    padding, where a direct correlation's grows with the kernel's area."""
     p = kernel.shape[0] // 2
     padded = np.pad(x, ((p, p), (p, p), (0, 0)), mode=border)  # np.pad reflects again where p > H or W
     padded = torch.from_numpy(padded.astype(np.float32)).permute(2, 0, 1)  # -> (C, H+2p, W+2p)
@@ -290,15 +292,22 @@ def corrupt(image, name, severity, rng):
 
     image     uint8 (H, W, 3) RGB, any H, W >= 1
     name      one of CORRUPTIONS
-    severity  1..5, ImageNet-C's parameters for that severity
+    severity  an integer 1..5, ImageNet-C's parameters for that severity
     rng       np.random.Generator, the only source of randomness: the same state gives the
               same output
     returns   uint8 (H, W, 3)
+    Anything else is refused with a ValueError that says what was expected.
     """
     if name not in FUNCTIONS:
         raise ValueError(f"unknown corruption {name!r}; expected one of {', '.join(CORRUPTIONS)}")
-    if severity not in (1, 2, 3, 4, 5):
+    if isinstance(severity, bool) or not isinstance(severity, numbers.Integral) or not 1 <= severity <= 5:
         raise ValueError(f'severity {severity!r} is not one of 1, 2, 3, 4, 5')
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+            and image.size > 0):
+        what = (f'{image.dtype} {image.shape}' if isinstance(image, np.ndarray) else type(image).__name__)
+        raise ValueError(f'the image must be a uint8 (H, W, 3) RGB array with H, W >= 1, not {what}')
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f'rng must be a np.random.Generator, not {type(rng).__name__}')
     x = image / np.float32(255)  # float32 in [0, 1]
     out = FUNCTIONS[name](x, severity, rng)
     return np.rint(np.clip(out, 0, 1) * 255).astype(np.uint8)

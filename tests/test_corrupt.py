@@ -277,3 +277,29 @@ def test_bad_name_or_severity(name, severity, bad):
     message = str(error.value)
     assert bad in message
     assert ('pixelate' in message) if 'severity' not in bad else ('1, 2, 3, 4, 5' in message)
+
+
+@pytest.mark.parametrize('severity', [3.0, True, '3', None])
+def test_a_severity_that_is_not_an_integer_is_refused(severity):
+    # 3.0 == 3 and True == 1 pass a membership test, then index ImageNet-C's lists wrongly or not
+    # at all: the severity must be an integer
+    with pytest.raises(ValueError, match=f'severity {severity!r} is not one of 1, 2, 3, 4, 5'):
+        run(grey(128, 4, 4), 'fog', severity)
+    assert run(grey(128, 4, 4), 'fog', np.int64(3)).shape == (4, 4, 3)  # numpy's integers are integers
+
+
+@pytest.mark.parametrize('image, what', [
+    (np.full((4, 4, 3), 0.5), 'float64 (4, 4, 3)'),  # a float image would be read as near black
+    (np.zeros((4, 4), np.uint8), 'uint8 (4, 4)'),
+    (np.zeros((4, 4, 4), np.uint8), 'uint8 (4, 4, 4)'),
+    (np.zeros((0, 4, 3), np.uint8), 'uint8 (0, 4, 3)'),
+    ([[0, 0, 0]], 'list')])
+def test_an_image_that_is_not_uint8_rgb_is_refused(image, what):
+    with pytest.raises(ValueError) as error:
+        run(image, 'fog', 1)
+    assert str(error.value) == f'the image must be a uint8 (H, W, 3) RGB array with H, W >= 1, not {what}'
+
+
+def test_an_rng_that_is_not_a_generator_is_refused():
+    with pytest.raises(ValueError, match='rng must be a np.random.Generator, not RandomState'):
+        corrupt.corrupt(grey(128, 4, 4), 'fog', 1, np.random.RandomState(0))
