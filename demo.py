@@ -1,0 +1,456 @@
+"""
+The CPU demo of the whole method on the synthetic scenes, in one command: every step is one of
+the project's commands, run as a user would type it, in its own process, its output shown as it
+comes. This file only plans the commands, runs them, and writes down what they made.
+
+    stage emuformer (what `python distill.py` with no arguments runs)
+        the Deep Ensemble: three B0 SegDepthFormers, seeds 0, 1, 2       train.py
+        EMUFormer: the student of the three, initialised from member 0   distill.py --teacher
+        the baseline (member 0), the teacher (the three) and the student evaluate.py
+        their comparison table                                           compare.py
+    stage all (python demo.py), after the above
+        the calibration baseline: member 0 with a temperature and a
+        variance scale fitted on the calib split, and its evaluation     calibrate.py, evaluate.py
+        unseen objects (--synthetic-ood) for the four models             evaluate.py
+        the corruption sweep (--corruption all) for the four models      evaluate.py
+        the tables of all of it, and the sweep plot                      compare.py
+        then the demo section of the results document, between its markers: the tables, the plot,
+        the commit, the date, the machine, and each command with its time
+
+Where: the run directories under --runs (runs/demo/: member0, member1, member2, emuformer), every
+result under --out (out/demo/), both ignored by git; --doc's section and the plot beside it.
+
+Run again, it continues where it stopped: a training run whose last.pt holds its last step is
+skipped, one whose last.pt holds an earlier step goes on with --resume (train.py continues it
+exactly), a result file that exists is reused (evaluate.py writes each file whole or not at
+all; a sweep that was killed goes on from its finished cells). Each command prints its own
+progress; this file prints one line per step with the time so far and an ETA from the measured
+times of the steps (out/demo/times.json keeps them across calls), and a summary at the end.
+The seeds are fixed and every data loader runs in the main process (--workers 0), so a second
+demo on the same machine writes the same numbers; --same-as checks that against another.
+
+    python demo.py                                    # everything: ~30+ min on 2 CPU cores
+    python demo.py --stage emuformer                  # = python distill.py
+    python demo.py --runs runs/demo2 --out out/demo2 --same-as out/demo   # again, and compare
+    python demo.py --epochs 1 --synthetic-size 32 32 --synthetic-scenes 8 --runs /tmp/r --out /tmp/o \\
+        --doc /tmp/results.md                         # a tiny run that shows every step works
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import plumbing
+
+STAGES = ('emuformer', 'all')
+SEEDS = (0, 1, 2)  # the Deep Ensemble's members
+# the synthetic recipe of train.py and distill.py, spelled out so that every command shown says it
+RECIPE = ['--data', 'synthetic', '--lr', '6e-4']
+JITTER = ['--jitter', '0.2', '0.2', '0.2', '0.02']  # the teacher's colour jitter on these scenes
+BEGIN = '<!-- demo.py writes this section: begin -->'
+END = '<!-- demo.py writes this section: end -->'
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--stage', choices=STAGES, default='all', help='emuformer: what `python distill.py` runs; '
+                                                                  'all: everything, then --doc')
+    p.add_argument('--runs', default='runs/demo', help='the run directories of the trained models')
+    p.add_argument('--out', default='out/demo', help='the results: JSON files, tables, the sweep plot, times')
+    p.add_argument('--doc', default='docs/results.md', help='stage all: the results document whose demo '
+                                                            'section (between its markers) is replaced')
+    p.add_argument('--same-as', metavar='OUT', help="stage all: another demo's --out, whose tables this "
+                                                    "demo's must equal (the time columns aside)")
+    p.add_argument('--epochs', type=int, default=30, help='of every training run')
+    p.add_argument('--synthetic-scenes', type=int, metavar='N',
+                   help='training, validation and calibration scenes each (default: the scripts\' own)')
+    p.add_argument('--synthetic-size', type=int, nargs=2, metavar=('H', 'W'),
+                   help="scene size (default: the scripts' own)")
+    return p
+
+
+def check_args(args):
+    if args.epochs < 1:
+        raise ValueError(f'--epochs {args.epochs}: must be >= 1')
+    if args.synthetic_scenes is not None and args.synthetic_scenes < 1:
+        raise ValueError(f'--synthetic-scenes {args.synthetic_scenes}: must be >= 1')
+    if args.same_as and not os.path.isdir(args.same_as):
+        raise FileNotFoundError(f'--same-as {args.same_as}: no such folder (another demo\'s --out)')
+    if args.same_as and args.stage != 'all':
+        raise ValueError('--same-as compares the tables of stage all; leave it out or use --stage all')
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan: every step a command
+
+
+@dataclass
+class Step:
+    """One command of the demo. `made` is what it writes: a run directory (train.py, distill.py)
+    or a file; compare.py's tables, which it prints, are saved in `made` (tables=True)."""
+    label: str    # 'train member 0'
+    kind: str     # train, distill, evaluate, ood, sweep, calibrate, compare: one kind, about one time
+    argv: list    # what follows `python`: ['train.py', '--data', ...]
+    made: str
+    tables: bool = False
+
+
+def scene_options(args, *count_flags):
+    """The options that set the synthetic scenes, where demo.py was given them: each of the
+    script's `count_flags` (its spelling of a number of scenes) and --synthetic-size."""
+    options = []
+    if args.synthetic_scenes is not None:
+        for flag in count_flags:
+            options += [flag, str(args.synthetic_scenes)]
+    if args.synthetic_size:
+        options += ['--synthetic-size', *map(str, args.synthetic_size)]
+    return options
+
+
+def paths(args):
+    """Where each model's checkpoint, calibration and results are."""
+    members = [os.path.join(args.runs, f'member{seed}') for seed in SEEDS]
+    return {'members': members, 'best': [os.path.join(m, 'best.pt') for m in members],
+            'student': os.path.join(args.runs, 'emuformer'),
+            'calibration': os.path.join(args.out, 'calibration.json')}
+
+
+def training_steps(args):
+    """The three members (train.py) and the student (distill.py)."""
+    p = paths(args)
+    common = [*RECIPE, '--epochs', str(args.epochs), '--workers', '0', '--device', 'cpu',
+              *scene_options(args, '--synthetic-train', '--synthetic-val')]
+    steps = [Step(f'train member {seed}', 'train',
+                  ['train.py', *common, '--backbone', 'b0', '--seed', str(seed), '--out', member], member)
+             for seed, member in zip(SEEDS, p['members'])]
+    steps.append(Step('distil EMUFormer', 'distill',
+                      ['distill.py', '--teacher', *p['best'], '--student-init', p['best'][0], *common, *JITTER,
+                       '--out', p['student']], p['student']))
+    return steps
+
+
+def models(args, calibrated):
+    """name -> evaluate.py's positional arguments and method options for it, in the tables' order."""
+    p = paths(args)
+    named = {'baseline': [p['best'][0]],
+             'calibrated': [p['best'][0], '--calibration', p['calibration']],
+             'teacher': [*p['best'], '--method', 'de'],
+             'emuformer': [os.path.join(p['student'], 'best.pt')]}
+    return {name: what for name, what in named.items() if calibrated or name != 'calibrated'}
+
+
+def evaluation_steps(args, names, calibrated, kind):
+    """evaluate.py of each model in `names`: kind 'evaluate' (the validation scenes), 'ood'
+    (--synthetic-ood) or 'sweep' (--corruption all), into OUT/<prefix><name>.json."""
+    extra, prefix = {'evaluate': ([], ''), 'ood': (['--synthetic-ood'], 'ood_'),
+                     'sweep': (['--corruption', 'all'], 'sweep_')}[kind]
+    common = ['--data', 'synthetic', '--workers', '0', '--device', 'cpu', *scene_options(args, '--synthetic-val')]
+    return [Step(f'{kind} {name}', kind, ['evaluate.py', *what, *common, *extra, '--json', result_path(args, prefix, name)],
+                 result_path(args, prefix, name))
+            for name, what in models(args, calibrated).items() if name in names]
+
+
+def result_path(args, prefix, name):
+    return os.path.join(args.out, f'{prefix}{name}.json')
+
+
+def compare_step(args, label, jsons, table, plot=None):
+    """compare.py of `jsons`, its tables saved in OUT/<table>.md; with a plot (replaced if one
+    was left by a compare.py killed before its tables were saved)."""
+    argv = ['compare.py', *jsons] + (['--plot', plot, '--overwrite'] if plot else [])
+    return Step(label, 'compare', argv, os.path.join(args.out, f'{table}.md'), tables=True)
+
+
+def plan(args):
+    """Every step of args.stage, in order."""
+    three = ('baseline', 'teacher', 'emuformer')
+    steps = training_steps(args) + evaluation_steps(args, three, False, 'evaluate')
+    steps.append(compare_step(args, 'compare baseline, teacher, EMUFormer', [s.made for s in steps[-3:]],
+                              'table_emuformer'))
+    if args.stage == 'emuformer':
+        return steps
+    p, four = paths(args), ('baseline', 'calibrated', 'teacher', 'emuformer')
+    steps.append(Step('calibrate baseline', 'calibrate',
+                      ['calibrate.py', p['best'][0], '--data', 'synthetic', '--split', 'calib', '--workers', '0',
+                       '--device', 'cpu', *scene_options(args, '--synthetic-images'), '--out', p['calibration']],
+                      p['calibration']))
+    steps += evaluation_steps(args, ('calibrated',), True, 'evaluate')
+    steps.append(compare_step(args, 'compare the four', [result_path(args, '', n) for n in four], 'table_main'))
+    steps += evaluation_steps(args, four, True, 'ood')
+    steps.append(compare_step(args, 'compare unseen objects', [result_path(args, 'ood_', n) for n in four],
+                              'table_ood'))
+    steps += evaluation_steps(args, four, True, 'sweep')
+    steps.append(compare_step(args, 'compare the sweeps', [result_path(args, 'sweep_', n) for n in four],
+                              'table_sweep', plot=os.path.join(args.out, 'sweep.png')))
+    return steps
+
+
+# ---------------------------------------------------------------------------------------------
+# what is done already
+
+
+def state(step, epochs):
+    """'done' (skip it), 'resume' (a training run whose last.pt holds an earlier step than its
+    last) or 'new'. A result file is whole once it exists (the scripts write atomically)."""
+    if step.kind not in ('train', 'distill'):
+        return 'done' if os.path.exists(step.made) else 'new'
+    last = os.path.join(step.made, 'last.pt')
+    if not os.path.exists(last):
+        return 'new'
+    checkpoint = plumbing.load_file(last)
+    run = checkpoint['args']
+    if run['epochs'] != epochs:
+        raise ValueError(f'{step.made} holds a run of {run["epochs"]} epochs, and the demo asks for {epochs}: '
+                         f'give the demo another --runs, or delete {step.made}')
+    steps_per_epoch = run['synthetic_train'] // run['batch_size']  # train.py's, on the synthetic scenes
+    return 'done' if checkpoint['step'] >= run['epochs'] * steps_per_epoch else 'resume'
+
+
+def estimate(step, times):
+    """The seconds `step` should take: its own measured time (an earlier call's), else the mean
+    of the measured steps of its kind, else None."""
+    if step.label in times:
+        return times[step.label]['seconds']
+    same = [t['seconds'] for t in times.values() if t['kind'] == step.kind]
+    return sum(same) / len(same) if same else None
+
+
+def eta(pending, times):
+    """The time the `pending` steps should take, as text."""
+    known = [estimate(step, times) for step in pending]
+    untimed = sum(t is None for t in known)
+    total = plumbing.format_duration(sum(t for t in known if t is not None))
+    return total if not untimed else f'>= {total} ({untimed} step(s) of a kind not timed yet)'
+
+
+def read_times(path):
+    """OUT/times.json: label -> {'seconds', 'kind', 'resumed'} of each step run so far."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f'{path} is not the times demo.py writes ({e}); delete it to time the steps anew') from None
+
+
+# ---------------------------------------------------------------------------------------------
+# running the steps
+
+
+def run_command(argv, keep_output):
+    """`python argv...` in its own process, its output shown as it comes -> (exit status, its
+    standard output if keep_output). Ctrl-C reaches the command too (it is passed on, in case it
+    did not come from the terminal), and the command is let finish its own way out first."""
+    child = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE if keep_output else None, text=True)
+    lines = []
+    try:
+        if keep_output:
+            for line in child.stdout:
+                print(line, end='', flush=True)
+                lines.append(line)
+        return child.wait(), ''.join(lines)
+    except KeyboardInterrupt:
+        child.send_signal(signal.SIGINT)  # a second one is ignored by the scripts (plumbing.interrupt_once)
+        child.wait()
+        raise
+
+
+def run_steps(steps, states, out):
+    """Run the steps that are not done, in order, with a progress line before each; record each
+    one's time in OUT/times.json. -> the seconds this call took."""
+    times_path = os.path.join(out, 'times.json')
+    times, start = read_times(times_path), time.perf_counter()
+    for i, (step, status) in enumerate(zip(steps, states)):
+        where = f'[{i + 1}/{len(steps)}] {step.label}'
+        if status == 'done':
+            print(f'{where}: done already ({step.made}), skipped', flush=True)
+            if step.tables:  # the tables are what the step is for: shown again
+                with open(step.made) as f:
+                    print(f.read(), end='', flush=True)
+            continue
+        argv = step.argv + (['--resume'] if status == 'resume' else [])
+        pending = [s for s, st in zip(steps[i:], states[i:]) if st != 'done']
+        print(f'{where}{" (continued with --resume)" if status == "resume" else ""} | '
+              f'{plumbing.format_duration(time.perf_counter() - start)} so far | eta {eta(pending, times)}\n'
+              f'$ python {shlex.join(argv)}', flush=True)
+        began = time.perf_counter()
+        try:
+            code, output = run_command(argv, step.tables)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f'interrupted at {where}; run the same command again to continue') from None
+        if code != 0:
+            raise ChildProcessError(f'{where} failed (exit status {code}): python {shlex.join(argv)}')
+        if step.tables:
+            os.makedirs(os.path.dirname(step.made), exist_ok=True)
+            plumbing.save_atomic(step.made, lambda f: f.write(output.encode()))
+        times[step.label] = {'seconds': time.perf_counter() - began, 'kind': step.kind, 'resumed': status == 'resume'}
+        os.makedirs(out, exist_ok=True)
+        plumbing.write_json(times, times_path)
+    return time.perf_counter() - start
+
+
+def summary(steps, states, out, seconds):
+    """What each step made and where, which were run now and which reused, and the time."""
+    times = read_times(os.path.join(out, 'times.json'))
+    for step, status in zip(steps, states):
+        took = plumbing.format_duration(times[step.label]['seconds']) if step.label in times else '?'
+        print(f'  {step.label:<40} {"reused" if status == "done" else "made":<6} {took:>7}  {step.made}')
+    ran = sum(status != 'done' for status in states)
+    print(f'demo.py: done in {plumbing.format_duration(seconds)}: {ran} step(s) run, {len(steps) - ran} reused',
+          flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the results document
+
+
+def git(*argv):
+    """A git command's output in this file's folder, or None outside a git checkout."""
+    try:
+        done = subprocess.run(['git', *argv], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    except OSError:
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def machine():
+    """The CPU model, the cores, the load at this moment, the torch version and its threads."""
+    model = platform.processor() or platform.machine()
+    if os.path.exists('/proc/cpuinfo'):
+        with open('/proc/cpuinfo') as f:
+            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+        model = names[0] if names else model
+    load = ', '.join(f'{x:.1f}' for x in os.getloadavg())
+    return (f'{model}, {os.cpu_count()} cores (load average {load} over 1, 5, 15 min when the section was '
+            f'written); torch {torch.__version__}, {torch.get_num_threads()} threads')
+
+
+def tables_of(path):
+    """compare.py's tables, saved by the demo, without the lines naming the files it wrote."""
+    with open(path) as f:
+        return ''.join(line for line in f if not line.startswith('wrote ')).strip()
+
+
+def calibration_line(path):
+    with open(path) as f:
+        c = json.load(f)
+    return (f"calibrate.py fitted a temperature of {c['temperature']:.3g} (seg NLL {c['seg_nll_before']:.4f} -> "
+            f"{c['seg_nll_after']:.4f}) and a depth variance scale of {c['variance_scale']:.3g} (depth NLL "
+            f"{c['depth_nll_before']:.4f} -> {c['depth_nll_after']:.4f}) on the {c['images']} scenes of the calib "
+            f"split, which no model trained on.")
+
+
+TIME_COLUMN = 'ms/image'  # compare.py's column of evaluate.py's timing, which no rerun repeats exactly
+
+
+def without_times(text):
+    """Markdown tables with their TIME_COLUMN left out (other lines as they are)."""
+    lines, drop = [], None
+    for line in text.splitlines():
+        if not line.startswith('|'):
+            lines.append(line)
+            drop = None
+            continue
+        cells = line.strip('|').split('|')
+        if drop is None:  # a table's header row
+            drop = [i for i, cell in enumerate(cells) if cell.strip() == TIME_COLUMN]
+        lines.append('|' + '|'.join(cell for i, cell in enumerate(cells) if i not in drop) + '|')
+    return '\n'.join(lines)
+
+
+def same_as(steps, other):
+    """The closing note's check: are the tables of this demo those of another's --out `other`,
+    the time column aside? -> a sentence."""
+    names = [os.path.basename(step.made) for step in steps if step.tables]
+    missing = [n for n in names if not os.path.exists(os.path.join(other, n))]
+    if missing:
+        raise FileNotFoundError(f'--same-as {other}: it lacks {", ".join(missing)} (not a finished demo\'s --out)')
+    differ = [n for step, n in zip([s for s in steps if s.tables], names)
+              if without_times(tables_of(step.made)) != without_times(tables_of(os.path.join(other, n)))]
+    if differ:
+        return f'**Not reproduced:** its tables differ from those of `{other}` in {", ".join(differ)}.'
+    return (f'Run twice on this machine, the demo wrote the same numbers: every table above equals, cell for cell, '
+            f'that of another demo in `{other}` (`--same-as`), the time column ({TIME_COLUMN}) aside.')
+
+
+def section(steps, times, note):
+    """The demo section of the results document, from the files this demo wrote."""
+    out = os.path.dirname(steps[-1].made)
+    commit, dirty = git('rev-parse', '--short', 'HEAD'), git('status', '--porcelain', '--untracked-files=no')
+    version = 'outside a git checkout' if commit is None else f'commit {commit}' + (
+        ', with uncommitted changes' if dirty else '')
+    total = plumbing.format_duration(sum(times[s.label]['seconds'] for s in steps if s.label in times))
+    resumed = any(times.get(s.label, {}).get('resumed') for s in steps)
+    commands = []
+    for i, step in enumerate(steps):
+        took = plumbing.format_duration(times[step.label]['seconds']) if step.label in times else 'not timed'
+        took += ', its last part (continued with --resume)' if times.get(step.label, {}).get('resumed') else ''
+        commands += [f'# [{i + 1}/{len(steps)}] {step.label}: {took}', f'python {shlex.join(step.argv)}']
+    return '\n'.join([
+        f'Made by `python demo.py` on {datetime.date.today().isoformat()} ({version}): every number and the plot '
+        f'in this section are its output, written here by it; the tables are those compare.py printed. Machine: '
+        f'{machine()}. Its steps took {total} in all{" (as measured; some ran in parts)" if resumed else ""}.',
+        '', f'The rows of Tables 4/5 on the validation scenes ({TIME_COLUMN}: evaluate.py\'s time per image here):',
+        '', tables_of(os.path.join(out, 'table_main.md')),
+        '', calibration_line(os.path.join(out, 'calibration.json')),
+        '', '**Unseen objects** (`--synthetic-ood`: in every scene, objects of a shape, colour and texture of no '
+            'training class; how well each uncertainty tells their pixels from the others of the same images):',
+        '', tables_of(os.path.join(out, 'table_ood.md')),
+        '', '**Corrupted images** (`--corruption all`: the clean scenes and ten ImageNet-C corruptions at five '
+            'severities, 51 evaluations per model):',
+        '', tables_of(os.path.join(out, 'table_sweep.md')),
+        '', '![the corruption sweep: each metric against severity, one line per model](sweep.png)',
+        '', 'The commands, in order, each with the time it took (`python demo.py` ran them):',
+        '', '```bash', *commands, '```', '', note])
+
+
+def write_section(doc, text, plot):
+    """Replace what stands between the markers BEGIN and END in `doc` by `text`, and put the
+    sweep plot beside it (sweep.png); nothing else in the document changes."""
+    with open(doc) as f:
+        old = f.read()
+    if old.count(BEGIN) != 1 or old.count(END) != 1 or old.index(BEGIN) > old.index(END):
+        raise ValueError(f'--doc {doc} must hold the line {BEGIN} once, and after it {END} once: '
+                         f'the demo writes its section between them')
+    new = old[:old.index(BEGIN) + len(BEGIN)] + '\n' + text + '\n' + old[old.index(END):]
+    with open(plot, 'rb') as f:
+        picture = f.read()
+    plumbing.save_atomic(os.path.join(os.path.dirname(doc), 'sweep.png'), lambda f: f.write(picture))
+    plumbing.save_atomic(doc, lambda f: f.write(new.encode()))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    check_args(args)
+    steps = plan(args)
+    states = [state(step, args.epochs) for step in steps]
+    print(f'demo.py, stage {args.stage}: {len(steps)} steps, {states.count("done")} done already; '
+          f'models in {args.runs}, results in {args.out}', flush=True)
+    seconds = run_steps(steps, states, args.out)
+    if args.stage == 'all':
+        times = read_times(os.path.join(args.out, 'times.json'))
+        note = same_as(steps, args.same_as) if args.same_as else (
+            'Reproducibility: not checked in this run; a second demo into other folders, given this one\'s '
+            f'with --same-as (`python demo.py --runs runs/demo2 --out out/demo2 --same-as {args.out}`), checks '
+            'that it writes the same numbers and says so here.')
+        write_section(args.doc, section(steps, times, note), os.path.join(args.out, 'sweep.png'))
+        print(f'wrote the demo section of {args.doc} and {os.path.join(os.path.dirname(args.doc), "sweep.png")}')
+    summary(steps, states, args.out, seconds)
+
+
+if __name__ == '__main__':
+    plumbing.entry_point(main)
