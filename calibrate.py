@@ -142,14 +142,16 @@ def fit_temperature(logits, labels, low=-4.0, high=4.0, steps=80):
 
 def number(kind, low, strict=False):
     """An argparse type: `kind` (int or float) at least `low` (above it if strict), else the
-    option's error names the value and the allowed range (NaN is refused)."""
+    option's error names the value and the allowed range, in evaluate.py's words ("argument
+    --pixels: 0 is not an integer >= 1"; NaN is no number > 0)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not (value > low if strict else value >= low):
-            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {'>' if strict else '>='} {low}")
+            value = math.nan
+        if not (value > low if strict else value >= low) or value == math.inf:
+            what = 'an integer' if kind is int else 'a number'
+            raise argparse.ArgumentTypeError(f"{text} is not {what} {'>' if strict else '>='} {low}")
         return value
     return parse
 
@@ -160,7 +162,8 @@ def get_parser():
     a('checkpoint', help='a single network of train.py or distill.py')
     a('--data', default='synthetic', choices=sorted(data.NUM_CLASSES), help='data set')
     a('--root', help='data set root (nyuv2, cityscapes)')
-    a('--split', default='calib', help='data the network did not train on (synthetic: calib, fresh scenes)')
+    a('--split', default='calib', choices=('train', 'val', 'calib'),
+      help='data the network did not train on (synthetic: calib, fresh scenes)')
     a('--max-depth', type=number(float, 0, strict=True),
       help='metres; farther ground truth is invalid (default: data.MAX_DEPTH)')
     a('--pixels', type=number(int, 1), default=1_000_000, help='labelled pixels sampled for the temperature, in all')
@@ -171,7 +174,12 @@ def get_parser():
     a('--batch-size', type=number(int, 1), default=1, help='images per forward pass')
     a('--precision', default='auto', choices=plumbing.PRECISIONS, help='autocast of the forward pass (plumbing.py)')
     a('--workers', type=number(int, 0), default=plumbing.default_workers(), help='data loader processes')
-    a('--synthetic-images', type=number(int, 1), help='synthetic only: number of scenes (default 50)')
+    a('--synthetic-train', type=number(int, 1), default=200, help='synthetic only: number of training scenes '
+                                                                  '(read with --split train)')
+    a('--synthetic-val', type=number(int, 1), default=50, help='synthetic only: number of validation scenes '
+                                                               '(read with --split val)')
+    a('--synthetic-calib', type=number(int, 1), default=50, help='synthetic only: number of calibration scenes '
+                                                                 '(read with --split calib, the default)')
     a('--synthetic-size', type=number(int, 1), nargs=2, default=(96, 128), metavar=('H', 'W'))
     return p
 
@@ -189,8 +197,9 @@ def main(argv=None):
         raise ValueError(f'{args.checkpoint} predicts {model.num_classes} classes, {args.data} has {num_classes}')
     plumbing.check_output(out, '--out', args.overwrite)
     device = torch.device(args.device)
+    synthetic_count = {'train': args.synthetic_train, 'val': args.synthetic_val, 'calib': args.synthetic_calib}[args.split]
     dataset = data.build_dataset(args.data, args.root, args.split, train=False, max_depth=args.max_depth,
-                                 num_images=args.synthetic_images, size=tuple(args.synthetic_size))
+                                 num_images=synthetic_count, size=tuple(args.synthetic_size))
     loader = plumbing.eval_loader(dataset, args.batch_size, args.workers, 0, 1, device)
     print(f'calibrating {args.checkpoint} on {args.data} {args.split}: {len(dataset)} images')
     seg, depth = collect(model.to(device).eval(), loader, max(1, args.pixels // len(dataset)), args.seed, device,

@@ -43,7 +43,7 @@ def test_the_variance_scale_minimises_the_gaussian_nll():
 
 def test_calibrate_then_evaluate(tmp_path, capsys):
     ckpt = write_checkpoint(tmp_path / 'sdf.pt', 'segdepthformer', 0)
-    args = [ckpt, '--synthetic-images', '4', '--synthetic-size', *map(str, SIZE), '--workers', '0']
+    args = [ckpt, '--synthetic-calib', '4', '--synthetic-size', *map(str, SIZE), '--workers', '0']
     fitted = calibrate.main(args)
     path = tmp_path / 'sdf.calibration.json'
     assert json.loads(path.read_text()) == fitted and fitted['split'] == 'calib' and fitted['num_classes'] == K
@@ -58,10 +58,10 @@ def test_calibrate_then_evaluate(tmp_path, capsys):
     assert printed[3] == f'wrote {path}'
     with pytest.raises(FileExistsError, match='--out .*sdf.calibration.json already holds a result'):
         calibrate.main(args)
-    plain = evaluate.main([ckpt, *SYNTHETIC, '--split', 'calib', '--synthetic-images', '4'])
-    calibrated = evaluate.main([ckpt, *SYNTHETIC, '--split', 'calib', '--synthetic-images', '4',
+    plain = evaluate.main([ckpt, *SYNTHETIC, '--split', 'calib', '--synthetic-calib', '4'])
+    calibrated = evaluate.main([ckpt, *SYNTHETIC, '--split', 'calib', '--synthetic-calib', '4',
                                 '--calibration', str(path)])
-    assert calibrated['label'] == 'SegDepthFormer-B0, calibrated'
+    assert calibrated['name'] == 'SegDepthFormer-B0, calibrated'
     # the depth NLL before and after is evaluate.py's, over the same pixels: float32 outputs
     # summed in float64 by both, in another order (1e-6 relative)
     assert fitted['depth_nll_before'] == pytest.approx(plain['depth']['nll'], rel=1e-6)
@@ -102,12 +102,14 @@ def test_a_class_count_mismatch_is_refused_before_anything_is_written(tmp_path):
 
 
 @pytest.mark.parametrize('option, value, message', [
-    ('--batch-size', '0', '0 is out of range: it must be >= 1'),
-    ('--pixels', '-5', '-5 is out of range: it must be >= 1'),
-    ('--workers', '-1', '-1 is out of range: it must be >= 0'),
-    ('--max-depth', '0', '0 is out of range: it must be > 0'),
-    ('--max-depth', 'nan', 'nan is out of range: it must be > 0'),
-    ('--synthetic-images', '2.5', "'2.5' is not an integer"),
+    ('--batch-size', '0', '0 is not an integer >= 1'),
+    ('--pixels', '-5', '-5 is not an integer >= 1'),
+    ('--workers', '-1', '-1 is not an integer >= 0'),
+    ('--max-depth', '0', '0 is not a number > 0'),
+    ('--max-depth', 'nan', 'nan is not a number > 0'),
+    ('--max-depth', 'inf', 'inf is not a number > 0'),
+    ('--synthetic-calib', '2.5', '2.5 is not an integer >= 1'),
+    ('--split', 'test', "invalid choice: 'test'"),
     ('--precision', 'fp8', "invalid choice: 'fp8'")])
 def test_numeric_options_are_checked_where_parsed(option, value, message, capsys):
     with pytest.raises(SystemExit) as exit:
