@@ -34,7 +34,8 @@ as a map, (B, N, C) is a (B, C, h, w) tensor in channels_last memory format, so 
 the two for the convolutions is a free view, not a copy (`tokens_to_map`, `map_to_tokens`).
 
 The dropout layers (attention probabilities, projections, Mix-FFN) are off by default, as in
-the official models; MC Dropout (uq.mc_dropout) switches them on at test time.
+the official models; MC Dropout (uq.mc_dropout) switches them on at test time. On a CPU their
+random bits come from a faster generator (cpu_dropout, in the speed-up section at the end).
 """
 
 from dataclasses import dataclass
@@ -105,35 +106,23 @@ class OverlapPatchEmbed(nn.Module):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout (training mode: zero each element with probability p, scale the rest by
-    1 / (1 - p)), with its random bits drawn more cheaply on the CPU (dropout below)."""
+    """nn.Dropout (in training mode, and under MC Dropout: zero each element with probability p,
+    scale the rest by 1 / (1 - p)). plain=True, or a tensor on a GPU, runs torch's own dropout;
+    otherwise, on a CPU, the random bits come from cpu_dropout (the speed-up section at the end
+    of this file)."""
+    plain = False  # set per layer; bench.py's row mcd-plain sets it on every layer, to time both
 
     def forward(self, x):
-        return dropout(x, self.p) if self.training and self.p > 0 else x
+        if not (self.training and self.p > 0):
+            return x
+        if self.plain or x.device.type != 'cpu':
+            return F.dropout(x, self.p, training=True)
+        return cpu_dropout(x, self.p)
 
 
-def dropout(x, p):
-    """Dropout of x at rate p. On a GPU it is torch's fused kernel. On a CPU, torch's
-    bernoulli_ draws one random number per element, which costs as much as the network's
-    arithmetic when MC Dropout runs every dropout layer; here one random 64-bit word of numpy's
-    PCG64 gives four 16-bit numbers u, and an element is kept iff u < k = round(65536 (1 - p)).
-    The keep probability is then exactly k / 65536 (the rate p to within 2^-17: 0.2 becomes
-    0.199997), and the kept elements are scaled by 65536 / k, so the expectation is exactly x.
-    The generator is seeded from torch's random stream, which torch.manual_seed and train.py's
-    checkpoints govern as they govern every other mask. Where no gradient flows (MC Dropout at
-    test time) x is masked in place: every input here is a fresh temporary of the layer before."""
-    if x.device.type != 'cpu' or p in (0, 1):
-        return F.dropout(x, p, training=True)
-    k = max(1, round(65536 * (1 - p)))
-    bits = np.random.PCG64(int(torch.randint(2**62, ()))).random_raw((x.numel() + 3) // 4)
-    u = torch.from_numpy(bits.view(np.int16)[:x.numel()]).view(x.shape)  # uniform over -32768..32767
-    keep = u <= k - 32769  # u + 32768 < k, with the threshold inside int16's range
-    return (x.mul_(keep) if not x.requires_grad else x * keep).mul_(65536 / k)
-
-
-def attention_with_dropout(q, k, v, p, block=2**22):
-    """softmax(q k^T / sqrt(d)) v with dropout at rate p on the attention probabilities, for
-    MC Dropout (and --dropout training): the probabilities are materialised, which
+def attention_with_dropout(q, k, v, drop, block=2**22):
+    """softmax(q k^T / sqrt(d)) v with `drop` (a Dropout layer) on the attention probabilities,
+    for MC Dropout (and --dropout training): the probabilities are materialised, which
     scaled_dot_product_attention's fast kernels avoid, so they go a block of queries at a time,
     about `block` probabilities per block. q: (B, heads, N, d), k and v: (B, heads, N_kv, d)."""
     B, heads, N, d = q.shape
@@ -141,7 +130,7 @@ def attention_with_dropout(q, k, v, p, block=2**22):
     out = []
     for start in range(0, N, rows):
         attn = (q[:, :, start:start + rows] * d ** -0.5) @ k.transpose(-2, -1)  # (B, heads, rows, N_kv)
-        out.append(dropout(attn.softmax(dim=-1), p) @ v)
+        out.append(drop(attn.softmax(dim=-1)) @ v)
     return torch.cat(out, dim=2)
 
 
@@ -171,7 +160,7 @@ class Attention(nn.Module):
         kv = self.kv(x).view(B, -1, 2, self.num_heads, C // self.num_heads)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N/R^2, C/heads)
         if self.attn_drop.training and self.attn_drop.p > 0:
-            x = attention_with_dropout(q, k, v, self.attn_drop.p)
+            x = attention_with_dropout(q, k, v, self.attn_drop)
         else:
             x = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C/heads)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, heads, N, C/heads) -> (B, N, C)
@@ -243,7 +232,7 @@ class Block(nn.Module):
 
 class MixVisionTransformer(nn.Module):
     """MiT-B0..B5. forward(image) returns the four maps [(B, C_i, H/2^(i+1), W/2^(i+1))]
-    for i = 1..4 (rounded up; any H and W work)."""
+    for i = 1..4 (rounded up; any H and W of at least MIN_SIZE work)."""
 
     def __init__(self, backbone='b2', drop_path_rate=0.1):
         super().__init__()
@@ -296,3 +285,26 @@ def load_pretrained(encoder, path):
     dropped; everything else must match exactly."""
     state = {k: v for k, v in read_state_dict(path).items() if not k.startswith('head.')}
     load_strict(encoder, state, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# --- speed-up: dropout's random bits from numpy's PCG64 on the CPU (replaces F.dropout's
+# bernoulli_ in Dropout above; bench.py rows mcd and mcd-plain, timed in the same run)
+
+def cpu_dropout(x, p):
+    """Dropout of a CPU tensor x at rate p. torch's bernoulli_ draws one random number per
+    element, which is slow on a CPU when MC Dropout runs every dropout layer; here one random
+    64-bit word of numpy's PCG64 gives four 16-bit numbers u, and an element is kept iff
+    u < k = round(65536 (1 - p)). The keep probability is then exactly k / 65536 (the rate p to
+    within 2^-17: 0.2 becomes 0.199997), and the kept elements are scaled by 65536 / k, so the
+    expectation is exactly x. The generator is seeded from torch's random stream, which
+    torch.manual_seed and train.py's checkpoints govern as they govern every other mask. Where
+    no gradient flows (MC Dropout at test time) x is masked in place: every input here is a
+    fresh temporary of the layer before."""
+    if p in (0, 1):
+        return F.dropout(x, p, training=True)
+    k = max(1, round(65536 * (1 - p)))
+    bits = np.random.PCG64(int(torch.randint(2**62, ()))).random_raw((x.numel() + 3) // 4)
+    u = torch.from_numpy(bits.view(np.int16)[:x.numel()]).view(x.shape)  # uniform over -32768..32767
+    keep = u <= k - 32769  # u + 32768 < k, with the threshold inside int16's range
+    return (x.mul_(keep) if not x.requires_grad else x * keep).mul_(65536 / k)

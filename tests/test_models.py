@@ -565,7 +565,7 @@ def test_encoder_equals_hugging_face_segformer():
 def test_dropout_keeps_the_stated_fraction_and_the_expectation(p):
     n = 2_000_000
     torch.manual_seed(0)
-    y = mit.dropout(torch.ones(n), p)
+    y = mit.cpu_dropout(torch.ones(n), p)
     k = round(65536 * (1 - p))  # kept iff a 16-bit random number is below k: probability k / 65536
     keep = k / 65536
     assert abs(keep - (1 - p)) <= 2 ** -17
@@ -573,13 +573,31 @@ def test_dropout_keeps_the_stated_fraction_and_the_expectation(p):
     kept = (y > 0).double().mean().item()
     assert abs(kept - keep) < 5 * (keep * (1 - keep) / n) ** 0.5  # 5 binomial standard deviations
     torch.manual_seed(0)
-    assert torch.equal(mit.dropout(torch.ones(n), p), y)  # torch's seed decides the mask
-    assert not torch.equal(mit.dropout(torch.ones(n), p), y)  # and the stream moves on
+    assert torch.equal(mit.cpu_dropout(torch.ones(n), p), y)  # torch's seed decides the mask
+    assert not torch.equal(mit.cpu_dropout(torch.ones(n), p), y)  # and the stream moves on
     x = torch.randn(1000, requires_grad=True)  # with gradients: out of place, mask times scale
-    out = mit.dropout(x, p)
+    out = mit.cpu_dropout(x, p)
     out.sum().backward()
     assert torch.equal(x.grad, (out != 0) * torch.tensor(65536 / k)) and x.grad.shape == x.shape
-    assert torch.equal(mit.dropout(torch.ones(100), 0.0), torch.ones(100))  # p = 0 keeps everything
+    assert torch.equal(mit.cpu_dropout(torch.ones(100), 0.0), torch.ones(100))  # p = 0 keeps everything
+
+
+def test_plain_dropout_is_torchs_and_both_forms_keep_the_rate():
+    # plain=True: exactly F.dropout with the same seed; the speed-up draws other masks at the same rate
+    layer = mit.Dropout(0.3)
+    x = torch.ones(200_000)
+    torch.manual_seed(0)
+    fast = layer(x.clone())
+    layer.plain = True
+    torch.manual_seed(0)
+    plain = layer(x.clone())
+    torch.manual_seed(0)
+    assert torch.equal(plain, torch.nn.functional.dropout(x.clone(), 0.3, training=True))
+    assert not torch.equal(plain, fast)
+    n = x.numel()  # each kept fraction within 5 binomial standard deviations of 0.7
+    for y in (plain, fast):
+        assert abs((y > 0).double().mean().item() - 0.7) < 5 * (0.7 * 0.3 / n) ** 0.5
+    assert torch.equal(layer.eval()(x), x)  # eval mode: identity
 
 
 def test_attention_dropout_in_blocks_has_the_attentions_expectation():
@@ -587,9 +605,9 @@ def test_attention_dropout_in_blocks_has_the_attentions_expectation():
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 2, 50, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
     want = F.scaled_dot_product_attention(q, k, v)
-    assert torch.allclose(mit.attention_with_dropout(q, k, v, 0.0, block=64), want, atol=1e-6)  # 7 blocks
+    assert torch.allclose(mit.attention_with_dropout(q, k, v, mit.Dropout(0.0), block=64), want, atol=1e-6)  # 7 blocks
     n = 4000
-    draws = torch.stack([mit.attention_with_dropout(q, k, v, 0.5, block=64) for _ in range(n)]).double()
+    draws = torch.stack([mit.attention_with_dropout(q, k, v, mit.Dropout(0.5), block=64) for _ in range(n)]).double()
     # each of the 800 outputs within 5 standard errors of the mean of its draws (a false alarm
     # has probability ~800 * 6e-7), and every output does vary with the masks
     error = (draws.mean(0) - want).abs() / (draws.std(0) / n ** 0.5)
