@@ -2,7 +2,8 @@
 Evaluate a trained model and its uncertainty on a data set split: one row of the paper's
 Tables 2-7, and on request pictures like its Figure 5 and a reliability diagram.
 
-What is evaluated (uq.py has the methods and the metrics):
+What is evaluated (uq.py has the methods, metrics.py the metrics; the loop over the data is
+`evaluate` below):
 
     one checkpoint                      the network as it is ('none', the "Baseline" rows), or
                                         with --method mcd --dropout 0.2 --samples 10 (MC Dropout)
@@ -16,7 +17,7 @@ The row has the paper's columns (Section 4, "Metrics"):
     Monocular Depth Estimation  RMSE (metres), p(acc/cer), p(unc/inacc), PAvPU
     Inference Time [ms]         mean +- std over batches of predict(), after --warmup batches
 
-A second block adds what a reviewer of uncertainty asks for (uq.SegMetrics, uq.DepthMetrics):
+A second block adds what a reviewer of uncertainty asks for (metrics.SegMetrics, DepthMetrics):
 NLL and Brier score; failure detection (AUROC, AUPR of the misclassified pixels by entropy) and
 selective prediction (AURC, AUGRC), from histograms whose error bound is printed; the mean
 entropy split into its aleatoric part and the mutual information (Section 2.2); for depth the
@@ -26,8 +27,20 @@ coverage of the 1- and 2-sigma intervals, and Eq. 10's two terms. All of it is i
 Under shift (Section 2.2's epistemic uncertainty should grow where the data are unlike the
 training data): --corruption NAME --severity S evaluates on images corrupted as ImageNet-C does
 (corrupt.py; labels and depth untouched); --corruption all runs the whole sweep, clean and every
-corruption at every severity, each cell written beside --json as it finishes, so that a killed
-sweep goes on where it stopped, then a table and a plot of the metrics against severity.
+corruption at every severity (51 cells), then a table and a plot of the metrics against
+severity. Its files, for --json out/sweep.json:
+
+    out/sweep.json          the summary and every cell
+    out/sweep.png           the plot
+    out/sweep.cells/        one JSON per finished cell (clean_0.json, fog_3.json, ...), written
+                            as it finishes, so that a killed sweep run again with the same
+                            command goes on where it stopped
+
+Each cell records every setting that determines its numbers (the checkpoints' SHA-256, the
+method and its samples, the data, split, scenes, calibration, max depth, precision, batch size,
+device and ranks); a sweep with another setting refuses to reuse the cells and names the
+settings that differ, and --overwrite deletes the old cells and starts over. The sweep prints
+one line per cell with its progress and ETA, and at the end a summary.
 --synthetic-ood adds objects of no training class to the synthetic scenes, and any data set
 whose samples carry an 'ood' mask (data.py) gets the out-of-distribution block: AUROC, AUPR
 and FPR95 of the entropy, the mutual information and the depth variance as detectors of those
@@ -67,9 +80,13 @@ its own share (images 0, W, 2W, ... with W ranks), named after the samples.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import shutil
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -80,12 +97,55 @@ import corrupt
 import data
 import figures
 import heads
+import metrics
 import plumbing
 import uq
 from heads import DeepSubEnsemble
 
 DISPLAY_NAMES = {'segformer': 'SegFormer', 'depthformer': 'DepthFormer', 'segdepthformer': 'SegDepthFormer',
                  'dse': 'SegDepthFormer', 'dse-segformer': 'SegFormer', 'dse-depthformer': 'DepthFormer'}
+
+
+# ---------------------------------------------------------------------------------------------
+# the options; a number out of its range is refused where it is parsed, naming the range
+# (argparse puts the option's name in front: "argument --samples: 0 is not >= 1")
+
+def integer_at_least(text, low):
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f'{text} is not an integer >= {low}')
+    return value
+
+
+def positive_int(text):
+    return integer_at_least(text, 1)
+
+
+def non_negative_int(text):
+    return integer_at_least(text, 0)
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f'{text} is not a number > 0')
+    return value
+
+
+def dropout_rate(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f'{text} is not a dropout rate in [0, 1)')
+    return value
 
 
 def get_parser():
@@ -95,36 +155,49 @@ def get_parser():
     a('--data', default='synthetic', choices=sorted(data.NUM_CLASSES), help='data set')
     a('--root', help='data set root (nyuv2, cityscapes; ignored for synthetic)')
     a('--split', default='val', choices=('train', 'val', 'calib'), help='data set split')
-    a('--max-depth', type=float, help='metres; farther ground truth is invalid (default: data.MAX_DEPTH, '
-                                      '10 nyuv2, 80 cityscapes, 10 synthetic)')
+    a('--max-depth', type=positive_float, help='metres; farther ground truth is invalid (default: data.MAX_DEPTH, '
+                                               '10 nyuv2, 80 cityscapes, 10 synthetic)')
     a('--method', choices=uq.METHODS,
       help="uncertainty method; default: 'de' for several checkpoints, 'dse' for a Deep Sub-Ensemble, else 'none'")
-    a('--samples', type=int, default=10, help='MC Dropout: forward passes')
-    a('--dropout', type=float, default=0.2, help='MC Dropout: dropout rate at test time (the paper: 0.2, 0.5)')
-    a('--batch-size', type=int, default=1, help='images per predict() call, per rank (1: time per image)')
-    a('--workers', type=int, default=plumbing.default_workers(),
-      help='data loader processes per rank (default: the cores, at most 4)')
-    a('--precision', default='fp32', choices=plumbing.PRECISIONS, help='autocast of the forward passes')
+    a('--samples', type=positive_int, default=10, help='MC Dropout: forward passes, >= 1')
+    a('--dropout', type=dropout_rate, default=0.2, help='MC Dropout: dropout rate at test time, in [0, 1) '
+                                                        '(the paper: 0.2, 0.5)')
+    a('--batch-size', type=positive_int, default=1, help='images per predict() call, per rank (1: time per image)')
+    a('--workers', type=non_negative_int, default=plumbing.default_workers(),
+      help='data loader processes per rank, >= 0 (default: the cores, at most 4)')
+    a('--precision', default='auto', choices=plumbing.PRECISIONS,
+      help='autocast of the forward passes; auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on a CPU')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu (default: cuda if there is one)')
-    a('--warmup', type=int, default=5, help='batches per rank left out of the timing')
+    a('--warmup', type=non_negative_int, default=5, help='batches per rank left out of the timing')
     a('--seed', type=int, default=0, help='seed of the MC Dropout masks (plus the rank)')
     a('--calibration', metavar='JSON', help="calibrate.py's temperature and variance scale, applied to a single "
                                             "network (method none or mcd)")
     a('--json', help='write the result here as JSON')
-    a('--save-vis', metavar='DIR', help='write Figure-5-like PNGs and reliability.png here')
-    a('--num-vis', type=int, default=8, help='images to draw with --save-vis')
-    a('--overwrite', action='store_true', help='replace an existing --json file or --save-vis folder')
-    a('--label', help='row label; default e.g. "SegDepthFormer-B2 (DE x10)"')
+    a('--save-vis', metavar='DIR', help='write Figure-5-like PNGs, reliability.png and sparsification.png here')
+    a('--num-vis', type=non_negative_int, default=8, help='images to draw with --save-vis')
+    a('--overwrite', action='store_true', help='replace an existing --json file or --save-vis folder; with '
+                                               '--corruption all, delete the sweep\'s finished cells and start over')
+    a('--name', help='the row\'s name in the table and the JSON; default e.g. "SegDepthFormer-B2 (DE x10)"')
     a('--corruption', choices=[*corrupt.CORRUPTIONS, 'all'],
       help="corrupt the images (only them) as ImageNet-C does (corrupt.py); 'all': the whole sweep, clean "
-           "and every corruption at every severity, restartable, written beside --json")
-    a('--severity', type=int, choices=range(1, 6), help='of --corruption, 1..5')
+           "and every corruption at every severity, restartable, its cells in <json without .json>.cells/")
+    a('--severity', type=int, choices=range(1, 6), help='of --corruption NAME, 1..5')
     a('--synthetic-ood', action='store_true', help='synthetic only: scenes with objects of no training class, '
                                                    'and the out-of-distribution metrics')
-    a('--synthetic-images', type=int, help='synthetic only: number of scenes (default 50 val, 200 train)')
-    a('--synthetic-size', type=int, nargs=2, default=(96, 128), metavar=('H', 'W'),
+    a('--synthetic-train', type=positive_int, default=200, help='synthetic only: number of training scenes '
+                                                                '(read with --split train)')
+    a('--synthetic-val', type=positive_int, default=50, help='synthetic only: number of validation scenes '
+                                                             '(read with --split val, the default)')
+    a('--synthetic-calib', type=positive_int, default=50, help='synthetic only: number of calibration scenes '
+                                                               '(read with --split calib)')
+    a('--synthetic-size', type=positive_int, nargs=2, default=(96, 128), metavar=('H', 'W'),
       help='synthetic only: scene size')
     return p
+
+
+def synthetic_count(args):
+    """The number of synthetic scenes of the split read: --synthetic-train, -val or -calib."""
+    return {'train': args.synthetic_train, 'val': args.synthetic_val, 'calib': args.synthetic_calib}[args.split]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,26 +223,120 @@ def resolve_method(method, models, paths):
     return 'dse' if is_dse else method or 'none'
 
 
-def default_label(models, method, dropout):
+def default_name(models, method, dropout):
     """E.g. 'SegDepthFormer-B2', 'EMUFormer-B0' (a student of distill.py), 'SegFormer-B0 (MCD 20%)',
     'SegDepthFormer-B2 (DE x10)'."""
     cfg = models[0].config
     name = 'EMUFormer' if models[0].meta.get('objective') == 'eq11' else DISPLAY_NAMES[cfg['name']]
-    label = f"{name}-{cfg['backbone'].upper()}"
+    base = f"{name}-{cfg['backbone'].upper()}"
     if method == 'mcd':
-        return f'{label} (MCD {dropout:.0%})'
+        return f'{base} (MCD {dropout:.0%})'
     if method == 'dse':
-        return f'{label} (DSE x{models[0].num_members})'
+        return f'{base} (DSE x{models[0].num_members})'
     if method == 'de':
-        return f'{label} (DE x{len(models)})'
-    return label
+        return f'{base} (DE x{len(models)})'
+    return base
+
+
+# ---------------------------------------------------------------------------------------------
+# the evaluation loop
+
+@dataclass
+class Pictures:
+    """What --save-vis draws while the loop runs: the Figure-5-like panels of the first `count`
+    images, one PNG each in `folder`, named after the samples, titled with the row's name."""
+    folder: str
+    count: int
+    name: str
+    palette: np.ndarray
+    class_names: list
+    num_classes: int
+
+
+def draw_pictures(pictures, batch, pred, count):
+    """The panels of the first `count` images of a batch -> the paths of the PNGs written."""
+    written = []
+    for i in range(min(len(batch['name']), count)):
+        rows = figures.prediction_panels(batch['image'], pred, i, pictures.palette, pictures.num_classes,
+                                         label=batch['label'], depth=batch['depth'])
+        legend = []
+        if pred.probs is not None:
+            present = np.union1d(batch['label'][i].numpy(), pred.pred[i].cpu().numpy())
+            legend = figures.class_legend(present, pictures.palette, pictures.class_names) + figures.ERROR_LEGEND
+        written.append(os.path.join(pictures.folder, f"{batch['name'][i]}.png"))
+        figures.save_figure(written[-1], rows, f"{pictures.name} on {batch['name'][i]}", legend + figures.BLACK_MEANS)
+    return written
+
+
+@torch.no_grad()
+def evaluate(model, loader, num_classes, method='none', device='cpu', amp_dtype=None, progress=False,
+             pictures=None, **method_kwargs):
+    """uq.predict over a loader of sample dicts, every batch added to the metrics (metrics.py).
+
+    amp_dtype: the autocast dtype of the forward passes (plumbing.autocast_dtype), None for fp32.
+    progress: print a progress line every few seconds. pictures: a Pictures to draw, or None.
+    method_kwargs go to uq.predict (samples, dropout, decompose).
+    Returns {'seg': SegMetrics.compute() or None, 'depth': ... or None, 'ood': OODMetrics.compute()
+    where the samples carry an 'ood' mask, else None, 'times': [the wall-clock seconds of each
+    predict() call, the device synchronised, so GPU time is included], 'drawn': [the pictures'
+    paths], 'seg_metrics', 'depth_metrics': the metric objects themselves (their statistics draw
+    the reliability diagram and the sparsification plot)}, with the statistics summed over DDP
+    ranks first.
+    """
+    seg, dep = metrics.SegMetrics(num_classes, device=device), metrics.DepthMetrics(device=device)
+    ood = metrics.OODMetrics(num_classes, device)
+    has, times, drawn, done = set(), [], [], 0
+    shown = plumbing.Progress('evaluated', len(loader.sampler), show=progress)
+    for batch in loader:
+        images = batch['image'].to(device, non_blocking=True)
+        plumbing.sync(device)
+        start = time.perf_counter()
+        with plumbing.autocast(torch.device(device), amp_dtype):
+            pred = uq.predict(model, images, method, **method_kwargs)
+        plumbing.sync(device)
+        times.append(time.perf_counter() - start)
+        if pred.probs is not None:
+            seg.update(pred.probs, batch['label'].to(device), pred.entropy, pred.aleatoric_entropy,
+                       pred.mutual_information)
+            has.add('seg')
+        if pred.depth_mean is not None:
+            dep.update(pred.depth_mean, pred.depth_var, batch['depth'].to(device), pred.aleatoric_var,
+                       pred.epistemic_var)
+            has.add('depth')
+        if 'ood' in batch:  # a single network has no mutual information (it is 0 everywhere)
+            ood.update({'entropy': pred.entropy, 'depth_var': pred.depth_var,
+                        'mutual_information': pred.mutual_information if method != 'none' else None},
+                       batch['ood'].to(device))
+            has.add('ood')
+        done += len(images)
+        shown.update(done)
+        if pictures is not None and len(drawn) < pictures.count:
+            drawn += draw_pictures(pictures, batch, pred, pictures.count - len(drawn))
+    seg.reduce()
+    dep.reduce()
+    ood.reduce()
+    return {'seg': seg.compute() if 'seg' in has else None,
+            'depth': dep.compute() if 'depth' in has else None,
+            'ood': ood.compute() if 'ood' in has else None,
+            'times': times, 'drawn': drawn, 'seg_metrics': seg, 'depth_metrics': dep}
+
+
+def nothing_counted(result):
+    """Notes on the tasks of an evaluation whose metrics had no pixel to count (NaN; null in
+    JSON): said out loud, so that a NaN is never read as a result."""
+    notes = []
+    if result['seg'] is not None and result['seg']['pixels'] == 0:
+        notes.append('segmentation: no labelled pixel (every label is IGNORE_INDEX), its metrics are NaN')
+    if result['depth'] is not None and result['depth']['pixels'] == 0:
+        notes.append('depth: no valid ground-truth depth (data.valid_depth), its metrics are NaN')
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------
 # numbers: the reliability bins, timing, the printed row
 
 def reliability_bins(seg):
-    """The ECE bins of a uq.SegMetrics after reduce(): bin m holds the labelled pixels with
+    """The ECE bins of a metrics.SegMetrics after reduce(): bin m holds the labelled pixels with
     confidence in (m/M, (m+1)/M]; accuracy and confidence are the bin's means (NaN if empty)."""
     count = seg.stats['bin_count'].tolist()
     correct = seg.stats['bin_correct'].tolist()
@@ -211,14 +378,14 @@ def _number(value, digits=3):
 def format_row(result):
     """Three lines: the task groups, the paper's column headers and the row of a json_safe result
     ('-' for a task the model lacks, 'nan' for a metric with nothing to count)."""
-    first = max(len(result['label']), 20)
+    first = max(len(result['name']), 20)
     widths = [max(len(header), 6) for _, _, header in COLUMNS]
     cells = [_number(result[task][key]) if result[task] else '-' for task, key, _ in COLUMNS]
     time_cell = f"{_number(result['time_ms']['mean'], 2)} +- {_number(result['time_ms']['std'], 2)}"
     seg_width, depth_width = sum(w + 2 for w in widths[:5]), sum(w + 2 for w in widths[5:])
     groups = ' ' * (first + 2) + f"{'Semantic Segmentation':{seg_width}}{'Monocular Depth Estimation':{depth_width}}"
     header = ' ' * first + ''.join(f'  {h:>{w}}' for (_, _, h), w in zip(COLUMNS, widths))
-    row = f"{result['label']:{first}}" + ''.join(f'  {c:>{w}}' for c, w in zip(cells, widths))
+    row = f"{result['name']:{first}}" + ''.join(f'  {c:>{w}}' for c, w in zip(cells, widths))
     header, row = header + '  Inference Time [ms]', row + f'  {time_cell:>19}'
     return '\n'.join([groups.rstrip(), header, row])
 
@@ -238,7 +405,7 @@ def format_extras(result):
                  f"after {t['warmup']} warm-up batches on each of {s['world_size']} rank(s)"
                  + (f" (--warmup {s['warmup']} asked, but a rank had only {t['warmup'] + 1} batches)"
                     if t['warmup'] < s['warmup'] else ''))
-    lines += [f'note: {note}' for note in uq.nothing_counted(result)]
+    lines += [f'note: {note}' for note in nothing_counted(result)]
     return '\n'.join(lines)
 
 
@@ -255,7 +422,7 @@ UNCERTAINTY_COLUMNS = {
 
 
 def format_ood(result):
-    """Out-of-distribution detection: per score, AUROC, AUPR and FPR95 (uq.OODMetrics)."""
+    """Out-of-distribution detection: per score, AUROC, AUPR and FPR95 (metrics.OODMetrics)."""
     lines = [f"{'out-of-distribution pixels':28}{'AUROC':>8}{'AUPR':>8}{'FPR95':>8}   "
              f"(OOD {next(v['ood_pixels'] for v in result['ood'].values() if v)} of "
              f"{next(v['pixels'] for v in result['ood'].values() if v)} pixels)"]
@@ -267,8 +434,8 @@ def format_ood(result):
 
 def format_uncertainty(result):
     """The second block: per task, the scoring rules, failure detection, selective prediction,
-    sparsification, calibration of the variance and the two kinds of uncertainty (uq.SegMetrics,
-    uq.DepthMetrics), one header line and one row each; the histogram's error bounds below."""
+    sparsification, calibration of the variance and the two kinds of uncertainty (metrics.SegMetrics,
+    metrics.DepthMetrics), one header line and one row each; the histogram's error bounds below."""
     lines = []
     for task, title in (('seg', 'segmentation uncertainty'), ('depth', 'depth uncertainty')):
         if not result[task]:
@@ -280,13 +447,13 @@ def format_uncertainty(result):
     if result['seg']:
         bounds = ', '.join(f"{k} {result['seg'][k + '_bound']:.1e}" for k in ('auroc_failure', 'aupr_failure', 'aurc', 'augrc')
                            if result['seg'][k + '_bound'] is not None)
-        lines.append(f'  (from a histogram of {uq.SCORE_BINS} entropy bins; largest possible error: {bounds})')
+        lines.append(f'  (from a histogram of {metrics.SCORE_BINS} entropy bins; largest possible error: {bounds})')
     return '\n'.join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
 
-def sparsification_plot(path, depth, label):
+def sparsification_plot(path, depth, name):
     """The mean sparsification curves (Poggi et al.) of RMSE, AbsRel and the outlier fraction
     1 - a1: the metric left after removing the most uncertain pixels, against the oracle that
     removes the most wrong ones and against random removal; AUSE is the area between the
@@ -297,44 +464,65 @@ def sparsification_plot(path, depth, label):
         panels.append((f"{title}: AUSE {_number(depth['ause_' + metric])}", 'fraction of pixels removed',
                        title, [('by uncertainty', c['x'], c['curve']), ('oracle (by error)', c['x'], c['oracle']),
                                ('random', c['x'], c['random'])]))
-    figures.line_plots(path, panels, f'{label}: sparsification, the mean over images')
+    figures.line_plots(path, panels, f'{name}: sparsification, the mean over images')
 
 
-class Figures:
-    """What is drawn after each batch on rank 0 with --save-vis: the Figure-5-like panels of
-    its first --num-vis images, one PNG each, named after the samples."""
+# ---------------------------------------------------------------------------------------------
+# one evaluation
 
-    def __init__(self, folder, count, label, palette, class_names, num_classes):
-        self.folder, self.count, self.label = folder, count, label
-        self.palette, self.class_names, self.num_classes = palette, class_names, num_classes
-        self.drawn = []
+def evaluate_split(args, model, method, name, num_classes, rank, world_size, device, corruption=None,
+                   pictures=None, progress=False):
+    """One evaluation of the split (corrupted if asked) -> the result dict (the JSON's content)."""
+    dataset = data.build_dataset(args.data, args.root, args.split, train=False, max_depth=args.max_depth,
+                                 corruption=corruption, num_images=synthetic_count(args),
+                                 size=tuple(args.synthetic_size), ood=args.synthetic_ood)
+    loader = plumbing.eval_loader(dataset, args.batch_size, args.workers, rank, world_size, device)
+    kwargs = dict({'samples': args.samples, 'dropout': args.dropout} if method == 'mcd' else {}, decompose=True)
+    torch.manual_seed(args.seed + rank)  # MC Dropout masks: repeatable, different on each rank
+    measured = evaluate(model, loader, num_classes, method, device, plumbing.autocast_dtype(args.precision, device),
+                        progress, pictures, **kwargs)
+    seg, depth = measured['seg'], measured['depth']
+    if seg is not None:
+        seg = dict(seg, iou=dict(zip(data.CLASS_NAMES[args.data], seg['iou'])),
+                   reliability=reliability_bins(measured['seg_metrics']))
+    if depth is not None:
+        depth = dict(depth, sparsification_curves=measured['depth_metrics'].sparsification_curves())
+    settings = {k: v for k, v in vars(args).items() if k != 'checkpoints'}
+    return plumbing.json_safe({
+        'name': name, 'settings': dict(settings, device=str(device), world_size=world_size,
+                                       corruption=corruption and list(corruption)),
+        'checkpoints': list(args.checkpoints), 'method': method, 'seg': seg, 'depth': depth, 'ood': measured['ood'],
+        'time_ms': timing(measured['times'], args.warmup), 'drawn': measured['drawn']})
 
-    def __call__(self, batch, pred):
-        for i in range(min(len(batch['name']), self.count - len(self.drawn))):
-            rows = figures.prediction_panels(batch['image'], pred, i, self.palette, self.num_classes,
-                                             label=batch['label'], depth=batch['depth'])
-            legend = []
-            if pred.probs is not None:
-                present = np.union1d(batch['label'][i].numpy(), pred.pred[i].cpu().numpy())
-                legend = figures.class_legend(present, self.palette, self.class_names) + figures.ERROR_LEGEND
-            self.drawn.append(os.path.join(self.folder, f"{batch['name'][i]}.png"))
-            figures.save_figure(self.drawn[-1], rows, f"{self.label} on {batch['name'][i]}",
-                                legend + figures.BLACK_MEANS)
 
-
-class AfterBatch:
-    """What evaluate.py does after each batch: the progress line (rank 0), and the figures if
-    asked (a Figures, or None)."""
-
-    def __init__(self, total, rank, drawing):
-        self.progress = plumbing.Progress('evaluated', total, show=rank == 0)
-        self.done, self.drawing = 0, drawing
-
-    def __call__(self, batch, pred, seconds):
-        self.done += len(batch['name'])
-        self.progress.update(self.done)
-        if self.drawing is not None:
-            self.drawing(batch, pred)
+def evaluate_and_report(args, model, method, name, num_classes, rank, world_size, device):
+    """One evaluation, printed (rank 0), written to --json and drawn into --save-vis."""
+    corruption = (args.corruption, args.severity) if args.corruption else None
+    if rank == 0:
+        print(f'{name}: {args.data} {args.split}' + (f', {corruption[0]} at severity {corruption[1]}' if corruption else '')
+              + f', method {method}, {world_size} rank(s) on {device}')
+    pictures = None
+    if rank == 0 and args.save_vis:
+        pictures = Pictures(args.save_vis, args.num_vis, name, data.PALETTES[args.data], data.CLASS_NAMES[args.data],
+                            num_classes)
+    result = evaluate_split(args, model, method, name, num_classes, rank, world_size, device, corruption, pictures,
+                            progress=rank == 0)
+    if rank == 0:
+        print(format_row(result))
+        print(format_extras(result))
+        print(format_uncertainty(result))
+        if result['ood'] is not None:
+            print(format_ood(result))
+        if args.json:
+            plumbing.write_json(result, args.json)
+        if pictures is not None and result['seg'] is not None:
+            figures.reliability_diagram(os.path.join(args.save_vis, 'reliability.png'), result['seg']['reliability'],
+                                        result['seg']['ece'], name)
+        if pictures is not None and result['depth'] is not None:
+            sparsification_plot(os.path.join(args.save_vis, 'sparsification.png'), result['depth'], name)
+        if pictures is not None:
+            print(f"wrote {len(result['drawn'])} figure(s) to {args.save_vis}")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,39 +539,109 @@ def sweep_cells():
     return [('clean', 0)] + [(c, s) for c in corrupt.CORRUPTIONS for s in range(1, 6)]
 
 
-def run_sweep(args, model, method, label, num_classes, rank, world_size, device):
-    """Evaluate every cell of sweep_cells, each written at once to <json>.cells/<cell>.json, so a
-    killed sweep, run again with the same command, goes on where it stopped; a cell written by
-    other checkpoints or another method is refused. Then the summary: every metric of
-    SWEEP_METRICS per severity, averaged over the corruptions, as JSON (--json), a table and a
-    plot (<json without .json>.png)."""
-    cells_dir = os.path.splitext(args.json)[0] + '.cells'
-    plumbing.check_output(cells_dir, '--json (its cells)', overwrite=True, folder=True)
+def sha256(path):
+    """The SHA-256 of a file's bytes, as hex: what identifies a checkpoint wherever it lies."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sweep_settings(args, method, device, world_size):
+    """Everything that determines the numbers of a sweep's cells, recorded in each cell: the
+    checkpoints (by content), the method (and MC Dropout's samples, rate and seed), the data,
+    the calibration (by content), the resolved max depth and precision, the batch size, the
+    device type and the number of ranks (MC Dropout's masks are seeded per rank)."""
+    precision = {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[plumbing.autocast_dtype(args.precision,
+                                                                                                        device)]
+    settings = {'checkpoints': [sha256(p) for p in args.checkpoints], 'method': method,
+                'data': args.data, 'root': args.root and os.path.abspath(args.root), 'split': args.split,
+                'max_depth': args.max_depth or data.MAX_DEPTH[args.data],
+                'calibration': args.calibration and sha256(args.calibration),
+                'precision': precision, 'batch_size': args.batch_size, 'device': device.type, 'world_size': world_size}
+    if method == 'mcd':
+        settings.update(samples=args.samples, dropout=args.dropout, seed=args.seed)
+    if args.data == 'synthetic':
+        settings.update(synthetic_scenes=synthetic_count(args), synthetic_size=list(args.synthetic_size),
+                        synthetic_ood=args.synthetic_ood)
+    return settings
+
+
+def difference(key, then, now):
+    """One differing setting, for the message; files (SHA-256s) are named by their short digests."""
+    if key in ('checkpoints', 'calibration'):
+        short = lambda digests: digests and ([d[:12] for d in digests] if isinstance(digests, list) else digests[:12])
+        return f'{key} {short(then)} (now {short(now)}, by SHA-256)'
+    return f'{key} {then} (now {now})'
+
+
+def finished_cells(cells_dir, settings):
+    """The cells of an earlier run of this sweep {(corruption, severity): result}, each checked
+    against `settings`: a cell made with other settings is refused, naming those that differ."""
     results = {}
-    for k, (name, severity) in enumerate(sweep_cells()):
+    for name, severity in sweep_cells():
         path = os.path.join(cells_dir, f'{name}_{severity}.json')
-        if os.path.exists(path):
-            with open(path) as f:
-                results[name, severity] = json.load(f)
-            if (results[name, severity]['checkpoints'], results[name, severity]['method']) != (list(args.checkpoints), method):
-                raise ValueError(f'{path} holds a cell of another sweep ({results[name, severity]["checkpoints"]}); '
-                                 f'give this one another --json')
+        if not os.path.exists(path):
             continue
-        corruption = None if name == 'clean' else (name, severity)
-        results[name, severity] = evaluate_split(args, model, method, label, num_classes, rank, world_size, device,
-                                                 corruption)
+        try:
+            with open(path) as f:
+                cell = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f'{path}: cannot read this sweep cell ({e}); pass --overwrite to start the sweep over')
+        made_with = cell.get('determined_by') if isinstance(cell, dict) else None
+        if made_with is None:
+            raise ValueError(f'{path} records no settings (an older evaluate.py made it); pass --overwrite to start '
+                             f'the sweep over, or give this one another --json')
+        differ = [difference(k, made_with.get(k), v) for k, v in settings.items() if made_with.get(k) != v]
+        if differ:
+            raise ValueError(f'{cells_dir} holds cells of a sweep with other settings: {"; ".join(differ)}; run it '
+                             f'with those, pass --overwrite to start over, or give this one another --json')
+        results[name, severity] = cell
+    return results
+
+
+def sweep(args, model, method, name, num_classes, rank, world_size, device):
+    """Evaluate every cell of sweep_cells, each written at once to <json without .json>.cells/
+    <corruption>_<severity>.json with the settings that determine it (sweep_settings), so that a
+    killed sweep, run again with the same command, goes on where it stopped; cells of other
+    settings are refused, and --overwrite deletes them first. One line per evaluated cell with
+    the sweep's progress and ETA (the mean time of the cells evaluated so far, times the cells
+    left). Then the summary: every metric of SWEEP_METRICS per severity, averaged over the
+    corruptions, as JSON (--json), a table and a plot (<json without .json>.png)."""
+    cells_dir, plot = os.path.splitext(args.json)[0] + '.cells', os.path.splitext(args.json)[0] + '.png'
+    if args.overwrite and rank == 0 and os.path.isdir(cells_dir):
+        shutil.rmtree(cells_dir)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank reads the cells before rank 0 has deleted them
+    plumbing.check_output(cells_dir, '--json (its cells)', overwrite=True, folder=True)
+    settings = sweep_settings(args, method, device, world_size)
+    results = finished_cells(cells_dir, settings)
+    todo = [cell for cell in sweep_cells() if cell not in results]
+    if rank == 0:
+        print(f'sweep of {name}: {len(sweep_cells())} cells (clean, then {len(corrupt.CORRUPTIONS)} corruptions x 5 '
+              f'severities), {len(results)} already in {cells_dir}, {len(todo)} to evaluate', flush=True)
+    start = time.perf_counter()
+    for done, (corruption, severity) in enumerate(todo, 1):
+        cell = None if corruption == 'clean' else (corruption, severity)
+        row = evaluate_split(args, model, method, name, num_classes, rank, world_size, device, cell)
+        results[corruption, severity] = dict(row, determined_by=settings)
         if rank == 0:
-            plumbing.write_json(results[name, severity], path)
-            row = results[name, severity]
-            print(f'cell {k + 1}/{len(sweep_cells())} {name} {severity}: '
-                  + '  '.join(f'{header} {_number((row[task] or {}).get(key))}' for task, key, header in SWEEP_METRICS))
-    summary = sweep_summary(results)
-    report = plumbing.json_safe({'label': label, 'method': method, 'checkpoints': list(args.checkpoints),
-                                 'summary': summary, 'cells': {f'{n}_{s}': r for (n, s), r in results.items()}})
+            plumbing.write_json(results[corruption, severity], os.path.join(cells_dir, f'{corruption}_{severity}.json'))
+            each = (time.perf_counter() - start) / done
+            print(f'cell {sweep_cells().index((corruption, severity)) + 1}/{len(sweep_cells())} {corruption} {severity}: '
+                  + '  '.join(f'{h} {_number((row[task] or {}).get(key))}' for task, key, h in SWEEP_METRICS)
+                  + f' | {done}/{len(todo)} evaluated, {each:.1f} s each, eta {plumbing.format_duration(each * (len(todo) - done))}',
+                  flush=True)
+    report = plumbing.json_safe({'name': name, 'method': method, 'checkpoints': list(args.checkpoints),
+                                 'determined_by': settings, 'summary': sweep_summary(results),
+                                 'cells': {f'{n}_{s}': results[n, s] for n, s in sweep_cells()}})
     if rank == 0:
         print(format_sweep(report))
         plumbing.write_json(report, args.json)
-        sweep_plot(os.path.splitext(args.json)[0] + '.png', [report])
+        sweep_plot(plot, [report])
+        print(f'sweep done: {len(todo)} evaluated in {plumbing.format_duration(time.perf_counter() - start)}, '
+              f'{len(sweep_cells()) - len(todo)} reused; wrote {args.json}, {plot} and {cells_dir}/')
     return report
 
 
@@ -403,7 +661,7 @@ def sweep_summary(results):
 def format_sweep(report):
     """The summary as a table: one line per severity (0 = clean), one column per metric."""
     headers = list(report['summary'])
-    lines = [f"{report['label']}: the mean over {len(corrupt.CORRUPTIONS)} corruptions at each severity",
+    lines = [f"{report['name']}: the mean over {len(corrupt.CORRUPTIONS)} corruptions at each severity",
              f"{'severity':>9}" + ''.join(f'{h:>11}' for h in headers)]
     for s in range(6):
         lines.append(f'{s:>9}' + ''.join(f'{_number(report["summary"][h][s]):>11}' for h in headers))
@@ -413,7 +671,7 @@ def format_sweep(report):
 def sweep_plot(path, reports):
     """Every metric of SWEEP_METRICS against severity, one panel each, one line per report."""
     panels = [(header, 'severity (0: clean)', header,
-               [(r['label'], list(range(6)), r['summary'][header]) for r in reports])
+               [(r['name'], list(range(6)), r['summary'][header]) for r in reports])
               for _, _, header in SWEEP_METRICS]
     figures.line_plots(path, panels, 'the mean over the corruptions of ImageNet-C at each severity')
 
@@ -429,6 +687,9 @@ def main(argv=None):
         raise ValueError('--corruption all needs --json: the sweep keeps its finished cells beside it')
     if args.corruption not in (None, 'all') and args.severity is None:
         raise ValueError(f'--corruption {args.corruption} needs --severity 1..5')
+    if args.severity is not None and args.corruption in (None, 'all'):
+        raise ValueError(f'--severity {args.severity} needs --corruption NAME (one of {", ".join(corrupt.CORRUPTIONS)}); '
+                         f'--corruption all runs every severity')
     if args.json:
         plumbing.check_output(args.json, '--json', args.overwrite)
     if args.save_vis:
@@ -446,63 +707,10 @@ def main(argv=None):
     with plumbing.process_group(torch.device(args.device)) as (rank, world_size, device):
         models = [m.to(device) for m in models]
         model = uq.DeepEnsemble(models) if method == 'de' else models[0]
-        label = args.label or default_label(models, method, args.dropout) + (', calibrated' if args.calibration else '')
+        name = args.name or default_name(models, method, args.dropout) + (', calibrated' if args.calibration else '')
         if args.corruption == 'all':
-            return run_sweep(args, model, method, label, num_classes, rank, world_size, device)
-        return run(args, model, method, label, num_classes, rank, world_size, device)
-
-
-def evaluate_split(args, model, method, label, num_classes, rank, world_size, device, corruption=None, drawing=None):
-    """One evaluation of the split (corrupted if asked) -> the result dict (the JSON's content)."""
-    dataset = data.build_dataset(args.data, args.root, args.split, train=False, max_depth=args.max_depth,
-                                 corruption=corruption, num_images=args.synthetic_images,
-                                 size=tuple(args.synthetic_size), ood=args.synthetic_ood)
-    loader = plumbing.eval_loader(dataset, args.batch_size, args.workers, rank, world_size, device)
-    kwargs = dict({'samples': args.samples, 'dropout': args.dropout} if method == 'mcd' else {}, decompose=True)
-    torch.manual_seed(args.seed + rank)  # MC Dropout masks: repeatable, different on each rank
-    metrics = uq.evaluate(model, loader, num_classes, method, device, plumbing.autocast_dtype(args.precision, device),
-                          AfterBatch(len(loader.dataset), rank, drawing), **kwargs)
-    seg, depth = metrics['seg'], metrics['depth']
-    if seg is not None:
-        seg = dict(seg, iou=dict(zip(data.CLASS_NAMES[args.data], seg['iou'])),
-                   reliability=reliability_bins(metrics['seg_metrics']))
-    if depth is not None:
-        depth = dict(depth, sparsification_curves=metrics['depth_metrics'].sparsification_curves())
-    settings = {k: v for k, v in vars(args).items() if k != 'checkpoints'}
-    return plumbing.json_safe({
-        'label': label, 'settings': dict(settings, device=str(device), world_size=world_size,
-                                         corruption=corruption and list(corruption)),
-        'checkpoints': list(args.checkpoints), 'method': method, 'seg': seg, 'depth': depth, 'ood': metrics['ood'],
-        'time_ms': timing(metrics['times'], args.warmup)})
-
-
-def run(args, model, method, label, num_classes, rank, world_size, device):
-    """One evaluation, printed (rank 0), written to --json and drawn into --save-vis."""
-    corruption = (args.corruption, args.severity) if args.corruption else None
-    if rank == 0:
-        print(f'{label}: {args.data} {args.split}' + (f', {corruption[0]} at severity {corruption[1]}' if corruption else '')
-              + f', method {method}, {world_size} rank(s) on {device}')
-    drawing = None
-    if rank == 0 and args.save_vis:
-        drawing = Figures(args.save_vis, args.num_vis, label, data.PALETTES[args.data],
-                          data.CLASS_NAMES[args.data], num_classes)
-    result = evaluate_split(args, model, method, label, num_classes, rank, world_size, device, corruption, drawing)
-    if rank == 0:
-        print(format_row(result))
-        print(format_extras(result))
-        print(format_uncertainty(result))
-        if result['ood'] is not None:
-            print(format_ood(result))
-        if args.json:
-            plumbing.write_json(result, args.json)
-        if drawing is not None and result['seg'] is not None:
-            figures.reliability_diagram(os.path.join(args.save_vis, 'reliability.png'), result['seg']['reliability'],
-                                        result['seg']['ece'], label)
-        if drawing is not None and result['depth'] is not None:
-            sparsification_plot(os.path.join(args.save_vis, 'sparsification.png'), result['depth'], label)
-        if drawing is not None:
-            print(f'wrote {len(drawing.drawn)} figure(s) to {args.save_vis}')
-    return result
+            return sweep(args, model, method, name, num_classes, rank, world_size, device)
+        return evaluate_and_report(args, model, method, name, num_classes, rank, world_size, device)
 
 
 if __name__ == '__main__':

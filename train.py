@@ -61,11 +61,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import data
+import evaluate
 import heads
 import losses
 import mit
 import plumbing
-import uq
 
 EPOCHS = {'nyuv2': 100, 'cityscapes': 250, 'synthetic': 30}
 # what --resume may change: where and how the run goes on, not what it computes
@@ -422,14 +422,14 @@ def validate(model, val_loader, num_classes, step, args, run):
     """Evaluate on the validation set (each rank its share, the metrics summed over ranks),
     print and record it -> the score best.pt keeps: mIoU, or -RMSE for a depth-only model."""
     method = 'dse' if isinstance(model, heads.DeepSubEnsemble) else 'none'
-    metrics = uq.evaluate(model, val_loader, num_classes, method, run.device, run.amp_dtype)
+    metrics = evaluate.evaluate(model, val_loader, num_classes, method, run.device, run.amp_dtype)
     model.train()
     seg, dep = metrics['seg'], metrics['depth']
     if run.master:
         print(f'eval at step {step}: '
               + (f"mIoU {seg['miou']:.4f} ECE {seg['ece']:.4f} PAvPU {seg['pavpu']:.4f} " if seg else '')
               + (f"RMSE {dep['rmse']:.4f} delta1 {dep['delta1']:.4f} PAvPU {dep['pavpu']:.4f}" if dep else ''))
-        for note in uq.nothing_counted(metrics):
+        for note in evaluate.nothing_counted(metrics):
             print(f'  note: {note}')
         write_log(args.out, {'step': step, 'eval': {'seg': seg, 'depth': dep}})
     return seg['miou'] if seg else -dep['rmse']

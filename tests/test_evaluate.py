@@ -1,9 +1,10 @@
-"""evaluate.py: the row of Tables 2-7 from real checkpoint files, equal to what uq computes
-directly; the Figure-5-like pictures and the reliability diagram; clear errors for bad inputs;
+"""evaluate.py: the row of Tables 2-7 from real checkpoint files, equal to what its loop
+computes directly; the loop itself against metrics.py at any batch size; the Figure-5-like pictures and the reliability diagram; clear errors for bad inputs;
 the same numbers from two ranks as from one."""
 
 import json
 import math
+import re
 import socket
 
 import numpy as np
@@ -15,7 +16,9 @@ from torch.utils.data import DataLoader
 
 import data
 import evaluate
+import corrupt
 import figures
+import metrics
 import plumbing
 import uq
 from heads import build_model, load_model
@@ -23,7 +26,7 @@ from heads import build_model, load_model
 K = data.NUM_CLASSES['synthetic']
 SIZE = (48, 64)
 # 6 tiny scenes, one image per batch, the first batch left out of the timing
-SYNTHETIC = ['--data', 'synthetic', '--synthetic-images', '6', '--synthetic-size', *map(str, SIZE),
+SYNTHETIC = ['--data', 'synthetic', '--synthetic-val', '6', '--synthetic-size', *map(str, SIZE),
              '--workers', '0', '--warmup', '1']
 
 
@@ -37,7 +40,7 @@ def one_thread():
 
 
 def write_checkpoint(path, name, seed, meta=None, num_classes=K, **kwargs):
-    """A random B0 model in train.py's checkpoint format, with `meta` as data.describe writes it
+    """A random B0 model in train.py's checkpoint format, with `meta` as data.checkpoint_meta writes it
     (class names and palette) or without. Its output layers get larger weights than the
     initialisation's N(0, 0.01), so that predictions vary from pixel to pixel."""
     torch.manual_seed(seed)
@@ -62,12 +65,12 @@ def ckpt(tmp_path_factory):
 
 
 def direct(paths, method, **kwargs):
-    """uq.evaluate on the same scenes, without evaluate.py."""
+    """evaluate.evaluate on the same scenes, without evaluate.main."""
     models = [load_model(p) for p in paths]
     model = uq.DeepEnsemble(models) if method == 'de' else models[0]
     dataset = data.build_dataset('synthetic', None, 'val', train=False, num_images=6, size=SIZE)
     torch.manual_seed(0)  # evaluate.py's --seed 0 on rank 0: the same MC Dropout masks
-    return uq.evaluate(model, DataLoader(dataset, 1, generator=torch.Generator()), K, method, **kwargs)
+    return evaluate.evaluate(model, DataLoader(dataset, 1, generator=torch.Generator()), K, method, **kwargs)
 
 
 def strict_json(path):
@@ -81,7 +84,7 @@ SEG_COLUMNS = ('miou', 'ece', 'p_accurate_certain', 'p_uncertain_inaccurate', 'p
 DEPTH_COLUMNS = ('rmse', 'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu',
                  'abs_rel', 'delta1', 'delta2', 'delta3')
 
-CASES = {  # name: (checkpoints key, extra arguments, method, label)
+CASES = {  # case: (checkpoints key, extra arguments, method, row name)
     'baseline': ('segdepthformer', [], 'none', 'SegDepthFormer-B0'),
     'mcd': ('segdepthformer', ['--method', 'mcd', '--samples', '3', '--dropout', '0.2'], 'mcd',
             'SegDepthFormer-B0 (MCD 20%)'),
@@ -94,14 +97,14 @@ CASES = {  # name: (checkpoints key, extra arguments, method, label)
 
 @pytest.mark.parametrize('case', CASES)
 def test_row_and_json_equal_uq(case, ckpt, tmp_path, capsys):
-    key, extra, method, label = CASES[case]
+    key, extra, method, name = CASES[case]
     paths = ckpt[key] if isinstance(ckpt[key], list) else [ckpt[key]]
     result = evaluate.main([*paths, *SYNTHETIC, *extra, '--json', str(tmp_path / 'r.json')])
     out = capsys.readouterr().out
 
     # the JSON is valid (no NaN) and is what main returned
     assert strict_json(tmp_path / 'r.json') == result
-    assert result['method'] == method and result['label'] == label and result['checkpoints'] == paths
+    assert result['method'] == method and result['name'] == name and result['checkpoints'] == paths
     assert set(result['time_ms']) >= {'mean', 'std', 'n'} and result['time_ms']['n'] == 5  # 6 - 1 warm-up
     assert result['time_ms']['mean'] > 0
 
@@ -125,8 +128,8 @@ def test_row_and_json_equal_uq(case, ckpt, tmp_path, capsys):
     for column in ('ECE', 'p(acc/cer)', 'p(unc/inacc)', 'PAvPU', 'RMSE', 'Inference Time [ms]'):
         assert column in header
     row = lines[lines.index(header) + 1].split()
-    assert ' '.join(row).startswith(label)
-    cells = row[len(label.split()):]  # 9 columns, then 'mean +- std'
+    assert ' '.join(row).startswith(name)
+    cells = row[len(name.split()):]  # 9 columns, then 'mean +- std'
     assert len(cells) == 9 + 3 and cells[-2] == '+-'
     assert (cells[:5] == ['-'] * 5) == (not has_seg) and (cells[5:9] == ['-'] * 4) == (not has_depth)
     if has_seg:
@@ -147,6 +150,46 @@ def test_row_and_json_equal_uq(case, ckpt, tmp_path, capsys):
         assert result['seg']['mutual_information_mean'] > 1e-4
     if has_depth and method == 'none':
         assert result['depth']['epistemic_var_mean'] == 0
+
+
+def test_evaluate_streams_the_same_numbers_at_any_batch_size():
+    torch.manual_seed(0)
+    dataset = data.build_dataset('synthetic', None, 'val', train=False, num_images=8, size=(48, 64))
+    model = build_model('segdepthformer', 'b0', data.NUM_CLASSES['synthetic'])
+    results = [evaluate.evaluate(model, DataLoader(dataset, batch_size=b), 6) for b in (1, 3, 8)]
+    assert [len(r['times']) for r in results] == [8, 3, 1]  # one predict() per batch: 8 images in batches of 1, 3, 8
+    everything = torch.utils.data.default_collate([dataset[i] for i in range(8)])
+    pred = uq.predict(model, everything['image'])
+    seg, dep = metrics.SegMetrics(6), metrics.DepthMetrics()
+    seg.update(pred.probs, everything['label'], pred.entropy)
+    dep.update(pred.depth_mean, pred.depth_var, everything['depth'])
+    for r in results:
+        assert all(t > 0 for t in r['times'])
+        want = seg.compute()
+        for key, value in want.items():
+            # batches of other sizes round the entropies differently: a pixel can change bin,
+            # which moves a histogram metric within its bound and the bound a little
+            if key.endswith('_bound'):
+                assert r['seg'][key] == pytest.approx(value, rel=0.05), key
+            elif f'{key}_bound' in want:
+                assert abs(r['seg'][key] - value) <= 2 * want[f'{key}_bound'] + 1e-9, key
+            else:
+                assert r['seg'][key] == pytest.approx(value, rel=1e-6, nan_ok=True), key
+        for key, value in dep.compute().items():
+            # sparsification orders pixels by their variance, which rounds differently too
+            rel = 1e-4 if key.startswith(('ause', 'aurg')) else 1e-6
+            assert r['depth'][key] == pytest.approx(value, rel=rel, nan_ok=True), key
+    assert evaluate.evaluate(build_model('depthformer', 'b0', 6), DataLoader(dataset, batch_size=4), 6)['seg'] is None
+
+
+def test_nothing_counted_is_said_out_loud():
+    seg = metrics.SegMetrics(2)
+    seg.update(torch.full((1, 2, 2, 2), 0.5), torch.full((1, 2, 2), 255), torch.ones(1, 2, 2))
+    depth = metrics.DepthMetrics()
+    depth.update(torch.ones(1, 2, 2), torch.ones(1, 2, 2), torch.zeros(1, 2, 2))
+    notes = evaluate.nothing_counted({'seg': seg.compute(), 'depth': depth.compute()})
+    assert len(notes) == 2 and 'no labelled pixel' in notes[0] and 'no valid ground-truth depth' in notes[1]
+    assert evaluate.nothing_counted({'seg': None, 'depth': None}) == []
 
 
 def test_reliability_bins_in_json(ckpt):
@@ -199,10 +242,13 @@ def test_save_vis_writes_figure5_panels(ckpt, tmp_path):
     depth_truth = rows[1][1].pixels
     invalid = batch['depth'][0].numpy() <= 0
     assert invalid.any() and (depth_truth[invalid] == 0).all() and (depth_truth[~invalid].sum(-1) > 0).all()
-    # every continuous map has a colour bar with its range and unit; categorical ones have none
-    assert [p.bar is not None for p in rows[0]] == [False, False, False, False, True, True, True]
-    assert [p.bar[3] for p in rows[1][1:]] == ['m'] * 6 and rows[0][4].bar[1:] == (0, np.log(K), 'nats')
-    assert np.array_equal(aleatoric, entropy) and (mutual == figures.INFERNO[0]).all()  # one network: no epistemic part
+    # every continuous map has a colour bar with its range and unit; categorical ones have none,
+    # and neither has the mutual information of one network, zero everywhere: a blank panel says so
+    assert [p.bar is not None for p in rows[0]] == [False, False, False, False, True, True, False]
+    assert [p.bar[3] for p in rows[1][1:6]] == ['m'] * 5 and rows[0][4].bar[1:] == (0, np.log(K), 'nats')
+    assert rows[1][6].bar is None and rows[1][6].note == figures.ZERO_NOTE  # the depth's epistemic part too
+    assert np.array_equal(aleatoric, entropy)  # one network: no epistemic part, all its entropy is aleatoric
+    assert (mutual == figures.BLANK).all() and rows[0][6].note == figures.ZERO_NOTE
 
     # the PNG: two rows of five enlarged panels, each where figure_layout says
     figure = np.array(Image.open(out / f'{names[3]}.png').convert('RGB'))
@@ -237,7 +283,7 @@ def test_save_vis_depth_only_has_one_row_and_no_reliability(ckpt, tmp_path):
 
 def test_outputs_are_checked_before_the_work_and_never_replaced_silently(ckpt, tmp_path, monkeypatch):
     evaluated = []
-    monkeypatch.setattr(uq, 'evaluate', lambda *a, **kw: evaluated.append(1))
+    monkeypatch.setattr(evaluate, 'evaluate', lambda *a, **kw: evaluated.append(1))
     blocked = tmp_path / 'file'
     blocked.write_text('a file where a folder should be')
     with pytest.raises(OSError, match=f'--json {blocked / "r.json"}: cannot write'):
@@ -265,8 +311,8 @@ def test_warmup_longer_than_the_data_still_times(ckpt, capsys):
 
 def test_the_student_of_distill_is_named_emuformer(ckpt, tmp_path):
     state = torch.load(ckpt['segdepthformer'], weights_only=True)
-    torch.save({**state, 'meta': data.describe('synthetic', objective='eq11')}, tmp_path / 'student.pt')
-    assert evaluate.main([str(tmp_path / 'student.pt'), *SYNTHETIC])['label'] == 'EMUFormer-B0'
+    torch.save({**state, 'meta': data.checkpoint_meta('synthetic', objective='eq11')}, tmp_path / 'student.pt')
+    assert evaluate.main([str(tmp_path / 'student.pt'), *SYNTHETIC])['name'] == 'EMUFormer-B0'
 
 
 def test_bad_inputs_are_named(ckpt, tmp_path):
@@ -368,7 +414,7 @@ def test_a_killed_sweep_goes_on_where_it_stopped(ckpt, tmp_path):
     import sys
     import time
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    argv = [sys.executable, 'evaluate.py', ckpt['segdepthformer'], *SYNTHETIC, '--synthetic-images', '2',
+    argv = [sys.executable, 'evaluate.py', ckpt['segdepthformer'], *SYNTHETIC, '--synthetic-val', '2',
             '--corruption', 'all']
     killed = subprocess.Popen([*argv, '--json', str(tmp_path / 'a.json')], cwd=root,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -391,7 +437,7 @@ def test_a_killed_sweep_goes_on_where_it_stopped(ckpt, tmp_path):
     assert a['summary']['mIoU'][0] == a['cells']['clean_0']['seg']['miou']
     assert (tmp_path / 'a.png').exists()
     # every cell is deterministic: the mean over corruptions at severity 5 is that of the cells
-    mean = sum(a['cells'][f'{c}_5']['seg']['miou'] for c in evaluate.corrupt.CORRUPTIONS) / 10
+    mean = sum(a['cells'][f'{c}_5']['seg']['miou'] for c in corrupt.CORRUPTIONS) / 10
     assert a['summary']['mIoU'][5] == pytest.approx(mean, rel=1e-12)
 
 
@@ -402,11 +448,113 @@ def test_compare_puts_the_json_numbers_side_by_side(ckpt, tmp_path, capsys):
     single, de = strict_json(tmp_path / 'single.json'), strict_json(tmp_path / 'de.json')
     paper, seg, depth, ood = compare.main([str(tmp_path / 'single.json'), str(tmp_path / 'de.json')])
     rows = {line.split(' | ')[0].strip('| '): line for line in paper.splitlines()[2:]}
-    assert set(rows) == {single['label'], de['label']}
-    assert f"| {de['seg']['miou']:.3f} |" in rows[de['label']]
-    assert f"| {single['depth']['rmse']:.3f} |" in rows[single['label']]
+    assert set(rows) == {single['name'], de['name']}
+    assert f"| {de['seg']['miou']:.3f} |" in rows[de['name']]
+    assert f"| {single['depth']['rmse']:.3f} |" in rows[single['name']]
     ood_rows = ood.splitlines()[2:]
     assert len(ood_rows) == 2 and ' - | - | - |' in ood_rows[0]  # the single network has no mutual information
     assert f"{de['ood']['mutual_information']['auroc']:.3f}" in ood_rows[1]
-    with pytest.raises(SystemExit, match='cannot read .*missing.json'):
+    with pytest.raises(ValueError, match='cannot read .*missing.json'):
         compare.main([str(tmp_path / 'missing.json')])
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep's cells carry their settings; numbers out of range are refused where parsed
+
+@pytest.fixture
+def one_corruption(monkeypatch):
+    """A sweep of 6 cells (clean, then fog at severities 1..5) instead of 51, to keep it short."""
+    monkeypatch.setattr(corrupt, 'CORRUPTIONS', ('fog',))
+
+
+def test_a_sweep_refuses_cells_of_other_settings(ckpt, tmp_path, one_corruption, capsys):
+    sweep = [ckpt['segdepthformer'], *SYNTHETIC, '--synthetic-val', '2', '--corruption', 'all']
+    first = evaluate.main([*sweep, '--json', str(tmp_path / 'a.json')])
+    out = capsys.readouterr().out
+    assert out.count('cell ') == 6 and len(first['cells']) == 6
+    assert 'eta' in out.splitlines()[1] and '6/6 evaluated' in out and 'sweep done: 6 evaluated' in out
+    cells = tmp_path / 'a.cells'
+    for path in cells.glob('*.json'):
+        assert strict_json(path)['determined_by'] == first['determined_by']
+    (tmp_path / 'a.json').unlink()  # as if killed before the summary
+    (cells / 'fog_5.json').unlink()
+    calibration = tmp_path / 'c.json'
+    calibration.write_text(json.dumps({'temperature': 1.5, 'variance_scale': 2.0, 'num_classes': K}))
+    for extra, differing in ((['--split', 'calib'], 'split val (now calib)'),
+                             (['--synthetic-val', '3'], 'synthetic_scenes 2 (now 3)'),
+                             (['--synthetic-size', '64', '64'], 'synthetic_size [48, 64] (now [64, 64])'),
+                             (['--max-depth', '5'], 'max_depth 10.0 (now 5.0)'),
+                             (['--precision', 'bf16'], 'precision fp32 (now bf16)'),
+                             (['--calibration', str(calibration)], 'calibration None (now '),
+                             (['--synthetic-ood'], 'synthetic_ood False (now True)'),
+                             (['--method', 'mcd'], 'method none (now mcd)')):
+        with pytest.raises(ValueError, match='holds cells of a sweep with other settings: .*' + re.escape(differing)):
+            evaluate.main([*sweep, *extra, '--json', str(tmp_path / 'a.json')])
+    other = tmp_path / 'other.pt'
+    other.write_bytes(open(ckpt['de'][0], 'rb').read())  # the same architecture, other weights
+    with pytest.raises(ValueError, match=r'checkpoints \[.*\] \(now \[.*\], by SHA-256\)'):
+        evaluate.main([str(other), *sweep[1:], '--json', str(tmp_path / 'a.json')])
+    assert not (cells / 'fog_5.json').exists()  # nothing was evaluated by a refused sweep
+
+    # the same checkpoint elsewhere is the same checkpoint: the sweep goes on with the last cell
+    moved = tmp_path / 'moved.pt'
+    moved.write_bytes(open(ckpt['segdepthformer'], 'rb').read())
+    capsys.readouterr()
+    again = evaluate.main([str(moved), *sweep[1:], '--json', str(tmp_path / 'a.json')])
+    assert capsys.readouterr().out.count('cell ') == 1 and again['summary'] == first['summary']
+
+
+def test_overwrite_starts_a_sweep_over(ckpt, tmp_path, one_corruption, capsys):
+    sweep = [ckpt['segdepthformer'], *SYNTHETIC, '--synthetic-val', '2', '--corruption', 'all',
+             '--json', str(tmp_path / 'a.json')]
+    evaluate.main(sweep)
+    with pytest.raises(FileExistsError, match='already holds a result; pass --overwrite'):
+        evaluate.main(sweep)
+    cells = tmp_path / 'a.cells'
+    (cells / 'stale.json').write_text('{}')  # whatever else is there goes too
+    capsys.readouterr()
+    result = evaluate.main([*sweep, '--overwrite', '--max-depth', '5'])
+    assert capsys.readouterr().out.count('cell ') == 6  # every cell evaluated again, none reused
+    assert sorted(p.name for p in cells.iterdir()) == sorted(f'{c}_{s}.json' for c, s in evaluate.sweep_cells())
+    assert all(strict_json(p)['determined_by']['max_depth'] == 5.0 for p in cells.iterdir())
+    assert result['determined_by']['max_depth'] == 5.0
+
+
+def test_a_cell_without_settings_is_refused(ckpt, tmp_path, one_corruption):
+    (tmp_path / 'a.cells').mkdir()
+    (tmp_path / 'a.cells' / 'clean_0.json').write_text(json.dumps({'checkpoints': [ckpt['segdepthformer']],
+                                                                   'method': 'none'}))
+    with pytest.raises(ValueError, match='clean_0.json records no settings .*--overwrite'):
+        evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--corruption', 'all', '--json', str(tmp_path / 'a.json')])
+
+
+@pytest.mark.parametrize('option, value, message', [
+    ('--samples', '0', 'argument --samples: 0 is not an integer >= 1'),
+    ('--batch-size', '0', 'argument --batch-size: 0 is not an integer >= 1'),
+    ('--batch-size', '-4', 'argument --batch-size: -4 is not an integer >= 1'),
+    ('--workers', '-1', 'argument --workers: -1 is not an integer >= 0'),
+    ('--warmup', 'x', 'argument --warmup: x is not an integer >= 0'),
+    ('--synthetic-val', '0', 'argument --synthetic-val: 0 is not an integer >= 1'),
+    ('--dropout', '1.5', r'argument --dropout: 1.5 is not a dropout rate in \[0, 1\)'),
+    ('--max-depth', '0', 'argument --max-depth: 0 is not a number > 0'),
+    ('--max-depth', 'nan', 'argument --max-depth: nan is not a number > 0'),
+])
+def test_numbers_out_of_range_are_refused_where_parsed(ckpt, option, value, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, option, value])
+    assert exit.value.code == 2
+    assert re.search(message, capsys.readouterr().err.splitlines()[-1])
+
+
+def test_severity_needs_a_corruption(ckpt):
+    with pytest.raises(ValueError, match='--severity 3 needs --corruption NAME'):
+        evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--severity', '3'])
+    with pytest.raises(ValueError, match='--severity 3 needs --corruption NAME'):
+        evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--severity', '3', '--corruption', 'all',
+                       '--json', 'unused.json'])
+
+
+def test_name_names_the_row(ckpt, capsys):
+    result = evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--name', 'my model'])
+    assert result['name'] == 'my model' and 'label' not in result
+    assert any(line.startswith('my model') for line in capsys.readouterr().out.splitlines())

@@ -138,7 +138,7 @@ def test_evaluate_on_the_gpu_with_pinned_memory_and_bf16(tmp_path):
     torch.manual_seed(0)
     model = build_model('segdepthformer', 'b0', 6)
     torch.save({'model': model.state_dict(), 'config': model.config}, tmp_path / 'm.pt')
-    result = evaluate.main([str(tmp_path / 'm.pt'), '--synthetic-images', '4', '--synthetic-size', '64', '64',
+    result = evaluate.main([str(tmp_path / 'm.pt'), '--synthetic-val', '4', '--synthetic-size', '64', '64',
                             '--device', 'cuda', '--workers', '2', '--warmup', '1', '--precision', 'bf16'])
     assert result['settings']['device'].startswith('cuda') and result['time_ms']['n'] == 3
 

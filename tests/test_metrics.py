@@ -1,5 +1,5 @@
 """
-Tests of the metrics in uq.py against brute-force references written plainly (a Python loop
+Tests of the metrics in metrics.py against brute-force references written plainly (a Python loop
 over pixels), hand-made edge cases, streaming over uneven batches and reduce() across two
 gloo ranks.
 """
@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import brute_force as bf
-import uq
+import metrics
 
 K = 5  # classes in the random data
 N, H, W = 10, 9, 11  # images, height, width
@@ -67,14 +67,14 @@ def batches(tensors, sizes):
 
 
 def run_seg(seg_batches, num_classes=K, num_bins=15):
-    m = uq.SegMetrics(num_classes, num_bins)
+    m = metrics.SegMetrics(num_classes, num_bins)
     for probs, label, unc in seg_batches:
         m.update(probs, label, unc)
     return m
 
 
 def run_depth(depth_batches):
-    m = uq.DepthMetrics()
+    m = metrics.DepthMetrics()
     for mean, unc, depth in depth_batches:
         m.update(mean, unc, depth)
     return m
@@ -111,8 +111,8 @@ def nll_reference(q, labels):
 
 def histogram_bin(score, high):
     """The bin of a score in SCORE_BINS equal bins over [0, high], clamped: the tie groups of
-    the streaming ranking metrics, written out."""
-    return min(max(math.floor(score / high * uq.SCORE_BINS), 0), uq.SCORE_BINS - 1)
+    the histogram-bounded ranking metrics, written out."""
+    return min(max(math.floor(score / high * metrics.SCORE_BINS), 0), metrics.SCORE_BINS - 1)
 
 
 def ranking_reference(bins, positives):
@@ -313,8 +313,6 @@ def test_nothing_counted_gives_nan():
     assert got.pop('pixels') == 0 and all(math.isnan(v) for v in got.pop('iou') + list(got.values()))
     depth = run_depth([(torch.ones(1, 2, 2), torch.ones(1, 2, 2), torch.zeros(1, 2, 2))]).compute()
     assert depth.pop('pixels') == 0 and all(math.isnan(v) for v in depth.values())
-    notes = uq.nothing_counted({'seg': seg.compute(), 'depth': dict(depth, pixels=0)})
-    assert len(notes) == 2 and 'no labelled pixel' in notes[0] and 'no valid ground-truth depth' in notes[1]
 
 
 def test_single_class():
@@ -416,7 +414,7 @@ def _ddp_worker(rank, world_size, port, out_dir):
     seg_m = run_seg(batches(tuple(t[half] for t in seg), sizes))
     depth_m = run_depth(batches(tuple(t[half] for t in depth), sizes))
     scores, ood = ood_data()
-    ood_m = uq.OODMetrics(K)
+    ood_m = metrics.OODMetrics(K)
     ood_m.update({k: v[[0, 2][rank:rank + 1]] for k, v in scores.items()}, ood[[0, 2][rank:rank + 1]])
     if rank == 0:
         ood_m.update({k: v[1:2] for k, v in scores.items()}, ood[1:2])
@@ -436,7 +434,7 @@ def test_reduce_across_two_ranks(tmp_path):
     seg, depth = random_data()
     want = {'seg': run_seg([seg]).compute(), 'depth': run_depth([depth]).compute()}
     scores, ood = ood_data()
-    whole = uq.OODMetrics(K)
+    whole = metrics.OODMetrics(K)
     whole.update(scores, ood)
     want_ood = whole.compute()
     for rank in range(2):
@@ -507,18 +505,18 @@ def test_ood_metrics_match_the_reference_in_any_batches():
     scores, ood = ood_data()
     want = ood_reference(scores, ood)
     for sizes in ((3,), (1, 2), (2, 1)):
-        metrics = uq.OODMetrics(K)
+        ood_m = metrics.OODMetrics(K)
         for start, n in zip(np.cumsum((0, *sizes[:-1])), sizes):
-            metrics.update({k: v[start:start + n] for k, v in scores.items()}, ood[start:start + n])
-        got = metrics.compute()
+            ood_m.update({k: v[start:start + n] for k, v in scores.items()}, ood[start:start + n])
+        got = ood_m.compute()
         for name in scores:
             assert got[name]['ood_pixels'] == int(ood.sum()) and got[name]['pixels'] == ood.numel()
             for m in ('auroc', 'aupr', 'fpr95'):
                 assert got[name][m] == pytest.approx(want[name][m], abs=1e-12), (name, m)
     # a score the model lacks is None, and the exact (unbinned) values lie within each bound
-    metrics = uq.OODMetrics(K)
-    metrics.update({'entropy': scores['entropy'], 'mutual_information': None, 'depth_var': None}, ood)
-    got = metrics.compute()
+    ood_m = metrics.OODMetrics(K)
+    ood_m.update({'entropy': scores['entropy'], 'mutual_information': None, 'depth_var': None}, ood)
+    got = ood_m.compute()
     assert got['mutual_information'] is None and got['depth_var'] is None
     exact = bf.auroc(scores['entropy'].flatten().double().numpy(), ood.flatten().numpy())
     assert abs(got['entropy']['auroc'] - exact) <= got['entropy']['auroc_bound'] + 1e-12
@@ -531,8 +529,8 @@ def test_the_metrics_make_their_tensors_on_the_inputs_device():
     seg, depth = random_data()
     scores, ood = ood_data()
     with torch.device('meta'):
-        seg_m, depth_m, ood_m = (uq.SegMetrics(K, 15, device='cpu'), uq.DepthMetrics(device='cpu'),
-                                 uq.OODMetrics(K, device='cpu'))
+        seg_m, depth_m, ood_m = (metrics.SegMetrics(K, 15, device='cpu'), metrics.DepthMetrics(device='cpu'),
+                                 metrics.OODMetrics(K, device='cpu'))
         seg_m.update(*seg)
         depth_m.update(*depth)
         ood_m.update(scores, ood)

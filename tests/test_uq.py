@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import metrics
 import uq
 from heads import build_model
 
@@ -121,40 +122,6 @@ def test_method_must_fit_the_model(x):
         uq.predict(build_model('dse', 'b0', 5, num_members=2), x, 'none')
 
 
-def test_evaluate_streams_the_same_numbers_at_any_batch_size():
-    import data
-    torch.manual_seed(0)
-    dataset = data.build_dataset('synthetic', None, 'val', train=False, num_images=8, size=(48, 64))
-    model = build_model('segdepthformer', 'b0', data.NUM_CLASSES['synthetic'])
-    seen = []
-    results = [uq.evaluate(model, torch.utils.data.DataLoader(dataset, batch_size=b), 6,
-                           on_batch=lambda batch, pred, s: seen.append(len(batch['name'])))
-               for b in (1, 3, 8)]
-    assert seen == [1] * 8 + [3, 3, 2] + [8]
-    everything = torch.utils.data.default_collate([dataset[i] for i in range(8)])
-    pred = uq.predict(model, everything['image'])
-    seg, dep = uq.SegMetrics(6), uq.DepthMetrics()
-    seg.update(pred.probs, everything['label'], pred.entropy)
-    dep.update(pred.depth_mean, pred.depth_var, everything['depth'])
-    for r in results:
-        assert all(t > 0 for t in r['times'])
-        want = seg.compute()
-        for key, value in want.items():
-            # batches of other sizes round the entropies differently: a pixel can change bin,
-            # which moves a histogram metric within its bound and the bound a little
-            if key.endswith('_bound'):
-                assert r['seg'][key] == pytest.approx(value, rel=0.05), key
-            elif f'{key}_bound' in want:
-                assert abs(r['seg'][key] - value) <= 2 * want[f'{key}_bound'] + 1e-9, key
-            else:
-                assert r['seg'][key] == pytest.approx(value, rel=1e-6, nan_ok=True), key
-        for key, value in dep.compute().items():
-            # sparsification orders pixels by their variance, which rounds differently too
-            rel = 1e-4 if key.startswith(('ause', 'aurg')) else 1e-6
-            assert r['depth'][key] == pytest.approx(value, rel=rel, nan_ok=True), key
-    assert uq.evaluate(build_model('depthformer', 'b0', 6), torch.utils.data.DataLoader(dataset, batch_size=4), 6)['seg'] is None
-
-
 def test_entropy_is_zero_for_a_class_of_probability_zero():
     # a masked logit (-inf) gives q_c = 0 exactly: its term is 0 (the limit of q log q), not
     # 0 * -inf = NaN, which made the image's threshold NaN and every pixel "certain"
@@ -165,7 +132,7 @@ def test_entropy_is_zero_for_a_class_of_probability_zero():
         assert torch.isfinite(pred.entropy).all()
         q = samples[0, 0, :2, 0, 0].softmax(0)
         assert pred.entropy[0, 0, 0].item() == pytest.approx(-(q * q.log()).sum().item(), rel=1e-5)
-    seg = uq.SegMetrics(3)
+    seg = metrics.SegMetrics(3)
     seg.update(pred.probs, torch.zeros(2, 4, 5, dtype=torch.long), pred.entropy)
     n_ac, n_au, n_ic, n_iu = seg.stats['uncertainty_counts'].tolist()
     assert n_au + n_iu > 0  # the image with the masked logit has uncertain pixels too
