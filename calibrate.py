@@ -212,7 +212,8 @@ def main(argv=None):
         t = fit_temperature(logits, labels)
         fitted.update(temperature=t, seg_pixels=len(labels), seg_nll_before=F.cross_entropy(logits, labels).item(),
                       seg_nll_after=F.cross_entropy(logits / t, labels).item())
-        print(f"seg: temperature {t:.4g} on {len(labels):,} sampled pixels; "
+        edge = ' (the end of the search range, e^-4..e^4: not a minimum)' if abs(abs(math.log(t)) - 4) < 1e-6 else ''
+        print(f"seg: temperature {t:.4g}{edge} on {len(labels):,} sampled pixels; "
               f"seg NLL {fitted['seg_nll_before']:.4f} -> {fitted['seg_nll_after']:.4f}")
     if depth is not None:
         ratio, log_var, n = depth
