@@ -7,6 +7,8 @@ point here from their docstrings.
 Commands
     entry_point(main)           a script's main as a command: a user's mistake is one line and
                                 exit 1, Ctrl-C one line and exit 130, a bug a traceback
+    positive_int, natural_int, positive_float, non_negative_float, rate
+                                argparse types: a numeric option is checked where it is parsed
 
 Files
     save_atomic(path, write)    every result, checkpoint and converted sample is written to a
@@ -38,6 +40,7 @@ Precision (one flag, --precision, in every script)
     auto                        bf16 on a GPU that has it, fp16 on an older GPU, fp32 on the CPU
 """
 
+import argparse
 import json
 import math
 import os
@@ -82,6 +85,54 @@ def entry_point(main):
         sys.exit(status if isinstance(status, int) else 0)
     print(f'{script}: {message}', file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+# Numeric options are checked where they are parsed: these are argparse types, and argparse
+# names the option: "argument --batch-size: 0 is not an integer >= 1".
+
+def _number(text, kind):
+    """text as int or float, or None if it is not one (or not finite)."""
+    try:
+        value = kind(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def positive_int(text):
+    value = _number(text, int)
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f'{text} is not an integer >= 1')
+    return value
+
+
+def natural_int(text):
+    value = _number(text, int)
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f'{text} is not an integer >= 0')
+    return value
+
+
+def positive_float(text):
+    value = _number(text, float)
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f'{text} is not a number > 0')
+    return value
+
+
+def non_negative_float(text):
+    value = _number(text, float)
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f'{text} is not a number >= 0')
+    return value
+
+
+def rate(text):
+    """A probability of dropping: dropout, stochastic depth, in [0, 1)."""
+    value = _number(text, float)
+    if value is None or not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f'{text} is not a rate in [0, 1)')
+    return value
 
 
 def interrupt_once(signum, frame):

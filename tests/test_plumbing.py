@@ -1,5 +1,6 @@
 """plumbing.py: atomic writes that survive a full disk, output checks, checkpoint reading."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -167,3 +168,20 @@ def test_load_strict_refuses_non_finite_weights():
     state = {'weight': torch.tensor([[1.0, float('nan')], [0.0, 1.0]]), 'bias': torch.zeros(2)}
     with pytest.raises(ValueError, match=r'bad.pt: 1 tensors hold NaN or inf \(weight\)'):
         plumbing.load_strict(layer, state, 'bad.pt')
+
+
+@pytest.mark.parametrize('kind,good,bad', [
+    (plumbing.positive_int, {'1': 1, '12': 12}, ['0', '-4', '1.5', 'x', '']),
+    (plumbing.natural_int, {'0': 0, '3': 3}, ['-1', '2.0', 'nan']),
+    (plumbing.positive_float, {'1e-4': 1e-4, '2': 2.0}, ['0', '-2', 'nan', 'inf', 'x']),
+    (plumbing.non_negative_float, {'0': 0.0, '0.5': 0.5}, ['-0.1', 'nan', '-inf']),
+    (plumbing.rate, {'0': 0.0, '0.2': 0.2, '0.999': 0.999}, ['1', '1.5', '-0.1', 'nan'])])
+def test_numeric_options_are_checked_where_they_are_parsed(kind, good, bad, capsys):
+    parser = argparse.ArgumentParser(prog='script.py')
+    parser.add_argument('--value', type=kind)
+    for text, value in good.items():
+        assert parser.parse_args(['--value', text]).value == value
+    for text in bad:
+        with pytest.raises(SystemExit):
+            parser.parse_args([f'--value={text}'])
+        assert f'argument --value: {text} is not ' in capsys.readouterr().err
