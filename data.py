@@ -129,10 +129,12 @@ CROP_SIZES = {'nyuv2': (480, 640), 'cityscapes': (768, 768)}  # paper Section 4,
 # cap of the usual driving-scene depth evaluations, keeps the measurements that mean something.
 # Synthetic: the back wall of a room is at most 9 m away.
 MAX_DEPTH = {'nyuv2': 10.0, 'cityscapes': 80.0, 'synthetic': 10.0}
-TEACHER_JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue of the teacher's input
+# brightness, contrast, saturation, hue of the teacher's input: the paper gives none; these are
+# the strengths of MoCo v2's colour jitter (torchvision's ColorJitter defaults to no jitter)
+TEACHER_JITTER = (0.4, 0.4, 0.4, 0.1)
 
 
-def describe(name, **extra):
+def checkpoint_meta(name, **extra):
     """What a checkpoint carries about its data set: the class names and their palette, so
     that a model labels its output without the data set at hand (plus `extra`)."""
     return {'data': name, 'classes': list(CLASS_NAMES[name]), 'palette': PALETTES[name].tolist(), **extra}
@@ -225,7 +227,7 @@ class JointTransform:
     0; in evaluation the mask is kept as sample['ood'].
     teacher_jitter = (brightness, contrast, saturation, hue) strengths adds 'image_teacher': the
     same pixels colour-jittered, EMUFormer's teacher input (Section 3.3; the paper gives no
-    strengths, TEACHER_JITTER are torchvision's usual ones).
+    strengths; see TEACHER_JITTER).
 
     All randomness comes from the global torch RNG, so the caller decides the stream: train.py
     seeds it per sample from (seed, epoch, index). The arithmetic runs on one thread wherever

@@ -10,34 +10,35 @@ the teacher's predictive uncertainty, with Eq. 11:
 
 This file holds what is EMUFormer's own, in the order a step uses it:
 
-    build_teacher       the N members, frozen, in eval mode, run as one model (uq.DeepEnsemble)
+    build_teacher       the N members, frozen, in eval mode, run as one model (uq.DeepEnsemble:
+                        all members in one batched pass on a GPU, one after the other on a CPU)
     teacher_targets     for a batch, the teacher's mean softmax q (kept as log q for Eq. 8) and
-                        its predictive variance sigma^2 (Eq. 10), from one pass of all members
-                        on the colour-jittered image, without gradients
-    distillation_loss   Eq. 11 on the student's output (losses.emuformer_loss)
+                        its predictive variance sigma^2 (Eq. 10) on the colour-jittered image
+    emuformer_step      one step: the teacher's targets without gradients, the student's
+                        forward pass, Eq. 11 (losses.emuformer_loss), backward, AdamW
 
 The teacher sees a colour-jittered copy of the student's image (data.py draws it with the same
 crop, scale and flip): on its own training images a Deep Ensemble is over-confident, and the
 jitter makes its uncertainty there look more like that on unseen images, so the student does
 not learn to under-estimate it (Section 3.3). How strong a jitter is right depends on the data:
---jitter sets it. (On the synthetic scenes, whose classes are told apart mostly by colour, the
-default hue and saturation jitter makes the teacher far less sure and its student
-under-confident; the demo uses a milder one.)
+--jitter sets it. (On the synthetic scenes, whose classes are told apart mostly by colour,
+data.TEACHER_JITTER makes the teacher far less sure and its student under-confident; their
+recipe has a milder one.)
 
-Everything else (data, schedule, AMP, DDP, checkpoints, --resume) is train.py's loop, given
-distillation_loss as its objective; 100 epochs by default on every data set. The student's
-architecture is read from --student-init (else from the teacher's checkpoints): --backbone is
-needed only to ask for another student, e.g. a B0 student of a B2 teacher without an init.
+Everything else (data, schedule, AMP, DDP, checkpoints, --resume) is train.py's Loop. The
+recipes (RECIPES) follow the data set like train.py's. The student's architecture is read from
+--student-init (else from the teacher's checkpoints): --backbone is needed only to ask for
+another student, e.g. a B0 student of a B2 teacher without an init. The checkpoints record the
+teacher's identity, a digest of each member's weights, and --resume refuses another teacher.
 
     python distill.py --teacher runs/sdf_b2_seed{0..9}/best.pt --student-init runs/sdf_b2_seed0/best.pt \\
         --data nyuv2 --root data/nyuv2 --out runs/emuformer_b2
     torchrun --nproc_per_node=4 distill.py ... (the same flags)
     # the CPU demo, after three demo members of train.py (see README.md)
-    python distill.py --teacher runs/demo{0,1,2}/best.pt --student-init runs/demo0/best.pt \\
-        --data synthetic --epochs 30 --lr 6e-4 --jitter 0.2 0.2 0.2 0.02 --out runs/demo_emu
+    python distill.py --teacher runs/demo{0,1,2}/best.pt --student-init runs/demo0/best.pt --out runs/demo_emu
 """
 
-from functools import partial
+import hashlib
 
 import torch
 
@@ -48,30 +49,49 @@ import plumbing
 import train
 import uq
 
+# the distillation recipes (the paper trains the student 100 epochs on either data set)
+RECIPES = {'synthetic': {'lr': 6e-4, 'epochs': 30, 'jitter': (0.2, 0.2, 0.2, 0.02)},
+           'nyuv2': {'lr': 6e-5, 'epochs': 100, 'jitter': data.TEACHER_JITTER},
+           'cityscapes': {'lr': 6e-5, 'epochs': 100, 'jitter': data.TEACHER_JITTER}}
+
 
 def get_parser():
     p = train.get_parser()
     p.description = __doc__
-    p.add_argument('--teacher', nargs='+', required=True, help="the Deep Ensemble members' checkpoints")
+    p.add_argument('--teacher', nargs='+', required=True, help="the Deep Ensemble members' checkpoints (two or more)")
     p.add_argument('--student-init', help='a trained SegDepthFormer to start from (the paper does); '
                                           'its architecture is the student\'s')
     p.add_argument('--w2', type=float, default=losses.W2, help='weight of the KL term (Eq. 11)')
     p.add_argument('--w3', type=float, default=losses.W3, help='weight of the RMSLE term (Eq. 11)')
-    p.add_argument('--jitter', type=float, nargs=4, default=data.TEACHER_JITTER,
-                   metavar=('BRIGHTNESS', 'CONTRAST', 'SATURATION', 'HUE'),
-                   help="strengths of the colour jitter of the teacher's input (the paper gives none)")
-    p.set_defaults(epochs=100, out='runs/emuformer', backbone=None)
+    p.add_argument('--jitter', type=float, nargs=4, metavar=('BRIGHTNESS', 'CONTRAST', 'SATURATION', 'HUE'),
+                   help="strengths of the colour jitter of the teacher's input (the paper gives none; "
+                        "default: the data set's recipe)")
+    p.set_defaults(out='runs/emuformer')
     return p
 
 
+def weights_digest(model):
+    """SHA-256 of a model's weights (names, then bytes): who a teacher member is."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def build_teacher(paths, num_classes, device):
-    """The Deep Ensemble teacher: SegDepthFormers of one architecture, frozen (eval mode, no
-    gradients), their weights stacked once to run as one model."""
+    """The Deep Ensemble teacher: two or more SegDepthFormers of one architecture, frozen (eval
+    mode, no gradients), their weights stacked once to run as one model -> (teacher, the
+    digest of each member's weights)."""
     members = heads.load_members(paths)
-    if set(members[0].tasks) != {'seg', 'depth'} or members[0].num_classes != num_classes:
-        raise ValueError(f'the teacher must be SegDepthFormers with {num_classes} classes; '
-                         f'{paths[0]} is {heads.describe(members[0])}')
-    return uq.DeepEnsemble([m.to(device) for m in members])
+    for path, member in zip(paths, members):
+        if member.config['name'] != 'segdepthformer' or member.num_classes != num_classes:
+            raise ValueError(f'the teacher must be SegDepthFormers with {num_classes} classes; '
+                             f'{path} is {heads.describe(member)}')
+    if len(members) < 2:
+        raise ValueError(f'--teacher {paths[0]}: a Deep Ensemble teacher needs the checkpoints of two or more '
+                         f'SegDepthFormers trained with different --seed')
+    return uq.DeepEnsemble([m.to(device) for m in members]), [weights_digest(m) for m in members]
 
 
 def teacher_targets(teacher, image_teacher):
@@ -81,12 +101,19 @@ def teacher_targets(teacher, image_teacher):
     return pred.log_probs, pred.depth_var
 
 
-def distillation_loss(out, batch, teacher, w1, w2, w3, depth_loss, across_ranks):
-    """The objective of this script: Eq. 11, the student's output against the batch's ground
-    truth and the teacher's targets on the jittered image."""
-    log_q, sigma2 = teacher_targets(teacher, batch['image_teacher'])
-    return losses.emuformer_loss(out, batch['label'], batch['depth'], log_q, sigma2, w1, w2, w3,
-                                 depth_loss, across_ranks=across_ranks)
+def emuformer_step(student, teacher, batch, optimizer, scaler, args, proc):
+    """One EMUFormer step: the teacher's targets on the jittered image (no gradients), then the
+    student on the plain image, then Eq. 11 against the ground truth and the targets, under
+    autocast (forward and loss only); backward, AdamW. Returns the loss and its terms."""
+    batch = train.to_device(batch, proc.device)
+    with plumbing.autocast(proc.device, proc.amp_dtype):
+        with torch.no_grad():
+            log_q, sigma2 = teacher_targets(teacher, batch['image_teacher'])
+        out = student(batch['image'])
+        loss, terms = losses.emuformer_loss(out, batch['label'], batch['depth'], log_q, sigma2, args.w1, args.w2,
+                                            args.w3, args.depth_loss, across_ranks=proc.ddp)
+    train.optimize(loss, optimizer, scaler)
+    return {'loss': loss, **terms}
 
 
 def student_backbone(args, teacher):
@@ -104,19 +131,27 @@ def student_backbone(args, teacher):
     return args.backbone or teacher.members[0].config['backbone']
 
 
+def distill(args, proc, command):
+    """Train the student with Eq. 11 (emuformer_step) -> the student, unwrapped."""
+    teacher, digests = build_teacher(args.teacher, data.NUM_CLASSES[args.data], proc.device)
+    args.backbone, args.init = student_backbone(args, teacher), args.student_init or args.init
+    meta = data.checkpoint_meta(args.data, objective='eq11', teacher=digests)
+    loop = train.Loop(args, proc, train.training_set(args, teacher_jitter=tuple(args.jitter)), meta, command)
+    with loop:
+        for batch in loop.batches():
+            loop.step_done(emuformer_step(loop.wrapped, teacher, batch, loop.optimizer, loop.scaler, args, proc))
+    loop.summary()
+    return loop.model  # the DDP wrapper goes with this frame, before the process group
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.model != 'segdepthformer':
         raise ValueError(f'the EMUFormer student is a SegDepthFormer, not a {args.model}')
+    train.apply_recipe(args, RECIPES[args.data])
     train.check_args(args)
-    with plumbing.process_group(torch.device(args.device)) as (rank, world_size, device):
-        run = train.setup(args, rank, world_size, device)
-        teacher = build_teacher(args.teacher, data.NUM_CLASSES[args.data], run.device)
-        args.backbone, args.init = student_backbone(args, teacher), args.student_init or args.init
-        loss_fn = partial(distillation_loss, teacher=teacher, w1=args.w1, w2=args.w2, w3=args.w3,
-                          depth_loss=args.depth_loss, across_ranks=run.ddp)
-        return train.train(args, run, loss_fn, meta=data.describe(args.data, objective='eq11'),
-                           teacher_jitter=tuple(args.jitter))
+    with train.run_directory(args), plumbing.process_group(torch.device(args.device)) as (rank, world_size, device):
+        return distill(args, train.this_process(args, rank, world_size, device), train.command_line('distill.py', argv))
 
 
 if __name__ == '__main__':

@@ -135,8 +135,8 @@ def test_resume_stops_with_a_message_that_names_the_file(tmp_path):
         train.main([*TINY, '--epochs', '1', '--out', str(out), '--resume'])
     train.main([*TINY, '--epochs', '1', '--out', str(out)])
     saved = (out / 'last.pt').read_bytes()
-    with pytest.raises(ValueError, match=r'other flags: --backbone b0 in the checkpoint, b2 now; '
-                                         r'--lr 0.0006 in the checkpoint, 0.001 now\. Resume with the same flags'):
+    with pytest.raises(ValueError, match=r'other settings: --backbone b0 in the checkpoint, b2 now; '
+                                         r'--lr 0.0006 in the checkpoint, 0.001 now\. Resume with the same ones'):
         train.main([*TINY, '--epochs', '1', '--backbone', 'b2', '--lr', '1e-3', '--out', str(out), '--resume'])
     (out / 'last.pt').write_bytes(saved[:len(saved) // 2])  # truncated, as by a full disk
     with pytest.raises(ValueError, match=f'{out / "last.pt"}: not a readable PyTorch checkpoint'):
