@@ -140,22 +140,6 @@ def fit_temperature(logits, labels, low=-4.0, high=4.0, steps=80):
     return math.exp((a + b) / 2)
 
 
-def number(kind, low, strict=False):
-    """An argparse type: `kind` (int or float) at least `low` (above it if strict), else the
-    option's error names the value and the allowed range, in evaluate.py's words ("argument
-    --pixels: 0 is not an integer >= 1"; NaN is no number > 0)."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = math.nan
-        if not (value > low if strict else value >= low) or value == math.inf:
-            what = 'an integer' if kind is int else 'a number'
-            raise argparse.ArgumentTypeError(f"{text} is not {what} {'>' if strict else '>='} {low}")
-        return value
-    return parse
-
-
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -164,23 +148,23 @@ def get_parser():
     a('--root', help='data set root (nyuv2, cityscapes)')
     a('--split', default='calib', choices=('train', 'val', 'calib'),
       help='data the network did not train on (synthetic: calib, fresh scenes)')
-    a('--max-depth', type=number(float, 0, strict=True),
+    a('--max-depth', type=plumbing.positive_float,
       help='metres; farther ground truth is invalid (default: data.MAX_DEPTH)')
-    a('--pixels', type=number(int, 1), default=1_000_000, help='labelled pixels sampled for the temperature, in all')
+    a('--pixels', type=plumbing.positive_int, default=1_000_000, help='labelled pixels sampled for the temperature, in all')
     a('--seed', type=int, default=0, help='the pixel sample')
     a('--out', help='default: <checkpoint without .pt>.calibration.json, beside it')
     a('--overwrite', action='store_true', help='replace an existing --out')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
-    a('--batch-size', type=number(int, 1), default=1, help='images per forward pass')
+    a('--batch-size', type=plumbing.positive_int, default=1, help='images per forward pass')
     a('--precision', default='auto', choices=plumbing.PRECISIONS, help='autocast of the forward pass (plumbing.py)')
-    a('--workers', type=number(int, 0), default=plumbing.default_workers(), help='data loader processes')
-    a('--synthetic-train', type=number(int, 1), default=200, help='synthetic only: number of training scenes '
+    a('--workers', type=plumbing.natural_int, default=plumbing.default_workers(), help='data loader processes')
+    a('--synthetic-train', type=plumbing.positive_int, default=200, help='synthetic only: number of training scenes '
                                                                   '(read with --split train)')
-    a('--synthetic-val', type=number(int, 1), default=50, help='synthetic only: number of validation scenes '
+    a('--synthetic-val', type=plumbing.positive_int, default=50, help='synthetic only: number of validation scenes '
                                                                '(read with --split val)')
-    a('--synthetic-calib', type=number(int, 1), default=50, help='synthetic only: number of calibration scenes '
+    a('--synthetic-calib', type=plumbing.positive_int, default=50, help='synthetic only: number of calibration scenes '
                                                                  '(read with --split calib, the default)')
-    a('--synthetic-size', type=number(int, 1), nargs=2, default=(96, 128), metavar=('H', 'W'))
+    a('--synthetic-size', type=plumbing.positive_int, nargs=2, default=(96, 128), metavar=('H', 'W'))
     return p
 
 
