@@ -9,6 +9,9 @@ Each row times the full prediction with uncertainty, image batch in, `uq.Predict
     SegDepthFormer, textbook decoder        the same network with the literal SegFormer
                                             decoder (heads.py), to see what the fold buys
     MC Dropout (T)                          SegDepthFormer, method 'mcd', T passes
+    MC Dropout (T), plain dropout           the same with torch's own dropout in every layer
+                                            (mit.Dropout.plain): what mit.cpu_dropout buys on
+                                            a CPU (on a GPU both rows run torch's)
     DSE (N)                                 Deep Sub-Ensemble, one encoder and N heads per task
     DE (N)                                  Deep Ensemble of N SegDepthFormers, built once, run
                                             the way uq.DeepEnsemble chooses for the device
@@ -48,9 +51,9 @@ from a measurement inside this one.
 Multiply-adds (MACs). Table 1's "FLOPs" are multiply-adds, attention included. Counted here:
 every convolution, linear layer and matmul, attention's two matmuls QK^T and AV included
 (2 * B * heads * N * N_kv * head_dim); not counted: softmax, norms, GELU, bias additions and
-upsampling. With this convention SegFormer-B2 at 480x640 with 40 classes is 72.2G (Table 1:
-72.6G), DepthFormer-B2 71.7G (72.1G), SegDepthFormer-B2 119.4G (120.1G), and Hugging Face's
-SegFormer-B2 counts to the same 72.2G. Two columns:
+upsampling. With this convention the B2 models at 480x640 with 40 classes count to within 2% of
+Table 1 (tests/test_bench.py checks it), and Hugging Face's SegFormer counts to the same as
+ours; docs/results.md has the figures. Two columns:
 
     MACs paper      as the paper counts them: the textbook SegFormer decoder, whose 4E -> E
                     fuse conv at 1/4 resolution is most of the total; an ensemble or MC
@@ -58,7 +61,6 @@ SegFormer-B2 counts to the same 72.2G. Two columns:
     MACs executed   what the timed step actually runs: the folded decoder of heads.py,
                     including its small W_i L_i fold matmuls, which are paid once per forward
                     call, and the entropy's sum over classes, which runs as a batched matmul
-                    (SegDepthFormer-B2: 30.0G)
 
 Both are counted by running the row's networks under torch.utils.flop_counter.FlopCounterMode
 on the meta device: shapes only, no arithmetic, so even the Deep Ensemble takes a moment.
@@ -71,7 +73,7 @@ Run (single process; a benchmark has nothing to gain from torchrun):
     python bench.py --hf                             # + Hugging Face (pip install transformers)
     python bench.py --onnx --rows segdepthformer --device cpu   # + onnxruntime (pip install onnx onnxruntime)
     python bench.py --rows segdepthformer textbook encoder --json out/bench.json
-    python bench.py --train --batch 8 --precision bf16   # training steps/s, folded vs textbook
+    python bench.py --train --batch-size 8 --precision bf16   # training steps/s, folded vs textbook
 """
 
 import argparse
@@ -196,7 +198,7 @@ def cpu_peak_memory(key, args):
     torch.manual_seed(0)
     networks, step, _ = make_row(key, args, {}, device)
     run = prepare(networks, step, args, device)
-    x = torch.randn(args.batch, 3, *args.size)
+    x = torch.randn(args.batch_size, 3, *args.size)
     with torch.inference_mode():
         run(x)
         before = resident('VmRSS')
@@ -223,12 +225,13 @@ def latency_stats(times, batch):
 # ---------------------------------------------------------------------------------------------
 # Rows
 
-ROWS = {  # --rows name: label in the table ({N}: members, {T}: samples)
+ROWS = {  # --rows key: the row's name in the table ({N}: members, {T}: samples)
     'segformer': 'SegFormer',
     'depthformer': 'DepthFormer',
     'segdepthformer': 'SegDepthFormer',
     'textbook': 'SegDepthFormer, textbook decoder',
     'mcd': 'MC Dropout (T={T})',
+    'mcd-plain': 'MC Dropout (T={T}), plain dropout',
     'dse': 'DSE (N={N})',
     'de': 'DE (N={N}), default path',
     'de-batched': 'DE batched (N={N})',
@@ -304,8 +307,11 @@ def make_row(key, args, cache, device):
     if key == 'textbook':
         model = Textbook(build('segdepthformer'))
         return [model], lambda x: uq.predict(model, x, 'none'), model
-    if key == 'mcd':
+    if key in ('mcd', 'mcd-plain'):
         model = build('segdepthformer')
+        for m in model.modules():  # mit.Dropout: torch's dropout, or on a CPU the speed-up
+            if isinstance(m, mit.Dropout):
+                m.plain = key == 'mcd-plain'
         # textbook passes have no per-call work, so T passes cost one batch of T images
         paper = lambda x: model(x.repeat(T, 1, 1, 1), textbook=True)
         return [model], lambda x: uq.predict(model, x, 'mcd', samples=T, chunk=chunk['samples']), paper
@@ -380,7 +386,7 @@ def inference_rows(args, device):
     each row right after its warm-up, since compiling the next one resets dynamo), then measure
     each one's peak memory: one dict per row, in the order of ROWS."""
     keys = [k for k in ROWS if k in args.rows or (args.hf and k in HF_ROWS) or (args.onnx and k in ONNX_ROWS)]
-    B, (H, W) = args.batch, args.size
+    B, (H, W) = args.batch_size, args.size
     meta_x = torch.empty(B, 3, H, W, device='meta')
     x = torch.randn(B, 3, H, W, device=device)
     if args.channels_last:
@@ -443,7 +449,7 @@ def make_train_step(args, device, dtype, compile_, memory_format, textbook, labe
 def train_rows(args, device):
     """Training-step throughput of SegDepthFormer, folded vs textbook decoder, in eager fp32 and
     in the chosen settings (--precision, --channels-last, --compile) when they differ from it."""
-    B, (H, W) = args.batch, args.size
+    B, (H, W) = args.batch_size, args.size
     x = torch.randn(B, 3, H, W, device=device)
     label = torch.randint(args.num_classes, (B, H, W), device=device)
     depth = torch.rand(B, H, W, device=device) * 9.5 + 0.5  # metres, all valid
@@ -484,8 +490,9 @@ def latency_ratios(rows):
     latency = {r['key']: r['latency_ms_median'] for r in rows}
     pairs = [('segdepthformer', 'encoder'), ('segdepthformer', 'textbook'), ('segformer', 'hf'),
              ('segdepthformer', 'hf'), ('encoder', 'hf-encoder'), ('mcd', 'segdepthformer'),
-             ('dse', 'segdepthformer'), ('de', 'segdepthformer'), ('de-batched', 'segdepthformer'),
-             ('de-looped', 'segdepthformer'), ('de-batched', 'de-looped'), ('onnx', 'segdepthformer')]
+             ('mcd', 'mcd-plain'), ('dse', 'segdepthformer'), ('de', 'segdepthformer'),
+             ('de-batched', 'segdepthformer'), ('de-looped', 'segdepthformer'), ('de-batched', 'de-looped'),
+             ('onnx', 'segdepthformer')]
     names = {r['key']: r['name'] for r in rows}
     return {f"{names[a]} / {names[b]}": latency[a] / latency[b]
             for a, b in pairs if a in latency and b in latency}
@@ -549,7 +556,7 @@ def parse_args(argv):
     p.add_argument('--size', nargs=2, type=int, default=[480, 640], metavar=('H', 'W'),
                    help="input size (NYUv2 as in Table 1: 480 640)")
     p.add_argument('--num-classes', type=int, default=40, help="segmentation classes (NYUv2: 40)")
-    p.add_argument('--batch', type=int, default=1, help="images per step (FPS = batch / latency)")
+    p.add_argument('--batch-size', type=int, default=1, help="images per step (FPS = batch size / latency)")
     p.add_argument('--rows', nargs='+', default=[k for k in ROWS if k not in HF_ROWS + ONNX_ROWS],
                    choices=list(ROWS), metavar='ROW',
                    help=f"rows to run, of: {', '.join(ROWS)} (default: all but hf* and onnx)")
@@ -566,8 +573,9 @@ def parse_args(argv):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    choices=['cpu', 'cuda'], help="default: cuda if available")
     p.add_argument('--threads', type=int, help="torch.set_num_threads (CPU); default: PyTorch's choice")
-    p.add_argument('--precision', default='fp32', choices=list(plumbing.DTYPES),
-                   help="bf16/fp16: autocast, the weights stay fp32")
+    p.add_argument('--precision', default='auto', choices=plumbing.PRECISIONS,
+                   help="bf16/fp16: autocast, the weights stay fp32; auto: bf16 (fp16 without bf16) on a "
+                        "GPU, fp32 on a CPU")
     p.add_argument('--channels-last', action='store_true', help="channels_last networks and input")
     p.add_argument('--compile', action='store_true', help="torch.compile each timed step")
     p.add_argument('--compile-mode', default='default',
@@ -577,6 +585,13 @@ def parse_args(argv):
     p.add_argument('--iters', type=int, default=20, help="timed iterations (at least 2, for a std)")
     p.add_argument('--json', metavar='PATH', help="also write settings and rows to this JSON file")
     args = p.parse_args(argv)
+    # auto becomes the precision it means on this device, which the report then names
+    dtype = plumbing.autocast_dtype(args.precision, torch.device(args.device))
+    args.precision = next(name for name, d in plumbing.DTYPES.items() if d == dtype)
+    for flag, value, least in (('--batch-size', args.batch_size, 1), ('--members', args.members, 1),
+                               ('--samples', args.samples, 1), ('--warmup', args.warmup, 0)):
+        if value < least:
+            p.error(f"{flag} {value}: must be at least {least}")
     if args.iters < 2:
         p.error("--iters must be at least 2 (the std needs two timings)")
     if args.train and args.hf:
@@ -601,7 +616,7 @@ def main(argv=None):
     header = (f"{name} ({torch.get_num_threads()} CPU threads), {dtype}"
               f"{', channels_last' if args.channels_last else ''}"
               f"{f', compiled ({args.compile_mode})' if args.compile else ', eager'}, "
-              f"MiT-{args.backbone.upper()}, {H}x{W}, batch {args.batch}, {args.num_classes} classes, "
+              f"MiT-{args.backbone.upper()}, {H}x{W}, batch {args.batch_size}, {args.num_classes} classes, "
               f"torch {torch.__version__}; {'CUDA events' if device.type == 'cuda' else 'wall clock'}, "
               f"{args.warmup} warm-up + {args.iters} timed iterations")
     settings = {**vars(args), 'device_name': name, 'threads': torch.get_num_threads(),

@@ -37,7 +37,7 @@ step "3/5 inference: Table 1 in bf16 (B2, 480x640, batch 1)"
 run python bench.py --precision bf16 --json "$out/bench_bf16.json"
 
 step "4/5 training steps at batch 8: folded vs textbook, fp32 and bf16 (eager)"
-run python bench.py --train --batch 8 --precision bf16 --json "$out/bench_train.json"
+run python bench.py --train --batch-size 8 --precision bf16 --json "$out/bench_train.json"
 
 step "5/5 EMUFormer compiled, without and with CUDA graphs"
 run python bench.py --precision bf16 --compile --rows emuformer --json "$out/bench_compile.json"

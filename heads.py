@@ -104,7 +104,7 @@ class AllMLPDecoder(nn.Module):
         writes it (the models run the fold below, which equals this)."""
         size = features[0].shape[-2:]
         e = [getattr(self, f'linear_c{i + 1}')(f) for i, f in enumerate(features)]  # (B, E, h_i, w_i)
-        u = [e[0]] + [F.interpolate(x, size, mode='bilinear', align_corners=False) for x in e[1:]]  # all at 1/4
+        u = [e[0]] + [F.interpolate(x, size, mode='bilinear', align_corners=False) for x in e[1:]]  # at 1/4
         z = self.linear_fuse.conv(torch.cat(u[::-1], dim=1))  # concatenated c4, c3, c2, c1: (B, 4E, h, w) -> (B, E, h, w)
         return self.output_layer(F.relu(self.linear_fuse.bn(z)))
 

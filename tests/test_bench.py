@@ -31,9 +31,9 @@ def analytic_macs(cfg, H, W, out_channels, textbook, B=1):
                        fc1 and fc2 4 N C^2 each, 3x3 depthwise conv 4C * 9 * N
     Decoder (width E, N_1 tokens at 1/4) per head with K outputs:
       textbook         linear_c_i N_i C_i E, fuse conv N_1 * 4E * E, prediction N_1 E K
-      folded           maps W_i L_i at each stage N_i C_i E (stage 2's at 1/4 resolution, N_1 C_2 E:
-                       it is upsampled before its matmul), prediction N_1 E K, and once per
-                       call, whatever the batch: the fold matmuls E * E * C_i and E * E (bias)
+      folded           maps W_i L_i at each stage's own resolution N_i C_i E, prediction N_1 E K,
+                       and once per call, whatever the batch: the fold matmuls E * E * C_i and
+                       E * E (bias)
     """
     per_image, stages, h, w, c_in = 0, [], H, W, 3
     for i, (C, heads_, depth, R) in enumerate(zip(cfg['dims'], cfg['heads'], cfg['depths'], cfg['srs'])):
@@ -54,7 +54,7 @@ def analytic_macs(cfg, H, W, out_channels, textbook, B=1):
         if textbook:
             per_image += sum(N * C * E for N, C in stages) + N_1 * 4 * E * E
         else:
-            per_image += sum((N_1 if i == 1 else N) * C * E for i, (N, C) in enumerate(stages))
+            per_image += sum(N * C * E for N, C in stages)
             per_call += sum(E * E * C + E * E for _, C in stages)
     return B * per_image + per_call
 
@@ -112,6 +112,7 @@ def test_tiny_run_reports_every_row(tmp_path, capsys):
         assert column in out
     assert 'latency SegDepthFormer / SegDepthFormer, textbook decoder' in out
     assert report['settings']['backbone'] == 'b0' and report['latency_ratios']
+    assert report['settings']['precision'] == 'fp32'  # auto, the default, means fp32 on a CPU
 
     # the counting conventions, row against row (N = T = 2)
     r = {row['key']: row for row in report['rows']}
@@ -127,6 +128,10 @@ def test_tiny_run_reports_every_row(tmp_path, capsys):
     # several samples: one summary at the end; on the CPU one pass (one fold) per sample
     assert r['mcd']['macs_paper'] == 2 * sdf_paper
     assert r['mcd']['macs_executed'] == 2 * folded + summary
+    # the plain form of a speed-up is its own row, timed in the same rounds
+    assert (r['mcd-plain']['macs_paper'], r['mcd-plain']['macs_executed']) == (r['mcd']['macs_paper'],
+                                                                               r['mcd']['macs_executed'])
+    assert 'latency MC Dropout (T=2) / MC Dropout (T=2), plain dropout' in out
     assert r['dse']['macs_paper'] == enc + 2 * (sdf_paper - enc)
     assert r['dse']['macs_executed'] == enc + 2 * (folded - enc) + summary
     for key in ('de', 'de-batched', 'de-looped'):
@@ -146,7 +151,7 @@ def test_hf_rows_say_what_to_install(monkeypatch):
 
 
 def test_train_steps(capsys):
-    rows = bench.main(TINY + ['--train', '--batch', '2', '--precision', 'bf16'])
+    rows = bench.main(TINY + ['--train', '--batch-size', '2', '--precision', 'bf16'])
     assert [(r['setting'], r['textbook']) for r in rows] == [
         ('fp32 eager', False), ('fp32 eager', True), ('bf16, eager', False), ('bf16, eager', True)]
     for r in rows:
