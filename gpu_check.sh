@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check (README "A GPU machine"): every CUDA path of the project run once on one GPU,
+# The GPU check (README): every CUDA path of the project run once on one GPU,
 # then the GPU benchmark tables, in one command that installs nothing (the machine's own
-# PyTorch, >= the lower bound of requirements.txt, and no internet needed). About 8 minutes on
-# one H100 (README). Each step prints its time; a step that fails is reported and the others
+# PyTorch, >= the lower bound of requirements.txt, and no internet needed); its duration on a
+# GPU is in docs/results.md. Each step prints its time; a step that fails is reported and the others
 # still run (GPU time is short: one run should show every problem), and the exit status is the
 # number of failed steps (a step still running after 400 s is stopped). Everything lands in OUT:
 #

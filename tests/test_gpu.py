@@ -1,6 +1,6 @@
 """The CUDA paths: every one of them runs here, where a GPU is present (`pytest -m gpu`), and the
 whole file skips cleanly without one. They check that each path runs and agrees with the CPU,
-not how fast it is (bench.py measures that; README "A GPU machine" has the one command)."""
+not how fast it is (bench.py measures that; gpu_check.sh runs this file on a GPU)."""
 
 import os
 import socket
