@@ -1,8 +1,11 @@
 """train.py: the schedule, exact resume after a kill, one run per directory, checkpoints that are
 never non-finite, the global-batch loss under torchrun, and (slow) a real run."""
 
+import fcntl
 import json
+import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -118,13 +121,17 @@ def test_augmentation_is_the_same_in_workers_and_in_the_main_process():
             assert torch.equal(a[key], b[key]), (a['name'], key)
 
 
-def test_a_run_directory_holds_one_run(tmp_path):
+def test_a_run_directory_holds_one_run(tmp_path, capsys):
     out = str(tmp_path / 'run')
     train.main([*TINY, '--epochs', '1', '--out', out])
     best = (tmp_path / 'run' / 'best.pt').read_bytes()
     log = (tmp_path / 'run' / 'log.jsonl').read_text()
     with pytest.raises(FileExistsError, match=f'--out {out} already holds a run.*--resume.*delete'):
         train.main([*TINY, '--epochs', '1', '--lr', '1e-3', '--out', out])
+    assert re.search(rf"done: best seg mIoU [0-9.]+ at step 4; wrote {out}/best.pt, {out}/last.pt, {out}/log.jsonl\n$",
+                     capsys.readouterr().out)
+    saved = torch.load(tmp_path / 'run' / 'best.pt', weights_only=True)
+    assert set(saved) == {'model', 'config', 'meta', 'step', 'best', 'args'}  # no optimizer: resuming is last.pt's
     assert (tmp_path / 'run' / 'best.pt').read_bytes() == best  # nothing was touched
     assert (tmp_path / 'run' / 'log.jsonl').read_text() == log
 
@@ -138,6 +145,20 @@ def test_resume_stops_with_a_message_that_names_the_file(tmp_path):
     with pytest.raises(ValueError, match=r'other settings: --backbone b0 in the checkpoint, b2 now; '
                                          r'--lr 0.0006 in the checkpoint, 0.001 now\. Resume with the same ones'):
         train.main([*TINY, '--epochs', '1', '--backbone', 'b2', '--lr', '1e-3', '--out', str(out), '--resume'])
+    ckpt = torch.load(out / 'last.pt', weights_only=True)
+    torch.save({**ckpt, 'rng': ckpt['rng'] * 2}, out / 'last.pt')  # as saved by two ranks
+    with pytest.raises(ValueError, match=r'saved by 2 rank\(s\), this run has 1; resume on 2'):
+        train.main([*TINY, '--epochs', '1', '--out', str(out), '--resume'])
+    torch.save({**ckpt, 'meta': {**ckpt['meta'], 'objective': 'eq11'}}, out / 'last.pt')
+    with pytest.raises(ValueError, match=r'other settings: objective: eq11 in the checkpoint, eq7 now'):
+        train.main([*TINY, '--epochs', '1', '--out', str(out), '--resume'])
+    torch.save(ckpt['model']['backbone.norm1.weight'], out / 'last.pt')  # a plain tensor
+    with pytest.raises(ValueError, match=r'is not a last.pt of train.py or distill.py'):
+        train.main([*TINY, '--epochs', '1', '--out', str(out), '--resume'])
+    torch.save({**ckpt, 'model': {**ckpt['model'], 'backbone.norm1.weight': ckpt['model']['backbone.norm1.weight'] * math.nan}},
+               out / 'last.pt')
+    with pytest.raises(ValueError, match=r'holds non-finite weights \(backbone.norm1.weight\)'):
+        train.main([*TINY, '--epochs', '1', '--out', str(out), '--resume'])
     (out / 'last.pt').write_bytes(saved[:len(saved) // 2])  # truncated, as by a full disk
     with pytest.raises(ValueError, match=f'{out / "last.pt"}: not a readable PyTorch checkpoint'):
         train.main([*TINY, '--epochs', '2', '--out', str(out), '--resume'])
@@ -334,3 +355,113 @@ def test_demo_learns_the_synthetic_scenes(tmp_path):
     constant_rmse = (valid - valid.mean()).pow(2).mean().sqrt().item()
     assert final['seg']['miou'] > 0.6, final
     assert final['depth']['rmse'] < 0.5 * constant_rmse, (final, constant_rmse)
+
+
+# ---------------------------------------------------------------------------------------------
+# the flags, the run directory and its log
+
+def test_each_data_set_has_its_recipe_and_a_flag_overrides_it():
+    parse = lambda *argv: train.apply_recipe(args := train.get_parser().parse_args(argv), train.RECIPES[args.data]) or args
+    demo = parse()  # `python train.py`: the CPU demo
+    assert (demo.data, demo.backbone, demo.lr, demo.epochs) == ('synthetic', 'b0', 6e-4, 30)
+    paper = parse('--data', 'nyuv2', '--root', 'x')
+    assert (paper.backbone, paper.lr, paper.epochs, paper.batch_size) == ('b2', 6e-5, 100, 8)
+    assert parse('--data', 'cityscapes', '--root', 'x').epochs == 250
+    assert parse('--data', 'cityscapes', '--root', 'x', '--epochs', '3', '--lr', '1e-4').epochs == 3
+
+
+@pytest.mark.parametrize('flag, value, message', [
+    ('--epochs', '0', 'must be an integer >= 1, got 0'), ('--epochs', '-1', 'must be an integer >= 1'),
+    ('--batch-size', '-4', '>= 1'), ('--batch-size', '0', '>= 1'), ('--save-every', '0', '>= 1'),
+    ('--log-every', '0', '>= 1'), ('--num-members', '0', '>= 1'), ('--synthetic-val', '0', '>= 1'),
+    ('--synthetic-train', '0', '>= 1'), ('--workers', '-1', '>= 0'), ('--dropout', '1.5', r'in \[0, 1\)'),
+    ('--drop-path', '-0.1', r'in \[0, 1\)'), ('--lr', '0', '> 0'), ('--max-depth', 'nan', '> 0')])
+def test_numeric_options_are_checked_where_parsed(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.get_parser().parse_args([flag, value])
+    assert e.value.code == 2
+    assert re.search(f'argument {flag}: .*{message}', capsys.readouterr().err)
+
+
+def test_a_run_directory_is_held_by_one_live_process(tmp_path):
+    out = tmp_path / 'run'
+    out.mkdir()
+    with open(out / '.lock', 'a') as held:  # as a running train.py holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(OSError, match=f'--out {out} is in use by another process'):
+            train.main([*TINY, '--out', str(out)])
+        with pytest.raises(OSError, match='in use by another process'):
+            train.main([*TINY, '--out', str(out), '--resume'])
+    # the holder ended (a killed process's locks end with it): the directory is free again
+    with train.run_directory(train.get_parser().parse_args(['--out', str(out)])):
+        pass
+
+
+def test_a_refused_run_leaves_no_empty_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match='--resume'):
+        train.main([*TINY, '--out', str(tmp_path / 'new'), '--resume'])
+    assert not (tmp_path / 'new').exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_names_the_way_out(tmp_path):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'log.jsonl').write_text('')  # a run killed (or out of disk) before last.pt
+    args = train.get_parser().parse_args(['--out', str(out)])
+    for resume in (False, True):
+        args.resume = resume
+        with pytest.raises(FileExistsError, match=f'no last.pt.*start over with `rm {out}/log.jsonl`'):
+            train.check_run(args)
+    (out / 'log.jsonl').unlink()  # the way out it names
+    args.resume = False
+    train.check_run(args)
+
+
+def test_resume_compares_paths_not_strings(tmp_path, monkeypatch):
+    (tmp_path / 'weights.pt').write_bytes(b'')
+    saved = vars(train.get_parser().parse_args(['--out', str(tmp_path / 'old'), '--init', str(tmp_path / 'weights.pt')]))
+    monkeypatch.chdir(tmp_path)
+    # a moved run directory, the same file by a relative path: nothing changed
+    now = train.get_parser().parse_args(['--out', 'moved/', '--init', './weights.pt', '--resume'])
+    assert train.changed_flags(now, saved) == []
+    (tmp_path / 'other.pt').write_bytes(b'')
+    now.init = 'other.pt'
+    assert train.changed_flags(now, saved) == [f"--init {tmp_path / 'weights.pt'} in the checkpoint, other.pt now"]
+
+
+@pytest.mark.parametrize('tail', [b'{"step": 4, "lo', b'\0' * 64, b''])
+def test_a_torn_log_is_cut_back_to_the_checkpoint(tmp_path, tail):
+    log = tmp_path / 'log.jsonl'
+    lines = [json.dumps({'step': s, 'loss': 1.0}).encode() + b'\n' for s in (1, 2, 3)]
+    log.write_bytes(b''.join(lines) + tail)  # a power loss while the line of step 4 was written
+    note = train.cut_log(str(log), 2)
+    assert log.read_bytes() == b''.join(lines[:2])
+    assert (note is None) == (tail == b'') and (note is None or 'dropped a damaged line' in note)
+    log.unlink()
+    assert 'was missing' in train.cut_log(str(log), 2) and log.read_bytes() == b''
+
+
+def test_a_full_disk_while_logging_names_the_file(tmp_path):
+    if not os.path.exists('/dev/full'):
+        pytest.skip('needs /dev/full')
+    (tmp_path / 'log.jsonl').symlink_to('/dev/full')
+    with pytest.raises(OSError, match=f'could not append to {tmp_path}/log.jsonl .*--resume continues'):
+        train.write_log(str(tmp_path), {'step': 1})
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path):
+    out = tmp_path / 'run'
+    argv = ['train.py', *TINY, '--epochs', '100', '--save-every', '1', '--out', str(out)]
+    process = run_script(argv)
+    lines = []
+    for line in process.stdout:  # until training runs
+        lines.append(line)
+        if line.startswith('step 2/'):
+            break
+    process.send_signal(signal.SIGINT)
+    output = ''.join(lines) + process.communicate(timeout=120)[0]
+    assert process.returncode == 130, output
+    last = output.strip().splitlines()[-1]
+    assert re.fullmatch(rf'train.py: interrupted at step \d+; {out}/last.pt holds step \d+; continue with: '
+                        rf'python {re.escape(" ".join(argv))} --resume', last), output
+    assert 'Traceback' not in output
