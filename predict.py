@@ -63,15 +63,15 @@ goes to ONNX with its whole prediction, uncertainty included:
             depth_var   (B, H, W)    metres^2, Softplus (Eq. 5)
     (the outputs of the model's tasks), with the classes, palette and units in the file's
     metadata. What is exported is the folded decoder of heads.py (FoldedNetwork), its matrices
-    W_i L_i (BatchNorm included: in eval mode it is a fixed affine map) computed once, here,
-    and stored as constants, and its sum run by heads.folded_sum, the models' own. The graph is
-    traced with PyTorch's TorchScript-based ONNX exporter (deprecated since PyTorch 2.9, still in
-    2.13), which needs nothing beyond PyTorch and one
-    translation of our own (onnx_unflatten) to keep height and width dynamic; the newer
-    torch.export-based exporter gives the same graph but needs the onnxscript and onnx_ir
-    packages and takes far longer to export (docs/results.md). onnx (to write the metadata and check
-    the graph) and onnxruntime are optional extras, imported only by the export (and bench.py
-    --onnx and the tests): python -m pip install onnx onnxruntime
+    W_i L_i (BatchNorm included: in eval mode it is a fixed affine map) computed once, here, and
+    stored as constants, and its sum run by heads.folded_sum, the models' own. The graph is
+    traced with PyTorch's TorchScript-based ONNX exporter (deprecated since PyTorch 2.9, still
+    in 2.13), which needs nothing beyond PyTorch and one translation of our own (onnx_unflatten)
+    to keep height and width dynamic; the newer torch.export-based exporter gives the same graph
+    but needs the onnxscript and onnx_ir packages and takes far longer to export
+    (docs/results.md). onnx (to write the metadata and check the graph) and onnxruntime are
+    optional extras, imported only by the export (and bench.py --onnx and the tests):
+    python -m pip install onnx onnxruntime
 
 MC Dropout, Deep Sub-Ensembles and Deep Ensembles are not exported. Dropout is an identity in
 an exported inference graph, so MC Dropout's T passes would all be the one network's. A DSE or
