@@ -108,45 +108,8 @@ DISPLAY_NAMES = {'segformer': 'SegFormer', 'depthformer': 'DepthFormer', 'segdep
 
 # ---------------------------------------------------------------------------------------------
 # the options; a number out of its range is refused where it is parsed, naming the range
-# (argparse puts the option's name in front: "argument --samples: 0 is not >= 1")
-
-def integer_at_least(text, low):
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < low:
-        raise argparse.ArgumentTypeError(f'{text} is not an integer >= {low}')
-    return value
-
-
-def positive_int(text):
-    return integer_at_least(text, 1)
-
-
-def non_negative_int(text):
-    return integer_at_least(text, 0)
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f'{text} is not a number > 0')
-    return value
-
-
-def dropout_rate(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f'{text} is not a dropout rate in [0, 1)')
-    return value
-
+# (plumbing's argparse types; argparse puts the option's name in front: "argument --samples:
+# 0 is not an integer >= 1")
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,26 +118,26 @@ def get_parser():
     a('--data', default='synthetic', choices=sorted(data.NUM_CLASSES), help='data set')
     a('--root', help='data set root (nyuv2, cityscapes; ignored for synthetic)')
     a('--split', default='val', choices=('train', 'val', 'calib'), help='data set split')
-    a('--max-depth', type=positive_float, help='metres; farther ground truth is invalid (default: data.MAX_DEPTH, '
+    a('--max-depth', type=plumbing.positive_float, help='metres; farther ground truth is invalid (default: data.MAX_DEPTH, '
                                                '10 nyuv2, 80 cityscapes, 10 synthetic)')
     a('--method', choices=uq.METHODS,
       help="uncertainty method; default: 'de' for several checkpoints, 'dse' for a Deep Sub-Ensemble, else 'none'")
-    a('--samples', type=positive_int, default=10, help='MC Dropout: forward passes, >= 1')
-    a('--dropout', type=dropout_rate, default=0.2, help='MC Dropout: dropout rate at test time, in [0, 1) '
+    a('--samples', type=plumbing.positive_int, default=10, help='MC Dropout: forward passes, >= 1')
+    a('--dropout', type=plumbing.rate, default=0.2, help='MC Dropout: dropout rate at test time, in [0, 1) '
                                                         '(the paper: 0.2, 0.5)')
-    a('--batch-size', type=positive_int, default=1, help='images per predict() call, per rank (1: time per image)')
-    a('--workers', type=non_negative_int, default=plumbing.default_workers(),
+    a('--batch-size', type=plumbing.positive_int, default=1, help='images per predict() call, per rank (1: time per image)')
+    a('--workers', type=plumbing.natural_int, default=plumbing.default_workers(),
       help='data loader processes per rank, >= 0 (default: the cores, at most 4)')
     a('--precision', default='auto', choices=plumbing.PRECISIONS,
       help='autocast of the forward passes; auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on a CPU')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu (default: cuda if there is one)')
-    a('--warmup', type=non_negative_int, default=5, help='batches per rank left out of the timing')
+    a('--warmup', type=plumbing.natural_int, default=5, help='batches per rank left out of the timing')
     a('--seed', type=int, default=0, help='seed of the MC Dropout masks (plus the rank)')
     a('--calibration', metavar='JSON', help="calibrate.py's temperature and variance scale, applied to a single "
                                             "network (method none or mcd)")
     a('--json', help='write the result here as JSON')
     a('--save-vis', metavar='DIR', help='write Figure-5-like PNGs, reliability.png and sparsification.png here')
-    a('--num-vis', type=non_negative_int, default=8, help='images to draw with --save-vis')
+    a('--num-vis', type=plumbing.natural_int, default=8, help='images to draw with --save-vis')
     a('--overwrite', action='store_true', help='replace an existing --json file or --save-vis folder; with '
                                                '--corruption all, delete the sweep\'s finished cells and start over')
     a('--name', help='the row\'s name in the table and the JSON; default e.g. "SegDepthFormer-B2 (DE x10)"')
@@ -184,13 +147,13 @@ def get_parser():
     a('--severity', type=int, choices=range(1, 6), help='of --corruption NAME, 1..5')
     a('--synthetic-ood', action='store_true', help='synthetic only: scenes with objects of no training class, '
                                                    'and the out-of-distribution metrics')
-    a('--synthetic-train', type=positive_int, default=200, help='synthetic only: number of training scenes '
+    a('--synthetic-train', type=plumbing.positive_int, default=200, help='synthetic only: number of training scenes '
                                                                 '(read with --split train)')
-    a('--synthetic-val', type=positive_int, default=50, help='synthetic only: number of validation scenes '
+    a('--synthetic-val', type=plumbing.positive_int, default=50, help='synthetic only: number of validation scenes '
                                                              '(read with --split val, the default)')
-    a('--synthetic-calib', type=positive_int, default=50, help='synthetic only: number of calibration scenes '
+    a('--synthetic-calib', type=plumbing.positive_int, default=50, help='synthetic only: number of calibration scenes '
                                                                '(read with --split calib)')
-    a('--synthetic-size', type=positive_int, nargs=2, default=(96, 128), metavar=('H', 'W'),
+    a('--synthetic-size', type=plumbing.positive_int, nargs=2, default=(96, 128), metavar=('H', 'W'),
       help='synthetic only: scene size')
     return p
 

@@ -535,7 +535,7 @@ def test_a_cell_without_settings_is_refused(ckpt, tmp_path, one_corruption):
     ('--workers', '-1', 'argument --workers: -1 is not an integer >= 0'),
     ('--warmup', 'x', 'argument --warmup: x is not an integer >= 0'),
     ('--synthetic-val', '0', 'argument --synthetic-val: 0 is not an integer >= 1'),
-    ('--dropout', '1.5', r'argument --dropout: 1.5 is not a dropout rate in \[0, 1\)'),
+    ('--dropout', '1.5', r'argument --dropout: 1.5 is not a rate in \[0, 1\)'),
     ('--max-depth', '0', 'argument --max-depth: 0 is not a number > 0'),
     ('--max-depth', 'nan', 'argument --max-depth: nan is not a number > 0'),
 ])
