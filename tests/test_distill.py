@@ -2,15 +2,18 @@
 architecture from its checkpoints, and an exact resume after a kill."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
 import data
 import distill
+import heads
 import losses
 import train
 import uq
+from heads import build_model
 from test_train import assert_same_checkpoints, kill_at, read_log, run_script, without_times
 
 TINY = ['--data', 'synthetic', '--synthetic-train', '8', '--synthetic-val', '4',
@@ -96,6 +99,29 @@ def test_bad_teachers_and_students_are_named(members, tmp_path):
                       '--out', str(tmp_path / 'e')])
     with pytest.raises(ValueError, match='--student-init .* is not a SegDepthFormer'):
         distill.main([*TINY, '--teacher', *paths, '--student-init', segformer, '--out', str(tmp_path / 'f')])
+    # a single network, or a single Deep Sub-Ensemble, is no Deep Ensemble teacher
+    with pytest.raises(ValueError, match=r'^--teacher .*m0/last.pt: a Deep Ensemble teacher needs the checkpoints '
+                                         r'of two or more SegDepthFormers'):
+        distill.main([*TINY, '--teacher', paths[0], '--out', str(tmp_path / 'g')])
+    dse = build_model('dse', 'b0', 6, num_members=2)
+    torch.save({'model': dse.state_dict(), 'config': dse.config}, tmp_path / 'dse.pt')
+    with pytest.raises(ValueError, match=f'^the teacher must be SegDepthFormers with 6 classes; {tmp_path}/dse.pt is dse-b0'):
+        distill.main([*TINY, '--teacher', str(tmp_path / 'dse.pt'), '--out', str(tmp_path / 'h')])
+    assert not any((tmp_path / d).exists() for d in 'abcdefgh')  # no empty run directory left behind
+
+
+def test_resume_refuses_another_teacher(members, tmp_path):
+    paths, _ = members
+    teacher = [tmp_path / 't0.pt', tmp_path / 't1.pt']
+    for source, copy in zip(paths, teacher):
+        shutil.copy(source, copy)
+    common = [*TINY, '--teacher', *map(str, teacher), '--out', str(tmp_path / 'run')]
+    distill.main(common)
+    digests = torch.load(tmp_path / 'run' / 'last.pt', weights_only=True)['meta']['teacher']
+    assert digests == [distill.weights_digest(heads.load_model(p)) for p in paths[:2]] and digests[0] != digests[1]
+    shutil.copy(paths[2], teacher[1])  # another member of the same architecture, in place
+    with pytest.raises(ValueError, match=r"other settings: teacher: \['[0-9a-f]{64}', '[0-9a-f]{64}'\] in the checkpoint"):
+        distill.main([*common, '--resume'])
 
 
 def test_killed_distillation_resumes_exactly(members, tmp_path):
