@@ -415,16 +415,22 @@ def convert_nyuv2(mat, splits, mapping, out):
         import scipy.io
     except ImportError as e:
         raise ImportError('converting NYUv2 needs h5py and scipy: pip install h5py scipy') from e
-    out = Path(out)
-    for d in ('images', 'segmentation', 'depth', 'gt_sets'):
-        (out / d).mkdir(parents=True, exist_ok=True)
-    map_class = scipy.io.loadmat(mapping)['mapClass'][0]  # (894,): 40-class id of raw ids 1..894
+    map_class = _mat_entries(scipy.io.loadmat, mapping, ('mapClass',), 'classMapping40.mat')['mapClass'][0]  # (894,)
     to_40 = np.concatenate([[0], map_class]).astype(np.uint8)  # raw id -> 0..40, 0 stays unlabelled
-    split_mat = scipy.io.loadmat(splits)
+    split_mat = _mat_entries(scipy.io.loadmat, splits, ('trainNdxs', 'testNdxs'), 'splits.mat')
     split_ids = {'train': split_mat['trainNdxs'].ravel(), 'val': split_mat['testNdxs'].ravel()}
     todo = sorted(int(i) for ids in split_ids.values() for i in ids)
-    start = time.time()
-    with h5py.File(mat, 'r') as f:
+    labeled = _mat_entries(lambda p: h5py.File(p, 'r'), mat, ('images', 'labels', 'depths'),
+                           'nyu_depth_v2_labeled.mat (MATLAB v7.3)')
+    with labeled as f:
+        count = len(f['images'])
+        if todo and not 1 <= todo[0] <= todo[-1] <= count:
+            raise ValueError(f'{splits}: image index {todo[0] if todo[0] < 1 else todo[-1]} is outside 1..{count}, '
+                             f'the images of {mat}')
+        out = Path(out)  # made only once every input has been read
+        for d in ('images', 'segmentation', 'depth', 'gt_sets'):
+            (out / d).mkdir(parents=True, exist_ok=True)
+        start = time.time()
         for k, i in enumerate(todo, 1):
             name = f'{i:06d}'
             paths = (out / 'images' / f'{name}.jpg', out / 'segmentation' / f'{name}.png',
@@ -443,6 +449,20 @@ def convert_nyuv2(mat, splits, mapping, out):
     for split, ids in split_ids.items():  # last: a listed sample is a finished one
         names = ''.join(f'{i:06d}\n' for i in ids)
         save_atomic(out / 'gt_sets' / f'{split}.txt', lambda f: f.write(names.encode()))
+
+
+def _mat_entries(reader, path, keys, what):
+    """reader(path) with `keys` in it (a failure to read, or a missing key, names the file)."""
+    try:
+        entries = reader(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'{path} does not exist; expected {what}') from None
+    except Exception as e:  # scipy and h5py raise many kinds for a file that is not theirs
+        raise ValueError(f'cannot read {path} as {what} ({type(e).__name__}: {e})') from None
+    missing = [k for k in keys if k not in entries]
+    if missing:
+        raise ValueError(f'{path} has no {", ".join(missing)}; expected {what}')
+    return entries
 
 
 # -----------------------------------------------------------------------------

@@ -4,7 +4,9 @@ fixture is written here, in the exact formats of the real data sets."""
 
 import json
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -653,8 +655,30 @@ def test_scenes_main_writes_the_val_scenes_as_pngs(tmp_path):
 
 def test_scenes_do_not_import_data():
     # data.py imports scenes.py: the other way round would tie the two files both ways
-    import subprocess
     code = 'import sys, scenes; print("data" in sys.modules)'
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
-                            cwd=str(__import__('pathlib').Path(__file__).parents[1]))
+                            cwd=str(Path(__file__).parents[1]))
     assert result.stdout.strip() == 'False'
+
+
+@pytest.mark.parametrize('damage, message', [
+    ('text_mat', r'cannot read .*labeled.mat as nyu_depth_v2_labeled.mat'),
+    ('text_mapping', r'cannot read .*mapping.mat as classMapping40.mat'),
+    ('no_mapclass', r'mapping.mat has no mapClass; expected classMapping40.mat'),
+    ('index', r'splits.mat: image index 9 is outside 1..2, the images of .*labeled.mat')])
+def test_convert_nyuv2_names_a_bad_input_and_makes_no_folder(tmp_path, damage, message):
+    h5py = pytest.importorskip('h5py')
+    scipy_io = pytest.importorskip('scipy.io')
+    with h5py.File(tmp_path / 'labeled.mat', 'w') as f:
+        f['images'] = np.zeros((2, 3, 40, 30), np.uint8)
+        f['depths'] = np.ones((2, 40, 30), np.float32)
+        f['labels'] = np.zeros((2, 40, 30), np.uint16)
+    scipy_io.savemat(tmp_path / 'splits.mat', {'trainNdxs': np.array([[1], [9 if damage == 'index' else 2]]),
+                                               'testNdxs': np.array([[2]])})
+    scipy_io.savemat(tmp_path / 'mapping.mat', {'other' if damage == 'no_mapclass' else 'mapClass': np.ones((1, 894))})
+    if damage.startswith('text_'):
+        (tmp_path / f"{'labeled' if damage == 'text_mat' else 'mapping'}.mat").write_text('not a MATLAB file\n')
+    with pytest.raises(ValueError, match=message):
+        data.main(['convert-nyuv2', '--mat', str(tmp_path / 'labeled.mat'), '--splits', str(tmp_path / 'splits.mat'),
+                   '--mapping', str(tmp_path / 'mapping.mat'), '--out', str(tmp_path / 'out')])
+    assert not (tmp_path / 'out').exists()
