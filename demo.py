@@ -155,8 +155,8 @@ def evaluation_steps(args, names, calibrated, kind):
     extra, prefix = {'evaluate': ([], ''), 'ood': (['--synthetic-ood'], 'ood_'),
                      'sweep': (['--corruption', 'all'], 'sweep_')}[kind]
     common = ['--data', 'synthetic', '--workers', '0', '--device', 'cpu', *scene_options(args, '--synthetic-val')]
-    return [Step(f'{kind} {name}', kind, ['evaluate.py', *what, *common, *extra, '--json', result_path(args, prefix, name)],
-                 result_path(args, prefix, name))
+    jsons = {name: result_path(args, prefix, name) for name in names}
+    return [Step(f'{kind} {name}', kind, ['evaluate.py', *what, *common, *extra, '--json', jsons[name]], jsons[name])
             for name, what in models(args, calibrated).items() if name in names]
 
 
@@ -182,7 +182,7 @@ def plan(args):
     p, four = paths(args), ('baseline', 'calibrated', 'teacher', 'emuformer')
     steps.append(Step('calibrate baseline', 'calibrate',
                       ['calibrate.py', p['best'][0], '--data', 'synthetic', '--split', 'calib', '--workers', '0',
-                       '--device', 'cpu', *scene_options(args, '--synthetic-images'), '--out', p['calibration']],
+                       '--device', 'cpu', *scene_options(args, '--synthetic-calib'), '--out', p['calibration']],
                       p['calibration']))
     steps += evaluation_steps(args, ('calibrated',), True, 'evaluate')
     steps.append(compare_step(args, 'compare the four', [result_path(args, '', n) for n in four], 'table_main'))
@@ -230,6 +230,8 @@ def eta(pending, times):
     known = [estimate(step, times) for step in pending]
     untimed = sum(t is None for t in known)
     total = plumbing.format_duration(sum(t for t in known if t is not None))
+    if untimed == len(pending):
+        return 'not known before a step of its kind has run'
     return total if not untimed else f'>= {total} ({untimed} step(s) of a kind not timed yet)'
 
 
@@ -294,7 +296,8 @@ def run_steps(steps, states, out):
         if step.tables:
             os.makedirs(os.path.dirname(step.made), exist_ok=True)
             plumbing.save_atomic(step.made, lambda f: f.write(output.encode()))
-        times[step.label] = {'seconds': time.perf_counter() - began, 'kind': step.kind, 'resumed': status == 'resume'}
+        seconds = time.perf_counter() - began
+        times[step.label] = {'seconds': seconds, 'kind': step.kind, 'resumed': status == 'resume'}
         os.makedirs(out, exist_ok=True)
         plumbing.write_json(times, times_path)
     return time.perf_counter() - start
@@ -318,7 +321,8 @@ def summary(steps, states, out, seconds):
 def git(*argv):
     """A git command's output in this file's folder, or None outside a git checkout."""
     try:
-        done = subprocess.run(['git', *argv], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        done = subprocess.run(['git', *argv], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)))
     except OSError:
         return None
     return done.stdout.strip() if done.returncode == 0 else None

@@ -46,12 +46,14 @@ def test_plan_of_a_fresh_folder(tmp_path):
     best = [str(runs / f'member{i}' / 'best.pt') for i in range(3)]
     for seed, step in enumerate(steps[:3]):
         assert step.argv[0] == 'train.py'
-        assert option(step.argv, '--seed') == [str(seed)] and option(step.argv, '--out') == [str(runs / f'member{seed}')]
+        assert option(step.argv, '--seed') == [str(seed)]
+        assert option(step.argv, '--out') == [str(runs / f'member{seed}')]
         assert option(step.argv, '--lr') == ['6e-4'] and option(step.argv, '--epochs') == ['30']
         assert option(step.argv, '--workers') == ['0'] and '--resume' not in step.argv
     distill = steps[3].argv
     assert distill[0] == 'distill.py' and option(distill, '--teacher', 3) == best
-    assert option(distill, '--student-init') == [best[0]] and option(distill, '--jitter', 4) == ['0.2', '0.2', '0.2', '0.02']
+    assert option(distill, '--student-init') == [best[0]]
+    assert option(distill, '--jitter', 4) == ['0.2', '0.2', '0.2', '0.02']
     assert steps[4].argv[1:2] == [best[0]]
     assert steps[5].argv[1:4] == best and option(steps[5].argv, '--method') == ['de']
     assert steps[6].argv[1:2] == [str(runs / 'emuformer' / 'best.pt')]
@@ -135,6 +137,7 @@ def test_eta_from_the_measured_steps():
     # member 1: the mean of its kind (120 s); member 2: its own time; the student: not timed
     assert demo.eta(steps, times) == '>= 4m20s (1 step(s) of a kind not timed yet)'
     assert demo.eta(steps[:2], times) == '4m20s'
+    assert demo.eta(steps[2:], times) == 'not known before a step of its kind has run'
 
 
 def write_doc(path):
@@ -195,4 +198,5 @@ def test_a_tiny_demo_end_to_end_twice(tmp_path):
     assert 'stage all: 21 steps, 21 done already' in again and '$ python' not in again
     assert tables == {p.name: p.read_text() for p in (tmp_path / 'first' / 'out').glob('*.md')}
     tiny_demo(tmp_path, 'second', '--same-as', str(tmp_path / 'first' / 'out'))  # from scratch, elsewhere
-    assert 'Run twice on this machine, the demo wrote the same numbers' in (tmp_path / 'docs' / 'results.md').read_text()
+    text = (tmp_path / 'docs' / 'results.md').read_text()
+    assert 'Run twice on this machine, the demo wrote the same numbers' in text
