@@ -22,17 +22,18 @@ result under --out (out/demo/), both ignored by git; --doc's section and the plo
 
 Run again, it continues where it stopped: a training run whose last.pt holds its last step is
 skipped, one whose last.pt holds an earlier step goes on with --resume (train.py continues it
-exactly), a result file that exists is reused (evaluate.py writes each file whole or not at
+exactly), a result file that exists is reused (the scripts write each file whole or not at
 all; a sweep that was killed goes on from its finished cells). Each command prints its own
 progress; this file prints one line per step with the time so far and an ETA from the measured
-times of the steps (out/demo/times.json keeps them across calls), and a summary at the end.
-The seeds are fixed and every data loader runs in the main process (--workers 0), so a second
-demo on the same machine writes the same numbers; --same-as checks that against another.
+times of the steps (OUT/times.json keeps them across calls), and a summary at the end.
+The seeds are fixed and every data loader runs in the main process (--workers 0), so that a
+second demo on the same machine writes the same numbers, evaluate.py's timing aside; --same-as
+checks it against another demo's tables. How long each step took: docs/results.md.
 
-    python demo.py                                    # everything: ~30+ min on 2 CPU cores
+    python demo.py                                    # everything
     python demo.py --stage emuformer                  # = python distill.py
     python demo.py --runs runs/demo2 --out out/demo2 --same-as out/demo   # again, and compare
-    python demo.py --epochs 1 --synthetic-size 32 32 --synthetic-scenes 8 --runs /tmp/r --out /tmp/o \\
+    python demo.py --epochs 1 --synthetic-size 32 48 --synthetic-scenes 8 --runs /tmp/r --out /tmp/o \\
         --doc /tmp/results.md                         # a tiny run that shows every step works
 """
 
@@ -71,19 +72,15 @@ def get_parser():
                                                             'section (between its markers) is replaced')
     p.add_argument('--same-as', metavar='OUT', help="stage all: another demo's --out, whose tables this "
                                                     "demo's must equal (the time columns aside)")
-    p.add_argument('--epochs', type=int, default=30, help='of every training run')
-    p.add_argument('--synthetic-scenes', type=int, metavar='N',
+    p.add_argument('--epochs', type=plumbing.positive_int, default=30, help='of every training run')
+    p.add_argument('--synthetic-scenes', type=plumbing.positive_int, metavar='N',
                    help='training, validation and calibration scenes each (default: the scripts\' own)')
-    p.add_argument('--synthetic-size', type=int, nargs=2, metavar=('H', 'W'),
+    p.add_argument('--synthetic-size', type=plumbing.positive_int, nargs=2, metavar=('H', 'W'),
                    help="scene size (default: the scripts' own)")
     return p
 
 
 def check_args(args):
-    if args.epochs < 1:
-        raise ValueError(f'--epochs {args.epochs}: must be >= 1')
-    if args.synthetic_scenes is not None and args.synthetic_scenes < 1:
-        raise ValueError(f'--synthetic-scenes {args.synthetic_scenes}: must be >= 1')
     if args.same_as and not os.path.isdir(args.same_as):
         raise FileNotFoundError(f'--same-as {args.same_as}: no such folder (another demo\'s --out)')
     if args.same_as and args.stage != 'all':
