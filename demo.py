@@ -136,17 +136,16 @@ def training_steps(args):
     return steps
 
 
-def models(args, calibrated):
+def models(args):
     """name -> evaluate.py's positional arguments and method options for it, in the tables' order."""
     p = paths(args)
-    named = {'baseline': [p['best'][0]],
+    return {'baseline': [p['best'][0]],
              'calibrated': [p['best'][0], '--calibration', p['calibration']],
              'teacher': [*p['best'], '--method', 'de'],
              'emuformer': [os.path.join(p['student'], 'best.pt')]}
-    return {name: what for name, what in named.items() if calibrated or name != 'calibrated'}
 
 
-def evaluation_steps(args, names, calibrated, kind):
+def evaluation_steps(args, names, kind):
     """evaluate.py of each model in `names`: kind 'evaluate' (the validation scenes), 'ood'
     (--synthetic-ood) or 'sweep' (--corruption all), into OUT/<prefix><name>.json."""
     extra, prefix = {'evaluate': ([], ''), 'ood': (['--synthetic-ood'], 'ood_'),
@@ -154,7 +153,7 @@ def evaluation_steps(args, names, calibrated, kind):
     common = ['--data', 'synthetic', '--workers', '0', '--device', 'cpu', *scene_options(args, '--synthetic-val')]
     jsons = {name: result_path(args, prefix, name) for name in names}
     return [Step(f'{kind} {name}', kind, ['evaluate.py', *what, *common, *extra, '--json', jsons[name]], jsons[name])
-            for name, what in models(args, calibrated).items() if name in names]
+            for name, what in models(args).items() if name in names]
 
 
 def result_path(args, prefix, name):
@@ -171,7 +170,7 @@ def compare_step(args, label, jsons, table, plot=None):
 def plan(args):
     """Every step of args.stage, in order."""
     three = ('baseline', 'teacher', 'emuformer')
-    steps = training_steps(args) + evaluation_steps(args, three, False, 'evaluate')
+    steps = training_steps(args) + evaluation_steps(args, three, 'evaluate')
     steps.append(compare_step(args, 'compare baseline, teacher, EMUFormer', [s.made for s in steps[-3:]],
                               'table_emuformer'))
     if args.stage == 'emuformer':
@@ -181,12 +180,12 @@ def plan(args):
                       ['calibrate.py', p['best'][0], '--data', 'synthetic', '--split', 'calib', '--workers', '0',
                        '--device', 'cpu', *scene_options(args, '--synthetic-calib'), '--out', p['calibration']],
                       p['calibration']))
-    steps += evaluation_steps(args, ('calibrated',), True, 'evaluate')
+    steps += evaluation_steps(args, ('calibrated',), 'evaluate')
     steps.append(compare_step(args, 'compare the four', [result_path(args, '', n) for n in four], 'table_main'))
-    steps += evaluation_steps(args, four, True, 'ood')
+    steps += evaluation_steps(args, four, 'ood')
     steps.append(compare_step(args, 'compare unseen objects', [result_path(args, 'ood_', n) for n in four],
                               'table_ood'))
-    steps += evaluation_steps(args, four, True, 'sweep')
+    steps += evaluation_steps(args, four, 'sweep')
     steps.append(compare_step(args, 'compare the sweeps', [result_path(args, 'sweep_', n) for n in four],
                               'table_sweep', plot=os.path.join(args.out, 'sweep.png')))
     return steps
