@@ -90,49 +90,37 @@ def entry_point(main):
 # Numeric options are checked where they are parsed: these are argparse types, and argparse
 # names the option: "argument --batch-size: 0 is not an integer >= 1".
 
-def _number(text, kind):
-    """text as int or float, or None if it is not one (or not finite)."""
+def _number(text, kind, ok, what):
+    """text as `kind` (int or float) if it is a finite number for which ok(value) holds; else
+    argparse's error, which names the option: '{text} is not {what}'."""
     try:
         value = kind(text)
     except ValueError:
-        return None
-    return value if math.isfinite(value) else None
+        value = None
+    if value is None or not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f'{text} is not {what}')
+    return value
 
 
 def positive_int(text):
-    value = _number(text, int)
-    if value is None or value < 1:
-        raise argparse.ArgumentTypeError(f'{text} is not an integer >= 1')
-    return value
+    return _number(text, int, lambda v: v >= 1, 'an integer >= 1')
 
 
 def natural_int(text):
-    value = _number(text, int)
-    if value is None or value < 0:
-        raise argparse.ArgumentTypeError(f'{text} is not an integer >= 0')
-    return value
+    return _number(text, int, lambda v: v >= 0, 'an integer >= 0')
 
 
 def positive_float(text):
-    value = _number(text, float)
-    if value is None or value <= 0:
-        raise argparse.ArgumentTypeError(f'{text} is not a number > 0')
-    return value
+    return _number(text, float, lambda v: v > 0, 'a number > 0')
 
 
 def non_negative_float(text):
-    value = _number(text, float)
-    if value is None or value < 0:
-        raise argparse.ArgumentTypeError(f'{text} is not a number >= 0')
-    return value
+    return _number(text, float, lambda v: v >= 0, 'a number >= 0')
 
 
 def rate(text):
-    """A probability of dropping: dropout, stochastic depth, in [0, 1)."""
-    value = _number(text, float)
-    if value is None or not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f'{text} is not a rate in [0, 1)')
-    return value
+    """A probability of dropping (dropout, stochastic depth): in [0, 1)."""
+    return _number(text, float, lambda v: 0 <= v < 1, 'a rate in [0, 1)')
 
 
 def interrupt_once(signum, frame):
