@@ -61,9 +61,9 @@ def get_parser():
     p.add_argument('--teacher', nargs='+', required=True, help="the Deep Ensemble members' checkpoints (two or more)")
     p.add_argument('--student-init', help='a trained SegDepthFormer to start from (the paper does); '
                                           'its architecture is the student\'s')
-    p.add_argument('--w2', type=float, default=losses.W2, help='weight of the KL term (Eq. 11)')
-    p.add_argument('--w3', type=float, default=losses.W3, help='weight of the RMSLE term (Eq. 11)')
-    p.add_argument('--jitter', type=float, nargs=4, metavar=('BRIGHTNESS', 'CONTRAST', 'SATURATION', 'HUE'),
+    p.add_argument('--w2', type=plumbing.non_negative_float, default=losses.W2, help='weight of the KL term (Eq. 11)')
+    p.add_argument('--w3', type=plumbing.non_negative_float, default=losses.W3, help='weight of the RMSLE term (Eq. 11)')
+    p.add_argument('--jitter', type=plumbing.non_negative_float, nargs=4, metavar=('BRIGHTNESS', 'CONTRAST', 'SATURATION', 'HUE'),
                    help="strengths of the colour jitter of the teacher's input (the paper gives none; "
                         "default: the data set's recipe)")
     p.set_defaults(out='runs/emuformer')

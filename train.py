@@ -89,38 +89,6 @@ RESUME_MAY_CHANGE = ('resume', 'out', 'workers', 'device', 'compile', 'log_every
                      'eval_batch_size')
 
 
-def count(text):
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be an integer >= 1, got {value}')
-    return value
-
-
-def natural(text):
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'must be an integer >= 0, got {value}')
-    return value
-
-
-def positive(text):
-    """argparse type: a finite float > 0."""
-    value = float(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f'must be a number > 0, got {text}')
-    return value
-
-
-def probability(text):
-    """argparse type: a rate in [0, 1)."""
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f'must be in [0, 1), got {text}')
-    return value
-
-
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -128,38 +96,38 @@ def get_parser():
     a('--root', help='data set root (nyuv2, cityscapes)')
     a('--model', default='segdepthformer', choices=heads.MODEL_NAMES, help='network; dse* are Deep Sub-Ensembles')
     a('--backbone', choices=list(mit.CONFIGS), help='MiT encoder (default: the data set\'s recipe)')
-    a('--num-members', type=count, default=10, help='heads per task of a Deep Sub-Ensemble')
+    a('--num-members', type=plumbing.positive_int, default=10, help='heads per task of a Deep Sub-Ensemble')
     a('--pretrained', help='official ImageNet MiT checkpoint (mit_b2.pth) for the encoder')
     a('--init', help='a checkpoint of this script to start from (weights only, e.g. a SegDepthFormer for EMUFormer)')
-    a('--epochs', type=count, help="default: the data set's recipe")
-    a('--batch-size', type=count, default=8, help='global batch, split over the ranks')
-    a('--lr', type=positive, help="base learning rate of Eq. 12 (default: the data set's recipe)")
-    a('--head-lr-mult', type=positive, default=10.0, help="decoders' lr = this x lr (SegFormer's recipe)")
-    a('--weight-decay', type=float, default=0.01, help='AdamW; not on norms and biases')
-    a('--power', type=float, default=0.9, help='polynomial decay power of Eq. 12')
-    a('--w1', type=float, default=losses.W1, help='weight of the depth loss (Eq. 7)')
+    a('--epochs', type=plumbing.positive_int, help="default: the data set's recipe")
+    a('--batch-size', type=plumbing.positive_int, default=8, help='global batch, split over the ranks')
+    a('--lr', type=plumbing.positive_float, help="base learning rate of Eq. 12 (default: the data set's recipe)")
+    a('--head-lr-mult', type=plumbing.positive_float, default=10.0, help="decoders' lr = this x lr (SegFormer's recipe)")
+    a('--weight-decay', type=plumbing.non_negative_float, default=0.01, help='AdamW; not on norms and biases')
+    a('--power', type=plumbing.non_negative_float, default=0.9, help='polynomial decay power of Eq. 12')
+    a('--w1', type=plumbing.non_negative_float, default=losses.W1, help='weight of the depth loss (Eq. 7)')
     a('--depth-loss', default='gnll', choices=sorted(losses.DEPTH_LOSSES), help='gnll, or mse/huber for the ablation')
-    a('--max-depth', type=positive, help='metres; farther ground truth is invalid (default: data.MAX_DEPTH, '
+    a('--max-depth', type=plumbing.positive_float, help='metres; farther ground truth is invalid (default: data.MAX_DEPTH, '
                                          '10 nyuv2, 80 cityscapes, 10 synthetic)')
-    a('--dropout', type=probability, help='set every dropout layer to this rate (the MC Dropout models: 0.2 or 0.5)')
-    a('--drop-path', type=probability, default=0.1, help='stochastic depth rate of the encoder')
-    a('--crop', type=count, nargs=2, metavar=('H', 'W'), help='training crop; default the paper\'s')
-    a('--synthetic-train', type=count, default=200, help='number of synthetic training scenes')
-    a('--synthetic-val', type=count, default=50, help='number of synthetic validation scenes')
-    a('--synthetic-size', type=count, nargs=2, default=(96, 128), metavar=('H', 'W'))
+    a('--dropout', type=plumbing.rate, help='set every dropout layer to this rate (the MC Dropout models: 0.2 or 0.5)')
+    a('--drop-path', type=plumbing.rate, default=0.1, help='stochastic depth rate of the encoder')
+    a('--crop', type=plumbing.positive_int, nargs=2, metavar=('H', 'W'), help='training crop; default the paper\'s')
+    a('--synthetic-train', type=plumbing.positive_int, default=200, help='number of synthetic training scenes')
+    a('--synthetic-val', type=plumbing.positive_int, default=50, help='number of synthetic validation scenes')
+    a('--synthetic-size', type=plumbing.positive_int, nargs=2, default=(96, 128), metavar=('H', 'W'))
     a('--seed', type=int, default=0, help='initialisation and data order (Deep Ensemble members differ here)')
     a('--precision', default='auto', choices=plumbing.PRECISIONS,
       help='autocast: auto is bf16 on GPUs that have it, fp16 (with GradScaler) on others, fp32 on the CPU')
     a('--compile', action='store_true', help='torch.compile the model')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu (default: cuda if there is one)')
-    a('--workers', type=natural, default=plumbing.default_workers(),
+    a('--workers', type=plumbing.natural_int, default=plumbing.default_workers(),
       help='data loader processes per rank (default: the cores, at most 4)')
     a('--out', default='runs/train', help='run directory')
     a('--resume', action='store_true', help='continue from OUT/last.pt')
-    a('--log-every', type=count, default=10, help='steps')
-    a('--save-every', type=count, default=500, help='steps (and at the end of every epoch)')
-    a('--eval-every', type=natural, default=1, help='epochs (0: only at the end)')
-    a('--eval-batch-size', type=count, default=1)
+    a('--log-every', type=plumbing.positive_int, default=10, help='steps')
+    a('--save-every', type=plumbing.positive_int, default=500, help='steps (and at the end of every epoch)')
+    a('--eval-every', type=plumbing.natural_int, default=1, help='epochs (0: only at the end)')
+    a('--eval-batch-size', type=plumbing.positive_int, default=1)
     return p
 
 

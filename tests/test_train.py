@@ -374,7 +374,7 @@ def test_each_data_set_has_its_recipe_and_a_flag_overrides_it():
 
 
 @pytest.mark.parametrize('flag, value, message', [
-    ('--epochs', '0', 'must be an integer >= 1, got 0'), ('--epochs', '-1', 'must be an integer >= 1'),
+    ('--epochs', '0', '0 is not an integer >= 1'), ('--epochs', '-1', 'an integer >= 1'),
     ('--batch-size', '-4', '>= 1'), ('--batch-size', '0', '>= 1'), ('--save-every', '0', '>= 1'),
     ('--log-every', '0', '>= 1'), ('--num-members', '0', '>= 1'), ('--synthetic-val', '0', '>= 1'),
     ('--synthetic-train', '0', '>= 1'), ('--workers', '-1', '>= 0'), ('--dropout', '1.5', r'in \[0, 1\)'),
