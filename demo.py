@@ -85,6 +85,12 @@ def check_args(args):
         raise FileNotFoundError(f'--same-as {args.same_as}: no such folder (another demo\'s --out)')
     if args.same_as and args.stage != 'all':
         raise ValueError('--same-as compares the tables of stage all; leave it out or use --stage all')
+    if args.stage == 'all' and not os.path.isfile(args.doc):
+        raise FileNotFoundError(f'--doc {args.doc}: no such file (the results document whose demo section '
+                                f'stage all writes)')
+    if args.stage == 'all':  # before the long work, not after it
+        with open(args.doc) as f:
+            check_markers(f.read(), args.doc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,14 +421,18 @@ def section(steps, times, note):
         '', '```bash', *commands, '```', '', note])
 
 
+def check_markers(text, doc):
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f'--doc {doc} must hold the line {BEGIN} once, and after it {END} once: '
+                         f'the demo writes its section between them')
+
+
 def write_section(doc, text, plot):
     """Replace what stands between the markers BEGIN and END in `doc` by `text`, and put the
     sweep plot beside it (sweep.png); nothing else in the document changes."""
     with open(doc) as f:
         old = f.read()
-    if old.count(BEGIN) != 1 or old.count(END) != 1 or old.index(BEGIN) > old.index(END):
-        raise ValueError(f'--doc {doc} must hold the line {BEGIN} once, and after it {END} once: '
-                         f'the demo writes its section between them')
+    check_markers(old, doc)
     new = old[:old.index(BEGIN) + len(BEGIN)] + '\n' + text + '\n' + old[old.index(END):]
     with open(plot, 'rb') as f:
         picture = f.read()

@@ -15,7 +15,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse(tmp_path, *argv):
-    args = demo.get_parser().parse_args(['--runs', str(tmp_path / 'runs'), '--out', str(tmp_path / 'out'), *argv])
+    doc = tmp_path / 'results.md'
+    doc.write_text(f'{demo.BEGIN}\n{demo.END}\n')
+    args = demo.get_parser().parse_args(['--runs', str(tmp_path / 'runs'), '--out', str(tmp_path / 'out'),
+                                         '--doc', str(doc), *argv])
     demo.check_args(args)
     return args
 
@@ -160,6 +163,8 @@ def test_the_section_is_replaced_between_the_markers_and_nothing_else(tmp_path):
     doc.write_text(before + 'no end marker\n')
     with pytest.raises(ValueError, match='must hold the line'):
         demo.write_section(str(doc), 'x', str(plot))
+    with pytest.raises(ValueError, match='must hold the line'):  # found before the demo's long work
+        demo.check_args(demo.get_parser().parse_args(['--doc', str(doc)]))
 
 
 def test_same_as_ignores_only_the_time_column(tmp_path):
