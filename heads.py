@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mit import MixVisionTransformer, get_config
+from mit import MixVisionTransformer, get_config, load_encoder
 from plumbing import load_file, load_strict, read_state_dict
 
 
@@ -294,12 +294,46 @@ def build_model(name, backbone='b2', num_classes=40, **kwargs):
 
 
 def load_segformer_checkpoint(model, path):
-    """Load an official (mmsegmentation) SegFormer segmentation checkpoint, keys under
-    'backbone.' and 'decode_head.', into a SegFormer with the same number of classes. The head's
-    unused 'conv_seg' (mmseg's base class creates it; SegFormer predicts with linear_pred) is
-    dropped; everything else must match exactly."""
-    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith('decode_head.conv_seg.')}
-    load_strict(model, state, path)
+    """Start a model from pretrained weights (train.py's --pretrained): ImageNet weights for the
+    encoder (mit.load_pretrained's files), or a whole segmentation SegFormer: an official
+    (mmsegmentation) checkpoint, keys under 'backbone.' and 'decode_head.', or Hugging Face's
+    SegformerForSemanticSegmentation (a downloaded nvidia/segformer-b*-finetuned-* folder, or its
+    weights file). The encoder loads by mit.load_pretrained's rules. A SegFormer's head loads
+    exactly into a model with a segmentation head and as many classes, else it is left as it is
+    (and a line says so); a SegDepthFormer's depth head is in no such file and stays as it is."""
+    state = read_state_dict(path)
+    load_encoder(model.backbone, state, path)
+    head = decode_head_state(state)
+    if not head:
+        return
+    num_classes = head['linear_pred.weight'].shape[0] if 'linear_pred.weight' in head else None
+    if not hasattr(model, 'decode_head') or num_classes != model.num_classes:
+        print(f'{path}: its head predicts {num_classes} classes, the model '
+              + (f'{model.num_classes}' if hasattr(model, 'decode_head') else 'has no single segmentation head')
+              + '; the encoder is loaded, the segmentation head starts untrained')
+        return
+    load_strict(model.decode_head, head, path)
+
+
+# Hugging Face's decode head -> SegFormer's official one (mit.py renames their encoder)
+HF_HEAD_NAMES = {'linear_fuse': 'linear_fuse.conv', 'batch_norm': 'linear_fuse.bn', 'classifier': 'linear_pred'}
+
+
+def decode_head_state(state):
+    """The segmentation head's tensors of a whole SegFormer, in the official names without the
+    'decode_head.' prefix: Hugging Face's linear_c.{i} become linear_c{i + 1} (and the names
+    above); mmseg's unused 'conv_seg' (its base class makes one; SegFormer predicts with
+    linear_pred) is dropped."""
+    head = {}
+    for name, value in state.items():
+        if not name.startswith('decode_head.') or name.startswith('decode_head.conv_seg.'):
+            continue
+        module, kind = name[len('decode_head.'):].rsplit('.', 1)
+        if module.startswith('linear_c.'):  # linear_c.0.proj
+            index, rest = module[len('linear_c.'):].split('.', 1)
+            module = f'linear_c{int(index) + 1}.{rest}'
+        head[f'{HF_HEAD_NAMES.get(module, module)}.{kind}'] = value
+    return head
 
 
 def load_model(path):

@@ -27,7 +27,9 @@ Parameter names follow the official ImageNet checkpoints `mit_b0.pth` .. `mit_b5
 (`patch_embed1.proj.weight`, `block1.0.attn.q.weight`, `block1.0.mlp.dwconv.dwconv.weight`,
 `norm1.weight`, ...) so that `load_pretrained` reads them with strict key matching. The numerics
 match too: qkv bias on, LayerNorm eps 1e-6 in the blocks and the four stage norms, PyTorch's
-default 1e-5 in the patch embeddings and in the attention's reduction norm.
+default 1e-5 in the patch embeddings and in the attention's reduction norm. `load_pretrained`
+also reads Hugging Face's copies of the same weights (nvidia/mit-b0 .. b5), renaming theirs
+(`from_hugging_face`: the one place their names are written).
 
 Layout: inside a stage the tokens are kept as (B, N, C) with N = h*w in row-major order. Viewed
 as a map, (B, N, C) is a (B, C, h, w) tensor in channels_last memory format, so going between
@@ -277,14 +279,84 @@ def init_weights(m):
 
 
 # ---------------------------------------------------------------------------------------------
-# The official ImageNet weights (reading and strict loading: plumbing.py)
+# ImageNet weights: the official files (mit_b0.pth .. mit_b5.pth) and Hugging Face's
+# (nvidia/mit-b0 .. b5). Reading a file of either kind and strict loading: plumbing.py.
 
 def load_pretrained(encoder, path):
-    """Load an official ImageNet checkpoint (mit_b0.pth .. mit_b5.pth) into a
-    MixVisionTransformer. The ImageNet classifier ('head.*') is not part of the encoder and is
-    dropped; everything else must match exactly."""
-    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith('head.')}
+    """Load ImageNet weights into a MixVisionTransformer: an official checkpoint, or Hugging
+    Face's (a downloaded nvidia/mit-b* folder, or its model.safetensors or pytorch_model.bin),
+    told apart by their parameter names. The ImageNet classifier ('head.*', 'classifier.*') is
+    not part of the encoder and is dropped; the file's encoder must be the same size as
+    `encoder` (one line naming both if not), and everything else must match exactly."""
+    load_encoder(encoder, read_state_dict(path), path)
+
+
+def load_encoder(encoder, state, path):
+    """The encoder's part of a checkpoint's state dict into `encoder` (load_pretrained)."""
+    state = encoder_state(state)
+    found = backbone_of(state)
+    if found != encoder.backbone:
+        raise ValueError(f"{path} holds {found if found.startswith('an ') else f'a MiT-{found} encoder'}; "
+                         f"the model's encoder is MiT-{encoder.backbone}")
     load_strict(encoder, state, path)
+
+
+def encoder_state(state):
+    """The encoder's tensors of a checkpoint, in the official names: Hugging Face's are renamed
+    (from_hugging_face), an official file's classifier dropped, a whole SegFormer's
+    'backbone.' prefix taken off."""
+    if any('encoder.patch_embeddings.' in k for k in state):
+        return from_hugging_face(state)
+    if any(k.startswith('backbone.') for k in state):
+        return {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
+    return {k: v for k, v in state.items() if not k.startswith('head.')}
+
+
+# Hugging Face's names (as their files hold them) -> the official ones. Inside
+# block.{i}.{j} of theirs, block{i + 1}.{j} of ours; their attention keeps key and value apart,
+# the official one stacks them as kv, [k; v] along the output channels.
+HF_BLOCK_NAMES = {'layer_norm_1': 'norm1', 'layer_norm_2': 'norm2', 'attention.self.query': 'attn.q',
+                  'attention.self.sr': 'attn.sr', 'attention.self.layer_norm': 'attn.norm',
+                  'attention.output.dense': 'attn.proj', 'mlp.dense1': 'mlp.fc1',
+                  'mlp.dwconv.dwconv': 'mlp.dwconv.dwconv', 'mlp.dense2': 'mlp.fc2'}
+HF_PATCH_NAMES = {'proj': 'proj', 'layer_norm': 'norm'}  # inside patch_embeddings.{i}
+
+
+def from_hugging_face(state):
+    """The encoder of a Hugging Face checkpoint ('encoder.*', or 'segformer.encoder.*' in
+    SegformerForImageClassification and ...ForSemanticSegmentation) in the official names. A
+    name it does not know is kept as it is, for strict loading to report."""
+    prefix = 'segformer.encoder.' if any(k.startswith('segformer.encoder.') for k in state) else 'encoder.'
+    out, kv = {}, {}
+    for name, value in state.items():
+        if not name.startswith(prefix):
+            continue
+        parts = name[len(prefix):].split('.')  # e.g. block, 0, 1, attention, self, query, weight
+        module, kind = '.'.join(parts[3:-1]), parts[-1]
+        if parts[0] == 'patch_embeddings' and parts[2] in HF_PATCH_NAMES:
+            out[f'patch_embed{int(parts[1]) + 1}.{HF_PATCH_NAMES[parts[2]]}.{kind}'] = value
+        elif parts[0] == 'layer_norm':
+            out[f'norm{int(parts[1]) + 1}.{kind}'] = value
+        elif parts[0] == 'block' and module in ('attention.self.key', 'attention.self.value'):
+            kv.setdefault(f'block{int(parts[1]) + 1}.{parts[2]}.attn.kv.{kind}', {})[parts[-2]] = value
+        elif parts[0] == 'block' and module in HF_BLOCK_NAMES:
+            out[f'block{int(parts[1]) + 1}.{parts[2]}.{HF_BLOCK_NAMES[module]}.{kind}'] = value
+        else:
+            out[name] = value
+    for name, pair in kv.items():
+        out[name] = torch.cat([pair['key'], pair['value']])
+    return out
+
+
+def backbone_of(state):
+    """The CONFIGS name of the encoder an official-named state dict holds, read from its shapes
+    (the stages' widths and the number of blocks in each); else a description of them."""
+    widths = tuple(state[f'patch_embed{i}.proj.weight'].shape[0] for i in range(1, 5) if f'patch_embed{i}.proj.weight' in state)
+    depths = tuple(len({k.split('.')[1] for k in state if k.startswith(f'block{i}.')}) for i in range(1, 5))
+    for name, cfg in CONFIGS.items():
+        if (cfg.embed_dims, cfg.depths) == (widths, depths):
+            return name
+    return f'an encoder of widths {widths} and depths {depths}'
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,7 +97,10 @@ def get_parser():
     a('--model', default='segdepthformer', choices=heads.MODEL_NAMES, help='network; dse* are Deep Sub-Ensembles')
     a('--backbone', choices=list(mit.CONFIGS), help='MiT encoder (default: the data set\'s recipe)')
     a('--num-members', type=plumbing.positive_int, default=10, help='heads per task of a Deep Sub-Ensemble')
-    a('--pretrained', help='official ImageNet MiT checkpoint (mit_b2.pth) for the encoder')
+    a('--pretrained', help='ImageNet weights for the encoder: an official mit_b2.pth, or Hugging Face\'s '
+                           'nvidia/mit-b2 folder (or its .safetensors/.bin); or a whole SegFormer (official, or a '
+                           'Hugging Face nvidia/segformer-b2-finetuned-* folder), whose head is kept when the '
+                           'classes match')
     a('--init', help='a checkpoint of this script to start from (weights only, e.g. a SegDepthFormer for EMUFormer)')
     a('--epochs', type=plumbing.positive_int, help="default: the data set's recipe")
     a('--batch-size', type=plumbing.positive_int, default=8, help='global batch, split over the ranks')
@@ -293,7 +296,7 @@ def build_network(args, proc, num_classes):
     kwargs = {'num_members': args.num_members} if args.model.startswith('dse') else {}
     model = heads.build_model(args.model, args.backbone, num_classes, drop_path_rate=args.drop_path, **kwargs)
     if args.pretrained:
-        mit.load_pretrained(model.backbone, args.pretrained)
+        heads.load_segformer_checkpoint(model, args.pretrained)
     if args.init:
         plumbing.load_strict(model, plumbing.read_state_dict(args.init), args.init)
     if args.dropout is not None:

@@ -203,7 +203,7 @@ def test_load_pretrained_reports_every_mismatch(tmp_path):
     assert 'norm4.weight: file (512,) vs model (256,)' in msg
     # a B2 checkpoint into a B0 encoder is a mismatch too, not a silent partial load
     torch.save(official_mit_state('b2'), path)
-    with pytest.raises(ValueError, match='missing keys|shape conflicts'):
+    with pytest.raises(ValueError, match="holds a MiT-b2 encoder; the model's encoder is MiT-b0"):
         mit.load_pretrained(mit.MixVisionTransformer('b0'), path)
 
 
@@ -216,7 +216,7 @@ def test_load_pretrained_missing_or_corrupt_file_names_it(tmp_path):
         mit.load_pretrained(mit.MixVisionTransformer('b0'), bad)
 
 
-def test_load_official_segformer_checkpoint(tmp_path):
+def test_load_official_segformer_checkpoint(tmp_path, capsys):
     state = official_segformer_state('b0', 40)
     path = tmp_path / 'segformer.b0.pth'
     torch.save({'state_dict': state, 'meta': {'CLASSES': list(range(40))}}, path)
@@ -226,9 +226,13 @@ def test_load_official_segformer_checkpoint(tmp_path):
     assert set(loaded) == {k for k in state if 'conv_seg' not in k}
     for k in loaded:
         assert torch.equal(loaded[k], state[k]), k
-    # another class count is a shape conflict on the prediction layer
-    with pytest.raises(ValueError, match=r'decode_head.linear_pred.weight: file \(40, 256, 1, 1\) vs model \(19'):
-        heads.load_segformer_checkpoint(build_model('segformer', 'b0', 19), path)
+    # another class count: the encoder alone, and a line that says so
+    other = build_model('segformer', 'b0', 19)
+    head = {k: v.clone() for k, v in other.decode_head.state_dict().items()}
+    heads.load_segformer_checkpoint(other, path)
+    assert all(torch.equal(v, state[f'backbone.{k}']) for k, v in other.backbone.state_dict().items())
+    assert all(torch.equal(v, head[k]) for k, v in other.decode_head.state_dict().items())
+    assert 'its head predicts 40 classes, the model 19' in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,9 +516,9 @@ def test_encoder_equals_the_naive_reference():
         assert torch.allclose(got, want, rtol=1e-9, atol=1e-10)
 
 
-def test_encoder_equals_hugging_face_segformer():
-    # their SegformerModel, written by others, with our weights copied over by name (the names
-    # of transformers 5, which keeps k and v apart where we keep them stacked as kv)
+def test_encoder_equals_hugging_face_segformer(tmp_path):
+    # their SegformerModel, written by others, with random weights saved as their files hold
+    # them and read by load_pretrained (the one place their names are mapped to ours)
     transformers = pytest.importorskip('transformers', minversion='5')  # an optional package
     torch.manual_seed(0)
     cfg = mit.get_config('b0')
@@ -522,34 +526,14 @@ def test_encoder_equals_hugging_face_segformer():
         hidden_sizes=list(cfg.embed_dims), depths=list(cfg.depths), num_attention_heads=list(cfg.num_heads),
         sr_ratios=list(cfg.sr_ratios), mlp_ratios=[cfg.mlp_ratio] * 4, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
-    theirs = transformers.SegformerModel(config).double().eval()
-    ours = randomised(mit.MixVisionTransformer('b0')).double().eval()
-    names = {}  # their module -> ours
-    for i in range(4):
-        names[f'stages.{i}.patch_embeddings.proj'] = f'patch_embed{i + 1}.proj'
-        names[f'stages.{i}.patch_embeddings.layer_norm'] = f'patch_embed{i + 1}.norm'
-        names[f'stages.{i}.layer_norm'] = f'norm{i + 1}'
-        for j in range(cfg.depths[i]):
-            hf, me = f'stages.{i}.blocks.{j}.', f'block{i + 1}.{j}.'
-            for a, b in [('layernorm_before', 'norm1'), ('layernorm_after', 'norm2'), ('attention.q_proj', 'attn.q'),
-                         ('attention.o_proj', 'attn.proj'), ('attention.sequence_reduction.sequence_reduction', 'attn.sr'),
-                         ('attention.sequence_reduction.layer_norm', 'attn.norm'), ('mlp.fc1', 'mlp.fc1'),
-                         ('mlp.dwconv.dwconv', 'mlp.dwconv.dwconv'), ('mlp.fc2', 'mlp.fc2')]:
-                names[hf + a] = me + b
-            names[hf + 'attention.k_proj'] = names[hf + 'attention.v_proj'] = me + 'attn.kv'
-    mine, copied = ours.state_dict(), {}
-    for name in theirs.state_dict():
-        module, kind = name.rsplit('.', 1)
-        value = mine[f'{names[module]}.{kind}']
-        if module.endswith('k_proj'):
-            value = value[:len(value) // 2]  # kv's output channels are [k; v]
-        elif module.endswith('v_proj'):
-            value = value[len(value) // 2:]
-        copied[name] = value
-    theirs.load_state_dict(copied)
-    for module, layer in theirs.named_modules():  # transformers 5 has LayerNorm eps 1e-5 everywhere,
-        if isinstance(layer, nn.LayerNorm):          # the official model 1e-6 in the blocks and stage norms
-            layer.eps = ours.get_submodule(names[module]).eps
+    theirs = randomised(transformers.SegformerModel(config)).double().eval()
+    theirs.save_pretrained(tmp_path / 'mit-b0')
+    ours = mit.MixVisionTransformer('b0').double().eval()
+    mit.load_pretrained(ours, tmp_path / 'mit-b0')
+    theirs_norms = [m for m in theirs.modules() if isinstance(m, nn.LayerNorm)]
+    ours_norms = [m for m in ours.modules() if isinstance(m, nn.LayerNorm)]
+    for a, b in zip(theirs_norms, ours_norms, strict=True):  # transformers 5 has LayerNorm eps 1e-5
+        a.eps = b.eps                                        # everywhere, the official model 1e-6 in places
     x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
     with torch.no_grad():
         hidden = theirs(pixel_values=x, output_hidden_states=True).hidden_states
