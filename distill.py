@@ -31,18 +31,22 @@ recipes (RECIPES) follow the data set like train.py's. The student's architectur
 another student, e.g. a B0 student of a B2 teacher without an init. The checkpoints record the
 teacher's identity, a digest of each member's weights, and --resume refuses another teacher.
 
+    # no arguments: the whole method on the synthetic scenes, on a CPU (demo.py --stage emuformer):
+    # the members it does not find, the student, and the three evaluations side by side
+    python distill.py
     python distill.py --teacher runs/sdf_b2_seed{0..9}/best.pt --student-init runs/sdf_b2_seed0/best.pt \\
         --data nyuv2 --root data/nyuv2 --out runs/emuformer_b2
     torchrun --nproc_per_node=4 distill.py ... (the same flags)
-    # the CPU demo, after three demo members of train.py (see README.md)
-    python distill.py --teacher runs/demo{0,1,2}/best.pt --student-init runs/demo0/best.pt --out runs/demo_emu
 """
 
 import hashlib
 
+import sys
+
 import torch
 
 import data
+import demo
 import heads
 import losses
 import plumbing
@@ -58,7 +62,7 @@ RECIPES = {'synthetic': {'lr': 6e-4, 'epochs': 30, 'jitter': (0.2, 0.2, 0.2, 0.0
 def get_parser():
     p = train.get_parser()
     p.description = __doc__
-    p.add_argument('--teacher', nargs='+', required=True, help="the Deep Ensemble members' checkpoints (two or more)")
+    p.add_argument('--teacher', nargs='+', help="the Deep Ensemble members' checkpoints (two or more)")
     p.add_argument('--student-init', help='a trained SegDepthFormer to start from (the paper does); '
                                           'its architecture is the student\'s')
     p.add_argument('--w2', type=plumbing.non_negative_float, default=losses.W2, help='weight of the KL term (Eq. 11)')
@@ -145,7 +149,13 @@ def distill(args, proc, command):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # the whole method on the synthetic scenes, each step its own command
+        return demo.main(['--stage', 'emuformer'])
     args = get_parser().parse_args(argv)
+    if not args.teacher:
+        raise ValueError("--teacher is needed: the Deep Ensemble members' checkpoints (train.py runs with "
+                         "different --seed); with no arguments at all, distill.py runs the synthetic demo")
     if args.model != 'segdepthformer':
         raise ValueError(f'the EMUFormer student is a SegDepthFormer, not a {args.model}')
     train.apply_recipe(args, RECIPES[args.data])

@@ -3,6 +3,8 @@ architecture from its checkpoints, and an exact resume after a kill."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ import losses
 import train
 import uq
 from heads import build_model
-from test_train import assert_same_checkpoints, kill_at, read_log, run_script, without_times
+from test_train import ROOT, assert_same_checkpoints, kill_at, read_log, run_script, without_times
 
 TINY = ['--data', 'synthetic', '--synthetic-train', '8', '--synthetic-val', '4',
         '--synthetic-size', '64', '64', '--batch-size', '4', '--lr', '6e-4', '--workers', '0',
@@ -144,3 +146,16 @@ def test_killed_distillation_resumes_exactly(members, tmp_path):
     for k, v in a['model'].items():  # BatchNorm's running statistics too
         assert torch.equal(v, b['model'][k]), k
     assert without_times(read_log(tmp_path / 'a')) == without_times(read_log(tmp_path / 'b'))
+
+
+def test_no_arguments_run_the_demo_and_a_data_set_needs_its_teacher(monkeypatch, tmp_path):
+    import demo
+    called = []
+    monkeypatch.setattr(demo, 'main', lambda argv: called.append(argv))
+    distill.main([])
+    assert called == [['--stage', 'emuformer']]
+    refused = subprocess.run([sys.executable, 'distill.py', '--data', 'nyuv2', '--root', str(tmp_path),
+                              '--out', str(tmp_path / 'run')], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith('distill.py: --teacher is needed') and refused.stderr.count('\n') == 1
+    assert not (tmp_path / 'run').exists()
