@@ -6,6 +6,8 @@ Each row times the full prediction with uncertainty, image batch in, `uq.Predict
 (mean softmax, entropy, depth mean and variance, all at the input size), through `uq.predict`:
 
     SegFormer, DepthFormer, SegDepthFormer   one network, method 'none'
+    SegDepthFormer, plain upsampling        the same with F.interpolate where heads.upsample
+                                            takes its CPU speed-up (heads.FAST_UPSAMPLE)
     SegDepthFormer, textbook decoder        the same network with the literal SegFormer
                                             decoder (heads.py), to see what the fold buys
     MC Dropout (T)                          SegDepthFormer, method 'mcd', T passes
@@ -229,6 +231,7 @@ ROWS = {  # --rows key: the row's name in the table ({N}: members, {T}: samples)
     'segformer': 'SegFormer',
     'depthformer': 'DepthFormer',
     'segdepthformer': 'SegDepthFormer',
+    'segdepthformer-plain': 'SegDepthFormer, plain upsampling',
     'textbook': 'SegDepthFormer, textbook decoder',
     'mcd': 'MC Dropout (T={T})',
     'mcd-plain': 'MC Dropout (T={T}), plain dropout',
@@ -290,6 +293,15 @@ def onnx_session(network):
     return onnxruntime.InferenceSession(predict.onnx_bytes(network, {}), options, providers=['CPUExecutionProvider'])
 
 
+def plain_upsampling(fn, *args):
+    """fn(*args) with heads.upsample's CPU speed-up switched off (row segdepthformer-plain)."""
+    heads.FAST_UPSAMPLE = False
+    try:
+        return fn(*args)
+    finally:
+        heads.FAST_UPSAMPLE = True
+
+
 def make_row(key, args, cache, device):
     """Build row `key` on the current default device -> (networks, step, paper_step).
 
@@ -304,6 +316,9 @@ def make_row(key, args, cache, device):
     if key in ('segformer', 'depthformer', 'segdepthformer', 'emuformer'):
         model = build('segdepthformer' if key == 'emuformer' else key)
         return [model], lambda x: uq.predict(model, x, 'none'), Textbook(model)
+    if key == 'segdepthformer-plain':  # F.interpolate where the CPU speed-up would run
+        model = build('segdepthformer')
+        return [model], lambda x: plain_upsampling(uq.predict, model, x, 'none'), Textbook(model)
     if key == 'textbook':
         model = Textbook(build('segdepthformer'))
         return [model], lambda x: uq.predict(model, x, 'none'), model
@@ -488,7 +503,7 @@ def latency_ratios(rows):
     """The comparisons the speed work is judged by: latency of the first row / the second
     (below 1: the first is faster), for the pairs whose rows were run."""
     latency = {r['key']: r['latency_ms_median'] for r in rows}
-    pairs = [('segdepthformer', 'encoder'), ('segdepthformer', 'textbook'), ('segformer', 'hf'),
+    pairs = [('segdepthformer', 'encoder'), ('segdepthformer', 'segdepthformer-plain'), ('segdepthformer', 'textbook'), ('segformer', 'hf'),
              ('segdepthformer', 'hf'), ('encoder', 'hf-encoder'), ('mcd', 'segdepthformer'),
              ('mcd', 'mcd-plain'), ('dse', 'segdepthformer'), ('de', 'segdepthformer'),
              ('de-batched', 'segdepthformer'), ('de-looped', 'segdepthformer'), ('de-batched', 'de-looped'),

@@ -50,6 +50,8 @@ rebuilds one from a checkpoint of train.py or distill.py, `load_members` the mem
 Ensemble, `describe` names what was loaded (reading and strict loading: plumbing.py).
 """
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -143,6 +145,23 @@ def stacked_folds(decoders, stages=4):
     return weights, sum(torch.cat([c for _, c in stage]) for stage in folds)
 
 
+# True: on a CPU, whole upsampling factors take the speed-up at the end of this file; bench.py's
+# row segdepthformer-plain sets it False to time F.interpolate in the same run
+FAST_UPSAMPLE = True
+
+
+def upsample(x, size, out=None):
+    """Bilinear upsampling of x (B, C, h, w) to size (H, W), as F.interpolate(align_corners=
+    False) computes it, or added into `out` (B, C, H, W) in place. On a CPU, factors H/h and
+    W/w that are whole numbers take the faster form at the end of this file (upsample_by_passes);
+    an ONNX export always gets F.interpolate."""
+    (h, w), (H, W) = x.shape[-2:], size
+    if FAST_UPSAMPLE and x.device.type == 'cpu' and not (H % h or W % w or torch.onnx.is_in_onnx_export()):
+        return upsample_by_passes(x, size, out)
+    up = F.interpolate(x, size, mode='bilinear', align_corners=False)
+    return up if out is None else out.add_(up)
+
+
 def folded_sum(features, weights, bias):
     """z = sum_i up(M_i f_i) + c: the encoder's four maps [(B, C_i, h_i, w_i)], the stacked
     matrices [(G*E, C_i)] and bias (G*E,) of stacked_folds -> (B, G*E, h_1, w_1). Each stage
@@ -152,7 +171,7 @@ def folded_sum(features, weights, bias):
     conv = lambda f, weight, b=None: F.conv2d(f, weight[:, :, None, None], b)  # (G*E, C_i) as a 1x1 conv
     z = conv(features[0], weights[0], bias)
     for f, weight in zip(features[1:], weights[1:]):
-        z += F.interpolate(conv(f, weight), size, mode='bilinear', align_corners=False)
+        upsample(conv(f, weight), size, out=z)  # added in place: z is the large tensor
     return z
 
 
@@ -175,10 +194,10 @@ def head_outputs(task, z, size):
     for depth. Upsampling comes before the activations, as the paper does for the softmax
     (Section 3.2.1)."""
     if task == 'seg':
-        return {'seg_logits': F.interpolate(z, size, mode='bilinear', align_corners=False)}
+        return {'seg_logits': upsample(z, size)}
     # depth in float32 whatever autocast does (no autocast list lowers these ops): in half
     # precision Softplus underflows to 0 below about -17, where the loss's 1/s^2 then overflows
-    z = F.interpolate(z.float(), size, mode='bilinear', align_corners=False)
+    z = upsample(z.float(), size)
     return {'depth_mean': F.relu(z[:, 0]),        # Eq. 4
             'depth_var': F.softplus(z[:, 1])}     # Eq. 5
 
@@ -369,3 +388,47 @@ def load_members(paths):
                 raise ValueError(f'the members of a Deep Ensemble must share one architecture: '
                                  f'{paths[0]} is {describe(models[0])}, {path} is {describe(model)}')
     return models
+
+
+# ---------------------------------------------------------------------------------------------
+# --- speed-up: bilinear upsampling by whole factors as strided in-place passes (replaces
+# F.interpolate in upsample above on a CPU; bench.py rows segdepthformer and
+# segdepthformer-plain, timed in the same run; docs/results.md)
+
+def upsample_by_passes(x, size, out=None):
+    """upsample() for whole factors H/h, W/w: two 1-d passes (_lerp_phases), rows then columns,
+    a few strided in-place operations each, in the tensor's memory order, written straight into
+    (or added to) the output; the numbers are F.interpolate's up to rounding (tests/test_models.py)."""
+    (h, w), (H, W) = x.shape[-2:], size
+    y = x.permute(0, 2, 3, 1)  # (B, h, w, C): contiguous for the channels_last maps of the decoder
+    # new buffers through empty_like, so that under vmap (a batched Deep Ensemble) they are batched
+    rows = torch.empty_like(y.unsqueeze(3).expand(-1, -1, -1, W // w, -1)).flatten(2, 3)  # (B, h, W, C)
+    _lerp_phases(y, rows, dim=2, accumulate=False)
+    target = torch.empty_like(rows.unsqueeze(2).expand(-1, -1, H // h, -1, -1)).flatten(1, 2) if out is None \
+        else out.permute(0, 2, 3, 1)  # (B, H, W, C)
+    _lerp_phases(rows, target, dim=1, accumulate=out is not None)
+    return target.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W), channels_last in memory
+
+
+def _lerp_phases(x, out, dim, accumulate):
+    """1-d bilinear upsampling of x along dim by the whole factor s = out.size(dim) / x.size(dim),
+    into out (or added to it). Output o = s q + a has the source coordinate
+    q + (a + 0.5) / s - 0.5, so each phase a is a fixed blend (1 - t) x[q + d] + t x[q + d + 1]
+    with d = -1 or 0, the source clamped at the ends, as F.interpolate does."""
+    n = x.shape[dim]
+    s = out.shape[dim] // n
+    first, second = x.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1)
+    for a in range(s):
+        src = (a + 0.5) / s - 0.5
+        d = math.floor(src)
+        t = src - d
+        # outputs s q + a for every q: the first or last one is the clamped end, the rest a blend
+        phase = lambda: out.unflatten(dim, (n, s)).select(dim + 1, a)  # a fresh view after each write
+        body, edge = (1, 0) if d < 0 else (0, n - 1)
+        clamped = x.narrow(dim, 0 if d < 0 else n - 1, 1)
+        if accumulate:
+            phase().narrow(dim, body, n - 1).add_(first, alpha=1 - t).add_(second, alpha=t)
+            phase().narrow(dim, edge, 1).add_(clamped)
+        else:
+            phase().narrow(dim, body, n - 1).copy_(first).mul_(1 - t).add_(second, alpha=t)
+            phase().narrow(dim, edge, 1).copy_(clamped)

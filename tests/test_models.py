@@ -596,3 +596,36 @@ def test_attention_dropout_in_blocks_has_the_attentions_expectation():
     # has probability ~800 * 6e-7), and every output does vary with the masks
     error = (draws.mean(0) - want).abs() / (draws.std(0) / n ** 0.5)
     assert error.max() < 5 and draws.std(0).min() > 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder's upsampling: F.interpolate's numbers, faster
+
+@pytest.mark.parametrize('size,out_size', [((7, 9), (14, 18)), ((7, 9), (28, 72)), ((5, 6), (15, 30)),
+                                            ((15, 20), (120, 160)), ((7, 9), (13, 20))])  # the last: not whole
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_upsample_equals_interpolate(size, out_size, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, *size, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = F.interpolate(x, out_size, mode='bilinear', align_corners=False)
+    assert torch.allclose(heads.upsample(x, out_size), want, rtol=0, atol=1e-14)  # float64 round-off
+    base = torch.randn(2, 5, *out_size, dtype=torch.float64)
+    added = heads.upsample(x, out_size, out=base.clone())
+    assert torch.allclose(added, base + want, rtol=0, atol=1e-14)
+    # gradients, through the in-place writes, as F.interpolate's
+    g = torch.randn(2, 5, *out_size, dtype=torch.float64)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (heads.upsample(a, out_size, out=base.clone()) * g).sum().backward()
+    (F.interpolate(b, out_size, mode='bilinear', align_corners=False) * g).sum().backward()
+    assert torch.allclose(a.grad, b.grad, rtol=0, atol=1e-12)
+
+
+def test_upsample_under_vmap_equals_each_member():
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 4, 6, 8)  # 3 members
+    z = torch.randn(3, 1, 4, 12, 32)
+    batched = torch.func.vmap(lambda xi, zi: heads.upsample(xi, (12, 32), out=zi.clone()))(x, z)
+    for i in range(3):
+        assert torch.allclose(batched[i], z[i] + F.interpolate(x[i], (12, 32), mode='bilinear'), atol=1e-6)
