@@ -84,6 +84,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -207,13 +208,18 @@ def default_name(models, method, dropout):
 @dataclass
 class Pictures:
     """What --save-vis draws while the loop runs: the Figure-5-like panels of the first `count`
-    images, one PNG each in `folder`, named after the samples, titled with the row's name."""
+    images, one PNG each in `folder`, named after the row and the sample, titled with the row's name."""
     folder: str
     count: int
     name: str
     palette: np.ndarray
     class_names: list
     num_classes: int
+
+
+def file_stem(name):
+    """A row's name as the start of a file name: 'EMUFormer-B0, calibrated' -> 'emuformer-b0-calibrated'."""
+    return re.sub(r'[^a-z0-9.]+', '-', name.lower()).strip('-')
 
 
 def draw_pictures(pictures, batch, pred, count):
@@ -226,7 +232,7 @@ def draw_pictures(pictures, batch, pred, count):
         if pred.probs is not None:
             present = np.union1d(batch['label'][i].numpy(), pred.pred[i].cpu().numpy())
             legend = figures.class_legend(present, pictures.palette, pictures.class_names) + figures.ERROR_LEGEND
-        written.append(os.path.join(pictures.folder, f"{batch['name'][i]}.png"))
+        written.append(os.path.join(pictures.folder, f"{file_stem(pictures.name)}_{batch['name'][i]}.png"))
         figures.save_figure(written[-1], rows, f"{pictures.name} on {batch['name'][i]}", legend + figures.BLACK_MEANS)
     return written
 
@@ -478,13 +484,15 @@ def evaluate_and_report(args, model, method, name, num_classes, rank, world_size
             print(format_ood(result))
         if args.json:
             plumbing.write_json(result, args.json)
-        if pictures is not None and result['seg'] is not None:
-            figures.reliability_diagram(os.path.join(args.save_vis, 'reliability.png'), result['seg']['reliability'],
-                                        result['seg']['ece'], name)
-        if pictures is not None and result['depth'] is not None:
-            sparsification_plot(os.path.join(args.save_vis, 'sparsification.png'), result['depth'], name)
         if pictures is not None:
-            print(f"wrote {len(result['drawn'])} figure(s) to {args.save_vis}")
+            drawn = list(result['drawn'])
+            if result['seg'] is not None:
+                drawn.append(os.path.join(args.save_vis, f'{file_stem(name)}_reliability.png'))
+                figures.reliability_diagram(drawn[-1], result['seg']['reliability'], result['seg']['ece'], name)
+            if result['depth'] is not None:
+                drawn.append(os.path.join(args.save_vis, f'{file_stem(name)}_sparsification.png'))
+                sparsification_plot(drawn[-1], result['depth'], name)
+            print(f"wrote {len(drawn)} figure(s) to {args.save_vis}: {', '.join(os.path.basename(d) for d in drawn)}")
     return result
 
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 import data
 import evaluate
+import heads
 import corrupt
 import figures
 import metrics
@@ -212,13 +213,15 @@ def test_json_safe_turns_nan_into_null():
     json.dumps(x, allow_nan=False)
 
 
-def test_save_vis_writes_figure5_panels(ckpt, tmp_path):
+def test_save_vis_writes_figure5_panels(ckpt, tmp_path, capsys):
     out = tmp_path / 'vis'
     evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--save-vis', str(out), '--num-vis', '4'])
     dataset = data.build_dataset('synthetic', None, 'val', train=False, num_images=6, size=SIZE)
     names = [dataset[i]['name'] for i in range(4)]
-    assert sorted(p.name for p in out.iterdir()) == sorted([f'{n}.png' for n in names] + ['reliability.png',
-                                                                                       'sparsification.png'])
+    stem = evaluate.file_stem(evaluate.default_name(heads.load_members([ckpt['segdepthformer']]), 'none', 0.2))
+    written = sorted([f'{stem}_{n}.png' for n in names] + [f'{stem}_reliability.png', f'{stem}_sparsification.png'])
+    assert sorted(p.name for p in out.iterdir()) == written  # the files name the model and the image
+    assert f'wrote 6 figure(s) to {out}: ' in capsys.readouterr().out  # the count is what was written
 
     # the panels of scene 3 (it has unlabelled pixels and depth holes), from a direct prediction
     batch = next(iter(DataLoader(torch.utils.data.Subset(dataset, [3]), 1)))
@@ -251,7 +254,7 @@ def test_save_vis_writes_figure5_panels(ckpt, tmp_path):
     assert (mutual == figures.BLANK).all() and rows[0][6].note == figures.ZERO_NOTE
 
     # the PNG: two rows of five enlarged panels, each where figure_layout says
-    figure = np.array(Image.open(out / f'{names[3]}.png').convert('RGB'))
+    figure = np.array(Image.open(out / f'{stem}_{names[3]}.png').convert('RGB'))
     s, cell_w, cell_h, origin = figures.figure_layout(rows)
     assert figure.shape[1] == figures.PAD + 7 * cell_w
     assert figure.shape[0] > figures.PAD + figures.TITLE_HEIGHT + 2 * cell_h  # + the legend
@@ -263,15 +266,15 @@ def test_save_vis_writes_figure5_panels(ckpt, tmp_path):
     bar = figure[y + SIZE[0] * s + 5, x:x + SIZE[1] * s].astype(int)
     assert bar[2].sum() < 100 and bar[-3].sum() > 600
 
-    reliability = Image.open(out / 'reliability.png')
+    reliability = Image.open(out / f'{stem}_reliability.png')
     assert reliability.size == (640, 536) and np.array(reliability.convert('L')).std() > 10
-    assert np.array(Image.open(out / 'sparsification.png').convert('L')).std() > 10
+    assert np.array(Image.open(out / f'{stem}_sparsification.png').convert('L')).std() > 10
 
 
 def test_save_vis_depth_only_has_one_row_and_no_reliability(ckpt, tmp_path):
     out = tmp_path / 'vis'
     evaluate.main([ckpt['depthformer'], *SYNTHETIC, '--save-vis', str(out), '--num-vis', '1'])
-    files = [f for f in out.iterdir() if f.name != 'sparsification.png']
+    files = [f for f in out.iterdir() if not f.name.endswith('_sparsification.png')]
     assert len(files) == 1
     s = figures.panel_scale(SIZE[1])
     cell_w = SIZE[1] * s + figures.PAD
