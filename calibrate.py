@@ -158,13 +158,7 @@ def get_parser():
     a('--batch-size', type=plumbing.positive_int, default=1, help='images per forward pass')
     a('--precision', default='auto', choices=plumbing.PRECISIONS, help='autocast of the forward pass (plumbing.py)')
     a('--workers', type=plumbing.natural_int, default=plumbing.default_workers(), help='data loader processes')
-    a('--synthetic-train', type=plumbing.positive_int, default=200, help='synthetic only: number of training scenes '
-                                                                  '(read with --split train)')
-    a('--synthetic-val', type=plumbing.positive_int, default=50, help='synthetic only: number of validation scenes '
-                                                               '(read with --split val)')
-    a('--synthetic-calib', type=plumbing.positive_int, default=50, help='synthetic only: number of calibration scenes '
-                                                                 '(read with --split calib, the default)')
-    a('--synthetic-size', type=plumbing.positive_int, nargs=2, default=(96, 128), metavar=('H', 'W'))
+    data.add_split_options(p, default_split='calib')
     return p
 
 

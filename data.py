@@ -65,7 +65,7 @@ from torch.utils.data import Dataset
 
 from corrupt import CORRUPTIONS, corrupt
 from mit import MIN_SIZE
-from plumbing import entry_point, save_atomic
+from plumbing import entry_point, positive_int, save_atomic
 from scenes import IGNORE_INDEX, SEED_OFFSET, SYNTHETIC_CLASSES, SYNTHETIC_PALETTE, SyntheticScenes
 
 def valid_depth(depth):
@@ -513,6 +513,17 @@ class Cityscapes(Dataset):
 
 
 # -----------------------------------------------------------------------------
+
+
+def add_split_options(p, default_split):
+    """The options that size the synthetic scenes, spelled alike in every script that reads a
+    split (--split): how many scenes each split has, and their size."""
+    for split, what, count in (('train', 'training', 200), ('val', 'validation', 50), ('calib', 'calibration', 50)):
+        read = f'--split {split}' + (', the default' if split == default_split else '')
+        p.add_argument(f'--synthetic-{split}', type=positive_int, default=count,
+                       help=f'synthetic only: number of {what} scenes (read with {read})')
+    p.add_argument('--synthetic-size', type=positive_int, nargs=2, default=(96, 128), metavar=('H', 'W'),
+                   help='synthetic only: scene size')
 
 
 def build_dataset(name, root, split, train, crop_size=None, teacher_jitter=None, max_depth=None,

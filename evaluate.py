@@ -148,14 +148,7 @@ def get_parser():
     a('--severity', type=int, choices=range(1, 6), help='of --corruption NAME, 1..5')
     a('--synthetic-ood', action='store_true', help='synthetic only: scenes with objects of no training class, '
                                                    'and the out-of-distribution metrics')
-    a('--synthetic-train', type=plumbing.positive_int, default=200, help='synthetic only: number of training scenes '
-                                                                '(read with --split train)')
-    a('--synthetic-val', type=plumbing.positive_int, default=50, help='synthetic only: number of validation scenes '
-                                                             '(read with --split val, the default)')
-    a('--synthetic-calib', type=plumbing.positive_int, default=50, help='synthetic only: number of calibration scenes '
-                                                               '(read with --split calib)')
-    a('--synthetic-size', type=plumbing.positive_int, nargs=2, default=(96, 128), metavar=('H', 'W'),
-      help='synthetic only: scene size')
+    data.add_split_options(p, default_split='val')
     return p
 
 

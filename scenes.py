@@ -223,12 +223,8 @@ class SyntheticScenes(Dataset):
     JointTransform, which build_dataset passes (render() alone needs none)."""
 
     def __init__(self, num_images, transform, size=(96, 128), seed=0, annotation_noise=True, ood=False):
-        self.num_images = num_images
-        self.transform = transform
-        self.size = size
-        self.seed = seed
-        self.annotation_noise = annotation_noise
-        self.ood = ood
+        self.num_images, self.transform, self.size = num_images, transform, size
+        self.seed, self.annotation_noise, self.ood = seed, annotation_noise, ood
 
     def __len__(self):
         return self.num_images
