@@ -632,9 +632,13 @@ def format_sweep(report):
     return '\n'.join(lines)
 
 
+# the unit of a sweep metric, on its panel's y axis (the rest are ratios)
+SWEEP_UNITS = {'entropy': 'nats', 'RMSE': 'm', 'AUSE rmse': 'm', 'depth NLL': 'nats', 'depth var': 'm^2'}
+
+
 def sweep_plot(path, reports):
     """Every metric of SWEEP_METRICS against severity, one panel each, one line per report."""
-    panels = [(header, 'severity (0: clean)', header,
+    panels = [(header, 'severity (0: clean)', f'{header} ({SWEEP_UNITS[header]})' if header in SWEEP_UNITS else header,
                [(r['name'], list(range(6)), r['summary'][header]) for r in reports])
               for _, _, header in SWEEP_METRICS]
     figures.line_plots(path, panels, 'the mean over the corruptions of ImageNet-C at each severity')

@@ -561,3 +561,13 @@ def test_name_names_the_row(ckpt, capsys):
     result = evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--name', 'my model'])
     assert result['name'] == 'my model' and 'label' not in result
     assert any(line.startswith('my model') for line in capsys.readouterr().out.splitlines())
+
+
+def test_the_sweep_plot_names_its_units(monkeypatch, tmp_path):
+    drawn = {}
+    monkeypatch.setattr(figures, 'line_plots', lambda path, panels, title: drawn.update(panels=panels))
+    summary = {header: [0.1] * 6 for _, _, header in evaluate.SWEEP_METRICS}
+    evaluate.sweep_plot(tmp_path / 'sweep.png', [{'name': 'a', 'summary': summary}])
+    y_labels = {title: y for title, _, y, _ in drawn['panels']}
+    assert y_labels['RMSE'] == 'RMSE (m)' and y_labels['depth var'] == 'depth var (m^2)'
+    assert y_labels['depth NLL'] == 'depth NLL (nats)' and y_labels['mIoU'] == 'mIoU'  # a ratio has none
