@@ -30,8 +30,8 @@ run python train.py $S --out "$out/m0"
 run python train.py $S --seed 1 --out "$out/m1"
 run python distill.py $S --teacher "$out"/m{0,1}/last.pt --student-init "$out/m0/last.pt" --epochs 1 \
     --out "$out/emu"
-run python evaluate.py "$out"/m{0,1}/last.pt --synthetic-images 16 --precision bf16 --json "$out/de.json"
-run python evaluate.py "$out/emu/last.pt" --synthetic-images 16 --method mcd --json "$out/mcd.json"
+run python evaluate.py "$out"/m{0,1}/last.pt --synthetic-val 16 --precision bf16 --json "$out/de.json"
+run python evaluate.py "$out/emu/last.pt" --synthetic-val 16 --method mcd --json "$out/mcd.json"
 
 step "3/5 inference: Table 1 in bf16 (B2, 480x640, batch 1)"
 run python bench.py --precision bf16 --json "$out/bench_bf16.json"
