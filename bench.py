@@ -6,8 +6,10 @@ Each row times the full prediction with uncertainty, image batch in, `uq.Predict
 (mean softmax, entropy, depth mean and variance, all at the input size), through `uq.predict`:
 
     SegFormer, DepthFormer, SegDepthFormer   one network, method 'none'
-    SegDepthFormer, plain upsampling        the same with F.interpolate where heads.upsample
-                                            takes its CPU speed-up (heads.FAST_UPSAMPLE)
+    SegDepthFormer, plain forms             the same with the CPU speed-ups of one pass off:
+                                            F.interpolate for heads.upsample's passes
+                                            (heads.FAST_UPSAMPLE) and F.softmax over dim 1
+                                            for uq's channels_last one (uq.FAST_SOFTMAX)
     SegDepthFormer, textbook decoder        the same network with the literal SegFormer
                                             decoder (heads.py), to see what the fold buys
     MC Dropout (T)                          SegDepthFormer, method 'mcd', T passes
@@ -231,7 +233,7 @@ ROWS = {  # --rows key: the row's name in the table ({N}: members, {T}: samples)
     'segformer': 'SegFormer',
     'depthformer': 'DepthFormer',
     'segdepthformer': 'SegDepthFormer',
-    'segdepthformer-plain': 'SegDepthFormer, plain upsampling',
+    'segdepthformer-plain': 'SegDepthFormer, plain forms',
     'textbook': 'SegDepthFormer, textbook decoder',
     'mcd': 'MC Dropout (T={T})',
     'mcd-plain': 'MC Dropout (T={T}), plain dropout',
@@ -293,13 +295,14 @@ def onnx_session(network):
     return onnxruntime.InferenceSession(predict.onnx_bytes(network, {}), options, providers=['CPUExecutionProvider'])
 
 
-def plain_upsampling(fn, *args):
-    """fn(*args) with heads.upsample's CPU speed-up switched off (row segdepthformer-plain)."""
-    heads.FAST_UPSAMPLE = False
+def plain_forms(fn, *args):
+    """fn(*args) with the CPU speed-ups of one pass switched off (row segdepthformer-plain):
+    heads.upsample's passes and uq.softmax's channels_last form."""
+    heads.FAST_UPSAMPLE = uq.FAST_SOFTMAX = False
     try:
         return fn(*args)
     finally:
-        heads.FAST_UPSAMPLE = True
+        heads.FAST_UPSAMPLE = uq.FAST_SOFTMAX = True
 
 
 def make_row(key, args, cache, device):
@@ -316,9 +319,9 @@ def make_row(key, args, cache, device):
     if key in ('segformer', 'depthformer', 'segdepthformer', 'emuformer'):
         model = build('segdepthformer' if key == 'emuformer' else key)
         return [model], lambda x: uq.predict(model, x, 'none'), Textbook(model)
-    if key == 'segdepthformer-plain':  # F.interpolate where the CPU speed-up would run
+    if key == 'segdepthformer-plain':  # the plain forms where the CPU speed-ups would run
         model = build('segdepthformer')
-        return [model], lambda x: plain_upsampling(uq.predict, model, x, 'none'), Textbook(model)
+        return [model], lambda x: plain_forms(uq.predict, model, x, 'none'), Textbook(model)
     if key == 'textbook':
         model = Textbook(build('segdepthformer'))
         return [model], lambda x: uq.predict(model, x, 'none'), model
@@ -564,19 +567,19 @@ def print_train(rows, ratios, header):
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_args(argv):
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--backbone', default='b2', choices=list(mit.CONFIGS), help="MiT encoder (Table 1: b2)")
-    p.add_argument('--size', nargs=2, type=int, default=[480, 640], metavar=('H', 'W'),
+    p.add_argument('--size', nargs=2, type=plumbing.positive_int, default=[480, 640], metavar=('H', 'W'),
                    help="input size (NYUv2 as in Table 1: 480 640)")
-    p.add_argument('--num-classes', type=int, default=40, help="segmentation classes (NYUv2: 40)")
-    p.add_argument('--batch-size', type=int, default=1, help="images per step (FPS = batch size / latency)")
+    p.add_argument('--num-classes', type=plumbing.positive_int, default=40, help="segmentation classes (NYUv2: 40)")
+    p.add_argument('--batch-size', type=plumbing.positive_int, default=1, help="images per step (FPS = batch size / latency)")
     p.add_argument('--rows', nargs='+', default=[k for k in ROWS if k not in HF_ROWS + ONNX_ROWS],
                    choices=list(ROWS), metavar='ROW',
                    help=f"rows to run, of: {', '.join(ROWS)} (default: all but hf* and onnx)")
-    p.add_argument('--members', type=int, default=10, help="N: Deep Ensemble members, DSE heads per task")
-    p.add_argument('--samples', type=int, default=10, help="T: MC Dropout passes")
+    p.add_argument('--members', type=plumbing.positive_int, default=10, help="N: Deep Ensemble members, DSE heads per task")
+    p.add_argument('--samples', type=plumbing.positive_int, default=10, help="T: MC Dropout passes")
     p.add_argument('--hf', action='store_true',
                    help="add the rows hf and hf-encoder: Hugging Face transformers' SegFormer "
                         "(an optional package)")
@@ -587,7 +590,7 @@ def parse_args(argv):
                    help="time training steps of SegDepthFormer (folded vs textbook) instead of the table")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    choices=['cpu', 'cuda'], help="default: cuda if available")
-    p.add_argument('--threads', type=int, help="torch.set_num_threads (CPU); default: PyTorch's choice")
+    p.add_argument('--threads', type=plumbing.positive_int, help="torch.set_num_threads (CPU); default: PyTorch's choice")
     p.add_argument('--precision', default='auto', choices=plumbing.PRECISIONS,
                    help="bf16/fp16: autocast, the weights stay fp32; auto: bf16 (fp16 without bf16) on a "
                         "GPU, fp32 on a CPU")
@@ -596,17 +599,18 @@ def parse_args(argv):
     p.add_argument('--compile-mode', default='default',
                    choices=['default', 'reduce-overhead', 'max-autotune'],
                    help="torch.compile mode (reduce-overhead: CUDA graphs, for small batches on the GPU)")
-    p.add_argument('--warmup', type=int, default=5, help="untimed iterations first (compiling happens here)")
-    p.add_argument('--iters', type=int, default=20, help="timed iterations (at least 2, for a std)")
+    p.add_argument('--warmup', type=plumbing.natural_int, default=5, help="untimed iterations first (compiling happens here)")
+    p.add_argument('--iters', type=plumbing.positive_int, default=20, help="timed iterations (at least 2, for a std)")
     p.add_argument('--json', metavar='PATH', help="also write settings and rows to this JSON file")
+    return p
+
+
+def parse_args(argv):
+    p = get_parser()
     args = p.parse_args(argv)
     # auto becomes the precision it means on this device, which the report then names
     dtype = plumbing.autocast_dtype(args.precision, torch.device(args.device))
     args.precision = next(name for name, d in plumbing.DTYPES.items() if d == dtype)
-    for flag, value, least in (('--batch-size', args.batch_size, 1), ('--members', args.members, 1),
-                               ('--samples', args.samples, 1), ('--warmup', args.warmup, 0)):
-        if value < least:
-            p.error(f"{flag} {value}: must be at least {least}")
     if args.iters < 2:
         p.error("--iters must be at least 2 (the std needs two timings)")
     if args.train and args.hf:

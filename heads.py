@@ -112,8 +112,13 @@ class AllMLPDecoder(nn.Module):
 
     def output_layer(self, x):
         """(B, E, h, w) = ReLU(BN(fused features)) -> (B, out_dim, h, w): Dropout2d (whole
-        channels, in training and under MC Dropout), then the 1x1 prediction layer."""
-        return self.linear_pred(self.dropout(x))
+        channels, in training and under MC Dropout), then the 1x1 prediction layer, written as
+        the matmul over the channels that it is, (B, h, w, E) @ (E, out_dim). A matmul reads a
+        head's channel slice of fused_features' grouped map where it lies; a conv would copy it
+        out first."""
+        x = self.dropout(x).permute(0, 2, 3, 1)  # (B, h, w, E)
+        weight, bias = self.linear_pred.weight.flatten(1), self.linear_pred.bias  # (out_dim, E), (out_dim,)
+        return F.linear(x, weight, bias).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +151,7 @@ def stacked_folds(decoders, stages=4):
 
 
 # True: on a CPU, whole upsampling factors take the speed-up at the end of this file; bench.py's
-# row segdepthformer-plain sets it False to time F.interpolate in the same run
+# row segdepthformer-plain sets it False (with uq.FAST_SOFTMAX) to time the plain forms
 FAST_UPSAMPLE = True
 
 
@@ -164,14 +169,19 @@ def upsample(x, size, out=None):
 
 def folded_sum(features, weights, bias):
     """z = sum_i up(M_i f_i) + c: the encoder's four maps [(B, C_i, h_i, w_i)], the stacked
-    matrices [(G*E, C_i)] and bias (G*E,) of stacked_folds -> (B, G*E, h_1, w_1). Each stage
-    goes to the fused width at its own resolution (a 1x1 conv), then up to 1/4 resolution; the
-    bias goes in once, with stage 1."""
+    matrices [(G*E, C_i)] and bias (G*E,) of stacked_folds -> (B, G*E, h_1, w_1).
+
+    Stages 3 and 4 go to the fused width at their own resolution (a 1x1 conv) and are then
+    upsampled to 1/4 resolution, added in place into z. Stage 2 goes the other way round, as
+    up(M_2 f_2) = M_2 up(f_2) allows: its C_2 channels are far fewer than the G*E it would be
+    upsampled with otherwise, so upsampled first it joins stage 1 in one conv over C_1 + C_2
+    channels, which takes less time and memory for a few more multiply-adds (bench.py counts
+    them). The bias goes in once, with stage 4's small map (upsampling keeps a constant)."""
     size = features[0].shape[-2:]
     conv = lambda f, weight, b=None: F.conv2d(f, weight[:, :, None, None], b)  # (G*E, C_i) as a 1x1 conv
-    z = conv(features[0], weights[0], bias)
-    for f, weight in zip(features[1:], weights[1:]):
-        upsample(conv(f, weight), size, out=z)  # added in place: z is the large tensor
+    z = conv(torch.cat([features[0], upsample(features[1], size)], dim=1), torch.cat(weights[:2], dim=1))
+    upsample(conv(features[2], weights[2]), size, out=z)  # added in place: z is the large tensor
+    upsample(conv(features[3], weights[3], bias), size, out=z)
     return z
 
 

@@ -117,12 +117,12 @@ def get_parser():
                     'out/FOLDER_NAME.onnx for the checkpoint FOLDER/NAME.pt)')
     a('--method', choices=uq.METHODS,
       help="uncertainty method; default: 'de' for several checkpoints, 'dse' for a Deep Sub-Ensemble, else 'none'")
-    a('--samples', type=int, default=10, help='MC Dropout: forward passes')
-    a('--dropout', type=float, default=0.2, help='MC Dropout: dropout rate at test time')
+    a('--samples', type=plumbing.positive_int, default=10, help='MC Dropout: forward passes')
+    a('--dropout', type=plumbing.rate, default=0.2, help='MC Dropout: dropout rate at test time, in [0, 1)')
     a('--seed', type=int, default=0, help='seed of the MC Dropout masks')
-    a('--size', type=int, nargs=2, metavar=('H', 'W'),
+    a('--size', type=plumbing.positive_int, nargs=2, metavar=('H', 'W'),
       help='resize every image to H x W for the network, and its outputs back (default: each as it is)')
-    a('--batch-size', type=int, default=1, help='images per uq.predict call (of equal network-input size)')
+    a('--batch-size', type=plumbing.positive_int, default=1, help='images per uq.predict call (of equal network-input size)')
     a('--precision', default='auto', choices=plumbing.PRECISIONS,
       help='autocast of the forward passes; auto: bf16 (fp16 without bf16) on a GPU, fp32 on a CPU')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu (default: cuda if there is one)')

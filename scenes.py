@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from plumbing import check_output, entry_point, save_atomic
+from plumbing import check_output, entry_point, positive_int, save_atomic
 
 IGNORE_INDEX = 255  # the label of a pixel without a class (unlabelled, Cityscapes' void classes)
 
@@ -258,8 +258,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description='The synthetic validation scenes as PNG images; '
                                                  'see the docstring of scenes.py.')
     parser.add_argument('--out', required=True, help='output folder (must be empty unless --overwrite)')
-    parser.add_argument('--count', type=int, default=4, help='how many scenes (0, 1, ... of the val split)')
-    parser.add_argument('--size', type=int, nargs=2, default=(96, 128), metavar=('H', 'W'))
+    parser.add_argument('--count', type=positive_int, default=4, help='how many scenes (0, 1, ... of the val split)')
+    parser.add_argument('--size', type=positive_int, nargs=2, default=(96, 128), metavar=('H', 'W'))
     parser.add_argument('--seed', type=int, default=0, help="the data set's seed, as --seed of train.py")
     parser.add_argument('--ood', action='store_true', help='with out-of-distribution objects')
     parser.add_argument('--overwrite', action='store_true')

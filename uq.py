@@ -128,13 +128,16 @@ class Prediction:
         return self.probs.max(dim=1).indices  # (B, K, H, W) -> (B, H, W) class ids, ties to the lowest
 
 
+# True: on a CPU, channels_last logits take the speed-up at the end of this file; bench.py's row
+# segdepthformer-plain sets it False (with heads.FAST_UPSAMPLE) to time the plain forms
+FAST_SOFTMAX = True
+
+
 def softmax(z):
-    """Softmax over the classes of (B, K, H, W) logits, in float32, along the dimension that is
-    contiguous in memory: the classes for channels_last logits (the models' fast upsampling
-    makes them so), where a reduction over dim 1 would stride through memory."""
+    """Softmax over the classes of (B, K, H, W) logits, in float32."""
     z = z.float()
-    if z.is_contiguous(memory_format=torch.channels_last):
-        return F.softmax(z.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)
+    if FAST_SOFTMAX and z.device.type == 'cpu' and z.is_contiguous(memory_format=torch.channels_last):
+        return softmax_channels_last(z)
     return F.softmax(z, dim=1)
 
 
@@ -320,3 +323,14 @@ def predict(model, images, method='none', samples=10, dropout=0.2, chunk=None, d
     for out in outputs:
         summary.add(out)
     return summary.prediction()
+
+
+# ---------------------------------------------------------------------------------------------
+# --- speed-up: the softmax of channels_last logits (replaces F.softmax(z, dim=1) in softmax
+# above on a CPU; bench.py rows segdepthformer and segdepthformer-plain; docs/results.md)
+
+def softmax_channels_last(z):
+    """softmax() for channels_last logits, which heads.upsample's CPU passes return: over the
+    last dimension of the (B, H, W, K) view, where the classes of a pixel lie next to each other
+    in memory; torch's CPU softmax over dim 1 of such a tensor strides through memory instead."""
+    return F.softmax(z.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)

@@ -31,7 +31,8 @@ def analytic_macs(cfg, H, W, out_channels, textbook, B=1):
                        fc1 and fc2 4 N C^2 each, 3x3 depthwise conv 4C * 9 * N
     Decoder (width E, N_1 tokens at 1/4) per head with K outputs:
       textbook         linear_c_i N_i C_i E, fuse conv N_1 * 4E * E, prediction N_1 E K
-      folded           maps W_i L_i at each stage's own resolution N_i C_i E, prediction N_1 E K,
+      folded           maps W_i L_i at each stage's own resolution N_i C_i E, but stage 2 at
+                       stage 1's (upsampled first, heads.folded_sum) N_1 C_2 E, prediction N_1 E K,
                        and once per call, whatever the batch: the fold matmuls E * E * C_i and
                        E * E (bias)
     """
@@ -54,7 +55,7 @@ def analytic_macs(cfg, H, W, out_channels, textbook, B=1):
         if textbook:
             per_image += sum(N * C * E for N, C in stages) + N_1 * 4 * E * E
         else:
-            per_image += sum(N * C * E for N, C in stages)
+            per_image += N_1 * stages[1][1] * E + sum(N * C * E for i, (N, C) in enumerate(stages) if i != 1)
             per_call += sum(E * E * C + E * E for _, C in stages)
     return B * per_image + per_call
 

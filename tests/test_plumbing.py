@@ -185,3 +185,22 @@ def test_numeric_options_are_checked_where_they_are_parsed(kind, good, bad, caps
         with pytest.raises(SystemExit):
             parser.parse_args([f'--value={text}'])
         assert f'argument --value: {text} is not ' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('script', ['train', 'distill', 'evaluate', 'calibrate', 'predict', 'bench'])
+@pytest.mark.parametrize('option, value, message', [
+    ('--batch-size', '0', '0 is not an integer >= 1'),
+    ('--workers', '-1', '-1 is not an integer >= 0'),
+    ('--samples', '0', '0 is not an integer >= 1'),
+    ('--dropout', '1.5', '1.5 is not a rate in [0, 1)'),
+    ('--max-depth', 'nan', 'nan is not a number > 0'),
+    ('--synthetic-val', '0', '0 is not an integer >= 1'),
+    ('--precision', 'fp8', "invalid choice: 'fp8'")])
+def test_an_option_the_scripts_share_is_checked_alike_in_each(script, option, value, message, capsys):
+    parser = __import__(script).get_parser()
+    if option not in parser._option_string_actions:
+        pytest.skip(f'{script}.py has no {option}')
+    positional = ['x.pt'] if any(not a.option_strings and a.nargs == '+' for a in parser._actions) else []
+    with pytest.raises(SystemExit) as exit:
+        parser.parse_args([*positional, option, value])
+    assert exit.value.code == 2 and f'argument {option}: {message}' in capsys.readouterr().err
