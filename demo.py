@@ -57,6 +57,7 @@ STAGES = ('emuformer', 'all')
 SEEDS = (0, 1, 2)  # the Deep Ensemble's members
 # the synthetic recipe of train.py and distill.py, spelled out so that every command shown says it
 RECIPE = ['--data', 'synthetic', '--lr', '6e-4']
+EPOCHS = {'train': 24, 'distill': 16}  # the members', the student's (tests/test_demo.py: the scripts' recipes)
 JITTER = ['--jitter', '0.2', '0.2', '0.2', '0.02']  # the teacher's colour jitter on these scenes
 BEGIN = '<!-- demo.py writes this section: begin -->'
 END = '<!-- demo.py writes this section: end -->'
@@ -72,7 +73,9 @@ def get_parser():
                                                             'section (between its markers) is replaced')
     p.add_argument('--same-as', metavar='OUT', help="stage all: another demo's --out, whose tables this "
                                                     "demo's must equal (the time columns aside)")
-    p.add_argument('--epochs', type=plumbing.positive_int, default=30, help='of every training run')
+    p.add_argument('--epochs', type=plumbing.positive_int,
+                   help=f"of every training run (default: the recipes', {EPOCHS['train']} for the members and "
+                        f"{EPOCHS['distill']} for the student)")
     p.add_argument('--synthetic-scenes', type=plumbing.positive_int, metavar='N',
                    help='training, validation and calibration scenes each (default: the scripts\' own)')
     p.add_argument('--synthetic-size', type=plumbing.positive_int, nargs=2, metavar=('H', 'W'),
@@ -131,13 +134,15 @@ def paths(args):
 def training_steps(args):
     """The three members (train.py) and the student (distill.py)."""
     p = paths(args)
-    common = [*RECIPE, '--epochs', str(args.epochs), '--workers', '0', '--device', 'cpu',
-              *scene_options(args, '--synthetic-train', '--synthetic-val')]
+    common = [*RECIPE, '--workers', '0', '--device', 'cpu', *scene_options(args, '--synthetic-train', '--synthetic-val')]
+    epochs = {kind: ['--epochs', str(args.epochs or n)] for kind, n in EPOCHS.items()}
     steps = [Step(f'train member {seed}', 'train',
-                  ['train.py', *common, '--backbone', 'b0', '--seed', str(seed), '--out', member], member)
+                  ['train.py', *common, *epochs['train'], '--backbone', 'b0', '--seed', str(seed), '--out', member],
+                  member)
              for seed, member in zip(SEEDS, p['members'])]
     steps.append(Step('distil EMUFormer', 'distill',
-                      ['distill.py', '--teacher', *p['best'], '--student-init', p['best'][0], *common, *JITTER,
+                      ['distill.py', '--teacher', *p['best'], '--student-init', p['best'][0], *common,
+                       *epochs['distill'], *JITTER,
                        '--out', p['student']], p['student']))
     return steps
 
@@ -201,11 +206,12 @@ def plan(args):
 # what is done already
 
 
-def state(step, epochs):
+def state(step):
     """'done' (skip it), 'resume' (a training run whose last.pt holds an earlier step than its
     last) or 'new'. A result file is whole once it exists (the scripts write atomically)."""
     if step.kind not in ('train', 'distill'):
         return 'done' if os.path.exists(step.made) else 'new'
+    epochs = int(step.argv[step.argv.index('--epochs') + 1])
     last = os.path.join(step.made, 'last.pt')
     if not os.path.exists(last):
         return 'new'
@@ -447,7 +453,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     check_args(args)
     steps = plan(args)
-    states = [state(step, args.epochs) for step in steps]
+    states = [state(step) for step in steps]
     print(f'demo.py, stage {args.stage}: {len(steps)} steps, {states.count("done")} done already; '
           f'models in {args.runs}, results in {args.out}', flush=True)
     seconds = run_steps(steps, states, args.out)

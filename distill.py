@@ -54,7 +54,7 @@ import train
 import uq
 
 # the distillation recipes (the paper trains the student 100 epochs on either data set)
-RECIPES = {'synthetic': {'lr': 6e-4, 'epochs': 30, 'jitter': (0.2, 0.2, 0.2, 0.02)},
+RECIPES = {'synthetic': {'lr': 6e-4, 'epochs': 16, 'jitter': (0.2, 0.2, 0.2, 0.02)},
            'nyuv2': {'lr': 6e-5, 'epochs': 100, 'jitter': data.TEACHER_JITTER},
            'cityscapes': {'lr': 6e-5, 'epochs': 100, 'jitter': data.TEACHER_JITTER}}
 

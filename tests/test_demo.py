@@ -23,7 +23,7 @@ def parse(tmp_path, *argv):
     return args
 
 
-def fake_run(tmp_path, name, step, epochs=30, synthetic_train=200, batch_size=8):
+def fake_run(tmp_path, name, step, epochs=24, synthetic_train=200, batch_size=8):
     """A run directory whose last.pt holds `step` of a run with these arguments (all that
     demo.state reads)."""
     folder = tmp_path / 'runs' / name
@@ -44,19 +44,19 @@ def test_plan_of_a_fresh_folder(tmp_path):
     assert [s.label for s in steps] == ['train member 0', 'train member 1', 'train member 2', 'distil EMUFormer',
                                         'evaluate baseline', 'evaluate teacher', 'evaluate emuformer',
                                         'compare baseline, teacher, EMUFormer']
-    assert [demo.state(s, args.epochs) for s in steps] == ['new'] * 8
+    assert [demo.state(s) for s in steps] == ['new'] * 8
     runs = tmp_path / 'runs'
     best = [str(runs / f'member{i}' / 'best.pt') for i in range(3)]
     for seed, step in enumerate(steps[:3]):
         assert step.argv[0] == 'train.py'
         assert option(step.argv, '--seed') == [str(seed)]
         assert option(step.argv, '--out') == [str(runs / f'member{seed}')]
-        assert option(step.argv, '--lr') == ['6e-4'] and option(step.argv, '--epochs') == ['30']
+        assert option(step.argv, '--lr') == ['6e-4'] and option(step.argv, '--epochs') == ['24']
         assert option(step.argv, '--workers') == ['0'] and '--resume' not in step.argv
     distill = steps[3].argv
     assert distill[0] == 'distill.py' and option(distill, '--teacher', 3) == best
     assert option(distill, '--student-init') == [best[0]]
-    assert option(distill, '--jitter', 4) == ['0.2', '0.2', '0.2', '0.02']
+    assert option(distill, '--jitter', 4) == ['0.2', '0.2', '0.2', '0.02'] and option(distill, '--epochs') == ['16']
     assert steps[4].argv[1:2] == [best[0]]
     assert steps[5].argv[1:4] == best and option(steps[5].argv, '--method') == ['de']
     assert steps[6].argv[1:2] == [str(runs / 'emuformer' / 'best.pt')]
@@ -94,13 +94,13 @@ def record_commands(monkeypatch):
 
 
 def test_finished_members_are_skipped_and_a_killed_one_resumed(tmp_path, monkeypatch, capsys):
-    total = 30 * (200 // 8)
+    total = 24 * (200 // 8)
     fake_run(tmp_path, 'member0', total)
     fake_run(tmp_path, 'member1', total)
     fake_run(tmp_path, 'member2', total - 7)  # killed before its last step
     args = parse(tmp_path, '--stage', 'emuformer')
     steps = demo.plan(args)
-    states = [demo.state(s, args.epochs) for s in steps]
+    states = [demo.state(s) for s in steps]
     assert states == ['done', 'done', 'resume'] + ['new'] * 5
     ran = record_commands(monkeypatch)
     demo.run_steps(steps, states, args.out)
@@ -114,14 +114,20 @@ def test_finished_members_are_skipped_and_a_killed_one_resumed(tmp_path, monkeyp
     # the results exist now: a second call would skip every step after the training runs
     for s in steps[4:]:
         open(s.made, 'a').close()
-    assert [demo.state(s, args.epochs) for s in steps[4:]] == ['done'] * 4
+    assert [demo.state(s) for s in steps[4:]] == ['done'] * 4
 
 
 def test_a_run_of_other_epochs_is_refused(tmp_path):
     fake_run(tmp_path, 'member0', 10, epochs=2)
     args = parse(tmp_path, '--stage', 'emuformer')
-    with pytest.raises(ValueError, match='member0 holds a run of 2 epochs, and the demo asks for 30'):
-        demo.state(demo.plan(args)[0], args.epochs)
+    with pytest.raises(ValueError, match='member0 holds a run of 2 epochs, and the demo asks for 24'):
+        demo.state(demo.plan(args)[0])
+
+
+def test_the_demo_epochs_are_the_recipes_of_train_and_distill():
+    import distill, train  # the demo only runs them: it does not import them (distill.py imports demo.py)
+    assert demo.EPOCHS == {'train': train.RECIPES['synthetic']['epochs'],
+                           'distill': distill.RECIPES['synthetic']['epochs']}
 
 
 def test_a_failed_command_names_the_step(tmp_path, monkeypatch):
