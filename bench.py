@@ -10,6 +10,9 @@ Each row times the full prediction with uncertainty, image batch in, `uq.Predict
                                             F.interpolate for heads.upsample's passes
                                             (heads.FAST_UPSAMPLE) and F.softmax over dim 1
                                             for uq's channels_last one (uq.FAST_SOFTMAX)
+    SegDepthFormer to 1/4 resolution        the same network up to its heads' outputs at 1/4
+                                            resolution (model(x, full=False)): what is left of
+                                            one pass is its full-resolution outputs
     SegDepthFormer, textbook decoder        the same network with the literal SegFormer
                                             decoder (heads.py), to see what the fold buys
     MC Dropout (T)                          SegDepthFormer, method 'mcd', T passes
@@ -234,6 +237,7 @@ ROWS = {  # --rows key: the row's name in the table ({N}: members, {T}: samples)
     'depthformer': 'DepthFormer',
     'segdepthformer': 'SegDepthFormer',
     'segdepthformer-plain': 'SegDepthFormer, plain forms',
+    'segdepthformer-quarter': 'SegDepthFormer to 1/4 resolution',
     'textbook': 'SegDepthFormer, textbook decoder',
     'mcd': 'MC Dropout (T={T})',
     'mcd-plain': 'MC Dropout (T={T}), plain dropout',
@@ -281,18 +285,15 @@ def hf_segformer(backbone, num_classes):
 
 def onnx_session(network):
     """An onnxruntime CPU session of predict.py's export of `network` (a predict.FoldedNetwork),
-    on as many threads as PyTorch's rows. Without onnxruntime's memory arena: PyTorch's CPU
-    allocator keeps no cache either, so both rows pay for their memory alike, and the peak
-    column measures both alike (an arena would keep the first call's memory and hide the peak)."""
+    made as predict.py makes it (predict.onnx_session), on as many threads as PyTorch's rows and
+    without onnxruntime's memory arena: PyTorch's CPU allocator keeps no cache either, so both
+    rows pay for their memory alike, and the peak column measures both alike."""
     try:
         import onnxruntime
     except ImportError:
         raise SystemExit("the onnx row needs the optional packages onnx and onnxruntime: "
                          "python -m pip install onnx onnxruntime") from None
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.enable_cpu_mem_arena = False
-    return onnxruntime.InferenceSession(predict.onnx_bytes(network, {}), options, providers=['CPUExecutionProvider'])
+    return predict.onnx_session(onnxruntime, predict.onnx_bytes(network, {}), torch.get_num_threads(), arena=False)
 
 
 def plain_forms(fn, *args):
@@ -322,6 +323,9 @@ def make_row(key, args, cache, device):
     if key == 'segdepthformer-plain':  # the plain forms where the CPU speed-ups would run
         model = build('segdepthformer')
         return [model], lambda x: plain_forms(uq.predict, model, x, 'none'), Textbook(model)
+    if key == 'segdepthformer-quarter':  # encoder and decoders, not the full-resolution outputs
+        model = build('segdepthformer')
+        return [model], lambda x: model(x, full=False), Textbook(model)
     if key == 'textbook':
         model = Textbook(build('segdepthformer'))
         return [model], lambda x: uq.predict(model, x, 'none'), model
@@ -506,7 +510,8 @@ def latency_ratios(rows):
     """The comparisons the speed work is judged by: latency of the first row / the second
     (below 1: the first is faster), for the pairs whose rows were run."""
     latency = {r['key']: r['latency_ms_median'] for r in rows}
-    pairs = [('segdepthformer', 'encoder'), ('segdepthformer', 'segdepthformer-plain'), ('segdepthformer', 'textbook'), ('segformer', 'hf'),
+    pairs = [('segdepthformer', 'encoder'), ('segdepthformer-quarter', 'encoder'),
+             ('segdepthformer', 'segdepthformer-quarter'), ('segdepthformer', 'segdepthformer-plain'), ('segdepthformer', 'textbook'), ('segformer', 'hf'),
              ('segdepthformer', 'hf'), ('encoder', 'hf-encoder'), ('mcd', 'segdepthformer'),
              ('mcd', 'mcd-plain'), ('dse', 'segdepthformer'), ('de', 'segdepthformer'),
              ('de-batched', 'segdepthformer'), ('de-looped', 'segdepthformer'), ('de-batched', 'de-looped'),

@@ -30,7 +30,7 @@ into the W_i L_i too. The models compute this form (`fused_features`), in traini
 inference; gradients flow to the original parameters through W_i L_i. Several decoders reading
 the same features (the two heads of SegDepthFormer, the 2N heads of a Deep Sub-Ensemble) run as
 one grouped computation: their matrices W_i L_i are stacked, so each stage costs one 1x1 conv
-for all heads. `folded_sum` is the one implementation of the sum: the models run it through
+for all heads (stages 1 and 2 one together, folded_sum says why). `folded_sum` is the one implementation of the sum: the models run it through
 `fused_features`, and predict.py's export (FoldedNetwork) and bench.py run it too. The tests
 check the fold against `AllMLPDecoder.forward`.
 

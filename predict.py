@@ -472,11 +472,24 @@ class FoldedNetwork(nn.Module):
         outputs = []
         for task, predictor, fused in zip(self.tasks, self.predictors, F.relu(z).chunk(len(self.tasks), dim=1)):
             y = F.interpolate(predictor(fused), x.shape[-2:], mode='bilinear', align_corners=False)
-            if task == 'seg':  # the entropy from log_softmax, finite where the softmax underflows to 0
-                outputs += [y.softmax(dim=1), -(y.softmax(dim=1) * y.log_softmax(dim=1)).sum(dim=1)]
-            else:
-                outputs += [F.relu(y[:, 0]), F.softplus(y[:, 1])]
+            outputs += softmax_and_entropy(y) if task == 'seg' else [F.relu(y[:, 0]), F.softplus(y[:, 1])]
         return tuple(outputs)
+
+
+def softmax_and_entropy(y):
+    """Logits y (B, K, H, W) -> [p, H]: the softmax over dim 1 and its entropy (Eq. 1, Eq. 3),
+    from one pass over the logits. With m = max_c y_c and s = sum_c exp(y_c - m):
+
+        p_c = exp(y_c - m) / s        H = -sum_c p_c log p_c = m + log s - sum_c p_c y_c
+
+    finite where a p_c underflows to 0. It is written out with reductions over dim 1 rather than
+    as ONNX's Softmax and LogSoftmax: onnxruntime's CPU kernels for those run over the last axis,
+    and transpose the full-resolution logits to get there (bench.py's onnx row times the graph)."""
+    m = y.amax(dim=1, keepdim=True)
+    e = (y - m).exp()
+    s = e.sum(dim=1, keepdim=True)
+    p = e / s
+    return [p, (m + s.log()).squeeze(1) - (p * y).sum(dim=1)]
 
 
 def onnx_unflatten(g, x, dim, sizes):
@@ -572,7 +585,7 @@ def parity(path, model, sizes=((96, 128), (77, 101))):
         import onnxruntime
     except ImportError:
         return None
-    session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    session = onnx_session(onnxruntime, str(path))
     generator = torch.Generator().manual_seed(0)
     worst = {}
     for size in sizes:
@@ -583,6 +596,20 @@ def parity(path, model, sizes=((96, 128), (77, 101))):
             difference = float(np.abs(theirs - ours).max() / np.abs(ours).max())
             worst[output.name] = max(worst.get(output.name, 0.0), difference)
     return worst
+
+
+def onnx_session(onnxruntime, model, threads=None, arena=True):
+    """An onnxruntime CPU session of an exported file (a path, or its bytes), as predict.py and
+    bench.py make it: every graph optimisation on (ORT_ENABLE_ALL: constant folding, node
+    fusions, the CPU's own memory layouts), `threads` intra-op threads (None: onnxruntime's
+    choice, one per physical core). arena=False gives up onnxruntime's memory cache (bench.py's
+    peak column, comparing with PyTorch's CPU allocator, which keeps none)."""
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = arena
+    return onnxruntime.InferenceSession(model, options, providers=['CPUExecutionProvider'])
 
 
 if __name__ == '__main__':

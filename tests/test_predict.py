@@ -218,6 +218,32 @@ def test_export_refuses_mc_dropout_and_ensembles(ckpt, tmp_path):
         predict.main([*ckpt['members'], '--export', 'onnx', '--out', out])
 
 
+def test_softmax_and_entropy_is_the_definition():
+    torch.manual_seed(0)
+    y = torch.randn(2, 5, 3, 4) * 10
+    y[0, :, 0, 0] = torch.tensor([0.0, -200.0, 0.0, 0.0, 0.0])  # a class whose softmax underflows to 0 in fp32
+    p, h = predict.softmax_and_entropy(y)
+    y64 = y.double()
+    p64 = torch.exp(y64 - torch.logsumexp(y64, dim=1, keepdim=True))
+    h64 = -(p64 * torch.log(p64).nan_to_num(neginf=0.0)).sum(dim=1)  # 0 log 0 = 0
+    # fp32 arithmetic against a float64 transcription of Eq. 1 and Eq. 3: rounding of order 1e-6
+    # of values up to log 5 nats
+    assert torch.allclose(p.double(), p64, atol=1e-6) and torch.allclose(h.double(), h64, atol=1e-5)
+    assert torch.isfinite(h).all() and abs(h[0, 0, 0].item() - math.log(4)) < 1e-6
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason='onnx and onnxruntime are optional extras')
+def test_the_exported_graph_computes_the_softmax_once(ckpt):
+    import onnx
+    graph = onnx.load_from_string(predict.onnx_bytes(predict.FoldedNetwork(load_model(ckpt['sdf'])), {})).graph
+    ops = [node.op_type for node in graph.node]
+    # the softmax and its entropy from one Exp of the logits; the only Softmax nodes are the
+    # encoder's attention (8 blocks in B0), over the last axis, where onnxruntime needs no transpose
+    assert ops.count('Exp') == 1 and 'LogSoftmax' not in ops
+    softmax_axes = [node.attribute[0].i for node in graph.node if node.op_type == 'Softmax']
+    assert softmax_axes == [-1] * 8
+
+
 @pytest.mark.skipif(not HAS_ONNX, reason='onnx and onnxruntime are optional extras')
 def test_onnx_export_matches_pytorch(ckpt, tmp_path, capsys):
     import onnxruntime
