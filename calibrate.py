@@ -9,6 +9,13 @@ fitted on data it did not train on, each by minimising the negative log-likeliho
     depth         one variance scale s   sigma^2 -> s sigma^2   (its Gaussian counterpart,
                                                                  Levi et al. 2019)
 
+And for the depth an interval with a guarantee, by split conformal prediction (Vovk et al.;
+Angelopoulos & Bates, "A gentle introduction to conformal prediction", 2021): with the scores
+r = |y - mu| / sigma of a sample of the calib split's valid pixels (sigma of the scaled
+variance), q is their ceil((n + 1) c)-th smallest, and mu +- q sigma then holds a new pixel's
+depth with probability at least c (--coverage, default 90%) wherever the pixels are
+exchangeable with those; evaluate.py reports the coverage it achieves and the mean width.
+
 The depth scale has a closed form: the Gaussian NLL of y under N(mu, s sigma^2) is minimal at
 s = mean over valid pixels of (y - mu)^2 / sigma^2, a sum that streams over the data exactly.
 The temperature has none; the NLL is convex in 1/T, so a golden-section search over log T
@@ -42,11 +49,13 @@ from heads import DeepSubEnsemble, load_model
 
 class Calibrated(nn.Module):
     """A network whose segmentation logits are divided by `temperature` and whose depth
-    variance is multiplied by `variance_scale` (calibrate.py fits both)."""
+    variance is multiplied by `variance_scale` (calibrate.py fits both), and whose depth
+    interval mu +- q sigma (sigma of the scaled variance) has the split-conformal q, interval_scale."""
 
-    def __init__(self, model, temperature=1.0, variance_scale=1.0):
+    def __init__(self, model, temperature=1.0, variance_scale=1.0, interval_scale=None):
         super().__init__()
         self.model, self.temperature, self.variance_scale = model, temperature, variance_scale
+        self.interval_scale = interval_scale  # q of the depth interval mu +- q sigma (evaluate.py reports it)
         self.config, self.tasks, self.num_classes = model.config, model.tasks, model.num_classes
         self.meta = getattr(model, 'meta', {})
 
@@ -68,27 +77,30 @@ def load_calibration(path, model):
         with open(path) as f:
             fitted = json.load(f)
         temperature, scale, num_classes = fitted['temperature'], fitted['variance_scale'], fitted['num_classes']
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        interval = fitted.get('interval_scale')  # files of before the interval have none
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f'--calibration {path}: not a calibration written by calibrate.py ({e})') from None
-    for task, name, value in (('seg', 'temperature', temperature), ('depth', 'variance scale', scale)):
-        if task in model.tasks and value is None:
+    for task, name, value in (('seg', 'temperature', temperature), ('depth', 'variance scale', scale),
+                              ('depth', 'interval scale', interval)):
+        if task in model.tasks and value is None and name != 'interval scale':
             raise ValueError(f'--calibration {path} has no {name}: it was fitted on a network without the {task} task')
         if value is not None and not (type(value) in (int, float) and 0 < value < math.inf):
             raise ValueError(f'--calibration {path}: the {name} must be a positive number, not {value}')
     if 'seg' in model.tasks and num_classes != model.num_classes:
         raise ValueError(f'--calibration {path} was fitted on {num_classes} classes; '
                          f'the network predicts {model.num_classes}')
-    return Calibrated(model, 1.0 if temperature is None else temperature, 1.0 if scale is None else scale)
+    return Calibrated(model, 1.0 if temperature is None else temperature, 1.0 if scale is None else scale, interval)
 
 
 @torch.no_grad()
 def collect(model, loader, pixels_per_image, seed, device, dtype):
     """One pass over the data, the forward under autocast to `dtype` (None: fp32): a random
     sample of each image's labelled pixels, their logits (n, K) and labels (n,); and over the
-    valid depth pixels the sums of (y - mu)^2 / sigma^2 and of log(2 pi sigma^2), and their
-    count (None for a network without depth)."""
-    logits, labels, ratio, log_var, valid_pixels = [], [], 0.0, 0.0, 0
-    generator = torch.Generator().manual_seed(seed)
+    valid depth pixels the sums of (y - mu)^2 / sigma^2 and of log(2 pi sigma^2), their count,
+    and the scores |y - mu| / sigma of a random sample of each image's valid pixels (None for a
+    network without depth). Each sample draws from its own generator."""
+    logits, labels, ratio, log_var, valid_pixels, scores = [], [], 0.0, 0.0, 0, []
+    generator, depth_generator = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     for batch in loader:
         with plumbing.autocast(device, dtype):
             out = model(batch['image'].to(device))
@@ -108,9 +120,23 @@ def collect(model, loader, pixels_per_image, seed, device, dtype):
             ratio += ((y.double()[valid] - mu) ** 2 / var).sum().item()
             log_var += torch.log(2 * math.pi * var).sum().item()
             valid_pixels += int(valid.sum())
+            for b in range(len(y)):
+                where = valid[b].flatten().nonzero().squeeze(1).cpu()
+                pick = where[torch.randperm(len(where), generator=depth_generator)[:pixels_per_image]].to(y.device)
+                error = (y[b].flatten()[pick].double() - out['depth_mean'][b].flatten()[pick].double()).abs()
+                scores.append((error / out['depth_var'][b].flatten()[pick].double().sqrt()).cpu())
     seg = (torch.cat(logits), torch.cat(labels)) if logits else None
-    depth = (ratio, log_var, valid_pixels) if valid_pixels else None
+    depth = (ratio, log_var, valid_pixels, torch.cat(scores)) if valid_pixels else None
     return seg, depth
+
+
+def conformal_scale(scores, coverage):
+    """Split conformal prediction: the ceil((n + 1) c)-th smallest of the n calibration scores,
+    c = coverage. For a new score exchangeable with them, P(score <= q) >= c, and < c + 1 / (n + 1)
+    if no two scores tie (Angelopoulos & Bates, 2021, Theorem D.1). inf where (n + 1) c > n: too
+    few scores for that guarantee."""
+    k = max(1, math.ceil((len(scores) + 1) * coverage))
+    return math.inf if k > len(scores) else torch.kthvalue(scores, k).values.item()
 
 
 def depth_nll(ratio, log_var, n, scale=1.0):
@@ -150,8 +176,10 @@ def get_parser():
       help='data the network did not train on (synthetic: calib, fresh scenes)')
     a('--max-depth', type=plumbing.positive_float,
       help='metres; farther ground truth is invalid (default: data.MAX_DEPTH)')
-    a('--pixels', type=plumbing.positive_int, default=1_000_000, help='labelled pixels sampled for the temperature, in all')
-    a('--seed', type=int, default=0, help='the pixel sample')
+    a('--pixels', type=plumbing.positive_int, default=1_000_000,
+      help='pixels sampled for the temperature, and for the depth interval, in all')
+    a('--seed', type=int, default=0, help='the pixel samples')
+    a('--coverage', type=plumbing.rate, default=0.9, help='of the depth interval (split conformal), in [0, 1)')
     a('--out', help='default: <checkpoint without .pt>.calibration.json, beside it')
     a('--overwrite', action='store_true', help='replace an existing --out')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu')
@@ -194,12 +222,19 @@ def main(argv=None):
         print(f"seg: temperature {t:.4g}{edge} on {len(labels):,} sampled pixels; "
               f"seg NLL {fitted['seg_nll_before']:.4f} -> {fitted['seg_nll_after']:.4f}")
     if depth is not None:
-        ratio, log_var, n = depth
+        ratio, log_var, n, scores = depth
         s = ratio / n
+        q = conformal_scale(scores / math.sqrt(s), args.coverage)  # sigma of the scaled variance
+        if q == math.inf:
+            raise ValueError(f'--coverage {args.coverage}: {len(scores)} sampled depth pixels are too few to '
+                             f'guarantee it; give more --pixels or more images')
         fitted.update(variance_scale=s, depth_pixels=n, depth_nll_before=depth_nll(ratio, log_var, n),
-                      depth_nll_after=depth_nll(ratio, log_var, n, s))
+                      depth_nll_after=depth_nll(ratio, log_var, n, s), interval_coverage_target=args.coverage,
+                      interval_scale=q, interval_pixels=len(scores))
         print(f"depth: variance scale {s:.4g} on {n:,} valid pixels; "
               f"depth NLL {fitted['depth_nll_before']:.4f} -> {fitted['depth_nll_after']:.4f}")
+        print(f"depth interval: mu +- {q:.4g} sigma for {args.coverage:.0%} coverage (split conformal, "
+              f"{len(scores):,} sampled pixels)")
     plumbing.write_json(fitted, out)
     print(f'wrote {out}')
     return fitted

@@ -19,10 +19,12 @@ The row has the paper's columns (Section 4, "Metrics"):
 
 A second block adds what a reviewer of uncertainty asks for (metrics.SegMetrics, DepthMetrics):
 NLL and Brier score; failure detection (AUROC, AUPR of the misclassified pixels by entropy) and
-selective prediction (AURC, AUGRC), from histograms whose error bound is printed; the mean
-entropy split into its aleatoric part and the mutual information (Section 2.2); for depth the
-Gaussian NLL, sparsification (AUSE, AURG of RMSE, AbsRel and a1, per Poggi et al.), the
-coverage of the 1- and 2-sigma intervals, and Eq. 10's two terms. All of it is in the JSON.
+selective prediction (AURC, AUGRC, the risk at 80% coverage and the coverage at 5% risk), from
+histograms whose error bound is printed; the summary score RSS; the mean entropy split into its
+aleatoric part and the mutual information (Section 2.2); for depth the Gaussian NLL,
+sparsification (AUSE, AURG of RMSE, AbsRel and a1, per Poggi et al.), the coverage of the 1-
+and 2-sigma intervals, with --calibration the coverage and mean width of calibrate.py's
+split-conformal interval, and Eq. 10's two terms. All of it is in the JSON.
 
 Under shift (Section 2.2's epistemic uncertainty should grow where the data are unlike the
 training data): --corruption NAME --severity S evaluates on images corrupted as ImageNet-C does
@@ -245,7 +247,8 @@ def evaluate(model, loader, num_classes, method='none', device='cpu', amp_dtype=
     the reliability diagram and the sparsification plot)}, with the statistics summed over DDP
     ranks first.
     """
-    seg, dep = metrics.SegMetrics(num_classes, device=device), metrics.DepthMetrics(device=device)
+    seg = metrics.SegMetrics(num_classes, device=device)
+    dep = metrics.DepthMetrics(device=device, interval_scale=getattr(model, 'interval_scale', None))
     ood = metrics.OODMetrics(num_classes, device)
     has, times, drawn, done = set(), [], [], 0
     shown = plumbing.Progress('evaluated', len(loader.sampler), show=progress)
@@ -410,6 +413,14 @@ def format_uncertainty(result):
         bounds = ', '.join(f"{k} {result['seg'][k + '_bound']:.1e}" for k in ('auroc_failure', 'aupr_failure', 'aurc', 'augrc')
                            if result['seg'][k + '_bound'] is not None)
         lines.append(f'  (from a histogram of {metrics.SCORE_BINS} entropy bins; largest possible error: {bounds})')
+        seg = result['seg']
+        lines.append(f"  selective prediction: risk {_number(seg['risk_at_80'])} at 80% coverage, coverage "
+                     f"{_number(seg['coverage_at_5'])} at 5% risk; RSS {_number(seg['rss'])}")
+    interval = result['depth'] and result['depth'].get('interval_coverage')
+    if interval is not None and not math.isnan(interval):  # None: NaN after plumbing.json_safe
+        depth = result['depth']
+        lines.append(f"  depth interval (calibrate.py, split conformal): coverage {_number(depth['interval_coverage'])}, "
+                     f"mean width {_number(depth['interval_width'])} m")
     return '\n'.join(lines)
 
 

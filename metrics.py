@@ -25,7 +25,8 @@ size, batch order or the number of DDP ranks (up to float64 round-off in the sum
 Then, below, the metrics that rank pixels by their uncertainty:
 
     failure detection      AUROC, AUPR of the misclassified pixels by entropy (SegMetrics)
-    selective prediction   AURC, AUGRC, accepting the most certain pixels first (SegMetrics)
+    selective prediction   AURC, AUGRC, accepting the most certain pixels first, and the
+                           risk at 80% coverage and the coverage at 5% risk (SegMetrics)
     sparsification         AUSE, AURG of RMSE, AbsRel and a1 per image (Poggi et al.;
                            DepthMetrics), exact: each image's pixels are sorted
     out-of-distribution    AUROC, AUPR, FPR95 of the pixels of unseen objects (OODMetrics)
@@ -139,15 +140,17 @@ class SegMetrics(StreamingMetric):
       q_y = 0 would make the mean infinite); brier = mean of sum_c (q_c - [y = c])^2, in [0, 2].
     - Failure detection with the uncertainty (the entropy) as the score of being misclassified:
       auroc_failure, aupr_failure (misclassified the positive class), and selective prediction
-      accepting the most certain first: aurc, augrc; from a histogram of the uncertainty over
+      accepting the most certain first: aurc, augrc, and the operating points risk_at_80 and
+      coverage_at_5 (_risk_coverage); from a histogram of the uncertainty over
       [0, log K] (section 'Ranking by uncertainty, histogram-bounded' below), each with its
       '_bound'.
     - entropy_mean, aleatoric_mean, mutual_information_mean: the means of the uncertainty and of
       the two parts of Section 2.2 (NaN where they were not given).
     compute() -> {'pixels', 'miou', 'iou' (list of K), 'pixel_acc', 'ece', 'p_accurate_certain',
     'p_uncertain_inaccurate', 'pavpu', 'nll', 'brier', 'auroc_failure', 'aupr_failure', 'aurc',
-    'augrc' (and their '_bound's), 'entropy_mean', 'aleatoric_mean', 'mutual_information_mean'},
-    Python floats, NaN where nothing was counted.
+    'augrc', 'risk_at_80', 'coverage_at_5' (and their '_bound's), 'entropy_mean',
+    'aleatoric_mean', 'mutual_information_mean', 'rss' (the function rss)}, Python floats, NaN
+    where nothing was counted.
     """
 
     def __init__(self, num_classes, num_bins=15, device='cpu'):
@@ -207,7 +210,7 @@ class SegMetrics(StreamingMetric):
         nll, brier, uncertainty, aleatoric, mutual = self.stats['sums'].tolist()
         decomposed = self.stats['decomposed'].item()
         failure = detection_metrics(self.stats['failure'])
-        return {
+        out = {
             'pixels': n,
             'miou': iou.nanmean().item(),
             'iou': iou.tolist(),
@@ -223,6 +226,18 @@ class SegMetrics(StreamingMetric):
             'aleatoric_mean': _ratio(aleatoric, decomposed),
             'mutual_information_mean': _ratio(mutual, decomposed),
         }
+        out['rss'] = rss(out)
+        return out
+
+
+def rss(seg):
+    """The summary score RSS (arXiv 2506.05917, the paper's authors): the harmonic mean of mIoU,
+    1 - ECE, p(accurate|certain) and p(uncertain|inaccurate), of SegMetrics.compute()'s numbers,
+    so it is high only where all four are; 0 if one is 0, NaN if one is NaN."""
+    parts = [seg['miou'], 1 - seg['ece'], seg['p_accurate_certain'], seg['p_uncertain_inaccurate']]
+    if any(math.isnan(p) for p in parts):
+        return math.nan
+    return 0.0 if min(parts) <= 0 else len(parts) / sum(1 / p for p in parts)
 
 
 class DepthMetrics(StreamingMetric):
@@ -246,19 +261,23 @@ class DepthMetrics(StreamingMetric):
     - aleatoric_var_mean, epistemic_var_mean: the means of Eq. 10's two terms (NaN where they
       were not given).
     - variance_mean: the mean predictive variance, the depth's total uncertainty.
+    - interval_coverage, interval_width: with interval_scale q (calibrate.py's split-conformal
+      scale), the fraction with |y - mu| <= q s and the mean width 2 q s of those intervals, in
+      metres (NaN without q).
     compute() -> {'pixels', 'rmse', 'abs_rel', 'delta1', 'delta2', 'delta3', 'p_accurate_certain',
     'p_uncertain_inaccurate', 'pavpu', 'nll', 'variance_mean', 'coverage_1sigma', 'coverage_2sigma', 'ause_rmse',
     'ause_absrel', 'ause_a1', 'aurg_rmse', 'aurg_absrel', 'aurg_a1', 'aleatoric_var_mean',
-    'epistemic_var_mean'}, Python floats, NaN where nothing was counted; sparsification_curves()
-    the mean curves over images.
+    'epistemic_var_mean', 'interval_coverage', 'interval_width'}, Python floats, NaN where nothing
+    was counted; sparsification_curves() the mean curves over images.
     """
 
     DELTA_THRESHOLDS = (1.25, 1.25 ** 2, 1.25 ** 3)
 
-    def __init__(self, device='cpu'):
+    def __init__(self, device='cpu', interval_scale=None):
         super().__init__(
             device,
             n=((), torch.int64),  # number of valid pixels
+            interval=((2,), torch.float64),  # pixels inside mu +- q s, the sum of the widths 2 q s
             squared_error=((), torch.float64),
             abs_rel=((), torch.float64),
             delta_counts=((3,), torch.int64),
@@ -269,6 +288,7 @@ class DepthMetrics(StreamingMetric):
             sparsification=((3, 2), torch.float64),  # (rmse, absrel, a1) x (ause, aurg), summed
             curves=((3, 3, 51), torch.float64),  # (rmse, absrel, a1) x (curve, oracle, random), summed
         )
+        self.interval_scale = interval_scale
 
     def update(self, mean, variance, depth, aleatoric=None, epistemic=None):
         """mean: (B, H, W) predicted depth mu in metres (>= 0); variance: (B, H, W) the
@@ -290,6 +310,9 @@ class DepthMetrics(StreamingMetric):
         self._add('delta_counts', torch.stack([(delta < t).sum() for t in self.DELTA_THRESHOLDS]))
         error = (y - mu).abs()
         self._add('coverage', torch.stack([(error <= k * var.sqrt()).sum() for k in (1, 2)]))
+        if self.interval_scale is not None:
+            half = self.interval_scale * variance[valid].double().sqrt()  # q s, metres
+            self._add('interval', torch.stack([(error <= half).sum().double(), 2 * half.sum()]))
         parts = [(a[valid].double().sum() if a is not None else torch.zeros((), dtype=torch.float64,
                                                                            device=y.device))
                  for a in (aleatoric, epistemic)]
@@ -317,6 +340,7 @@ class DepthMetrics(StreamingMetric):
         d1, d2, d3 = self.stats['delta_counts'].tolist()
         nll, var, aleatoric, epistemic = self.stats['sums'].tolist()
         c1, c2 = self.stats['coverage'].tolist()
+        inside, widths = self.stats['interval'].tolist()
         decomposed = self.stats['decomposed'].item()
         sparse = self.stats['sparsification'].tolist()
         return {
@@ -335,6 +359,8 @@ class DepthMetrics(StreamingMetric):
             **{f'aurg_{m}': _ratio(sparse[i][1], images) for i, m in enumerate(SPARSIFICATION)},
             'aleatoric_var_mean': _ratio(aleatoric, decomposed),
             'epistemic_var_mean': _ratio(epistemic, decomposed),
+            'interval_coverage': _ratio(inside, n) if self.interval_scale is not None else math.nan,
+            'interval_width': _ratio(widths, n) if self.interval_scale is not None else math.nan,
         }
 
 
@@ -389,22 +415,41 @@ def _detection(pos, neg):
     return {'auroc': auroc, 'aupr': aupr, 'fpr95': fpr95}
 
 
+# the operating points of selective prediction: the risk at this coverage, the coverage at this risk
+RISK_AT_COVERAGE, COVERAGE_AT_RISK = 0.8, 0.05
+
+
 def _risk_coverage(errors, correct):
     """AURC and AUGRC over groups of tied (errors, correct) counts, most certain first, accepted
     in that order (Geifman & El-Yaniv; Traub et al. 2024, as fd-shifts computes them):
     the selective risk (errors / accepted) and the generalized risk (errors / all) after each
     group, integrated over coverage by the trapezoid rule, from (0, the first risk) for AURC
-    and from (0, 0) for AUGRC."""
+    and from (0, 0) for AUGRC. On the same curve, straight between its points as the trapezoid
+    rule has it, two operating points: risk_at_80, the selective risk at 80% coverage, and
+    coverage_at_5, the largest coverage whose selective risk is at most 5% (0 if none is)."""
     n = errors.sum() + correct.sum()
     keep = (errors + correct) > 0  # an empty bin adds no point
     accepted, wrong = np.cumsum(errors + correct)[keep], np.cumsum(errors)[keep]
     if not n:
-        return {'aurc': math.nan, 'augrc': math.nan}
+        return dict.fromkeys(('aurc', 'augrc', 'risk_at_80', 'coverage_at_5'), math.nan)
     coverage = np.concatenate([[0.0], accepted / n])
-    selective, generalized = wrong / accepted, wrong / n
+    selective = np.concatenate([wrong[:1] / accepted[:1], wrong / accepted])
+    generalized = np.concatenate([[0.0], wrong / n])
     trapezoid = lambda y: ((coverage[1:] - coverage[:-1]) * (y[1:] + y[:-1]) / 2).sum()
-    return {'aurc': trapezoid(np.concatenate([selective[:1], selective])),
-            'augrc': trapezoid(np.concatenate([[0.0], generalized]))}
+    return {'aurc': trapezoid(selective), 'augrc': trapezoid(generalized),
+            'risk_at_80': np.interp(RISK_AT_COVERAGE, coverage, selective),
+            'coverage_at_5': _last_crossing(coverage, selective, COVERAGE_AT_RISK)}
+
+
+def _last_crossing(x, y, level):
+    """The largest x on the polyline through (x_k, y_k) where y <= level; 0 if nowhere."""
+    below = np.nonzero(y <= level)[0]
+    if not len(below):
+        return 0.0
+    k = below[-1]
+    if k == len(y) - 1:
+        return float(x[k])
+    return float(x[k] + (level - y[k]) * (x[k + 1] - x[k]) / (y[k + 1] - y[k]))  # y_k <= level < y_k+1
 
 
 def _bound(metric, pos, neg):
@@ -429,7 +474,7 @@ def detection_metrics(histogram):
 
 def risk_coverage_metrics(histogram):
     """histogram (2, SCORE_BINS) counts of [correct, errors] by uncertainty bin ->
-    {'aurc', 'augrc'} and their '_bound's. Accepting the most certain first is the same
+    {'aurc', 'augrc', 'risk_at_80', 'coverage_at_5'} and their '_bound's. Accepting the most certain first is the same
     ranking as detecting errors by the highest uncertainty, read from the other end."""
     correct, errors = histogram.cpu().numpy()
     # _groups orders highest first: hand it the bins reversed, so the most certain come first

@@ -10,7 +10,9 @@ invalid depths first) unless said otherwise; every metric returns a Python float
     segmentation  nll, brier                  probs (n, K) rows summing to 1, labels (n,) ints
                   auroc, auroc_loop, aupr,    scores (n,) floats, larger = more likely positive;
                   fpr_at_95_tpr               positives (n,) bool
-                  aurc, augrc                 uncertainty (n,) floats, errors (n,) bool
+                  aurc, augrc,                uncertainty (n,) floats, errors (n,) bool
+                  risk_at_coverage,
+                  coverage_at_risk
     depth         sparsification, ause_aurg   ONE image: pred, gt (metres), uncertainty (n,)
                   gaussian_nll, coverage      mu, sigma2 (a variance, m^2), y (n,)
 
@@ -322,6 +324,35 @@ def augrc(uncertainty, errors):
     x = np.concatenate([[0.0], coverage])
     y = np.concatenate([[0.0], generalized])
     return _trapezoid(y, x)
+
+
+def risk_at_coverage(uncertainty, errors, level=0.8):
+    """The selective risk at coverage `level` on aurc's curve (its points, with the flat point at
+    coverage 0, straight between them: the curve whose area aurc is). Written as a scan over
+    the segments: the one whose coverage interval holds `level`, read off linearly."""
+    coverage, selective, _ = risk_coverage_points(uncertainty, errors)
+    x = [0.0, *coverage]
+    y = [selective[0], *selective]
+    for k in range(1, len(x)):
+        if x[k - 1] <= level <= x[k]:
+            t = (level - x[k - 1]) / (x[k] - x[k - 1])
+            return float(y[k - 1] + t * (y[k] - y[k - 1]))
+    raise AssertionError('level outside [0, 1]')
+
+
+def coverage_at_risk(uncertainty, errors, level=0.05):
+    """The largest coverage at which aurc's curve (as in risk_at_coverage) has a selective risk
+    <= `level`, 0 if none: walking the curve's points from coverage 1 back towards 0, the first
+    point at or below `level`, and from there forward to where the segment after it crosses it."""
+    coverage, selective, _ = risk_coverage_points(uncertainty, errors)
+    x = [0.0, *coverage]
+    y = [selective[0], *selective]
+    for k in range(len(x) - 1, -1, -1):
+        if y[k] <= level:
+            if k == len(x) - 1:
+                return float(x[k])
+            return float(x[k] + (level - y[k]) / (y[k + 1] - y[k]) * (x[k + 1] - x[k]))
+    return 0.0
 
 
 def aurc_loop(uncertainty, errors):

@@ -59,7 +59,9 @@ def test_calibrate_then_evaluate(tmp_path, capsys):
     assert at_the_end and '(the end of the search range, e^-4..e^4: not a minimum)' in printed[1]
     assert printed[2] == (f"depth: variance scale {fitted['variance_scale']:.4g} on {fitted['depth_pixels']:,} valid "
                           f"pixels; depth NLL {fitted['depth_nll_before']:.4f} -> {fitted['depth_nll_after']:.4f}")
-    assert printed[3] == f'wrote {path}'
+    assert printed[3] == (f"depth interval: mu +- {fitted['interval_scale']:.4g} sigma for 90% coverage (split "
+                          f"conformal, {fitted['interval_pixels']:,} sampled pixels)")
+    assert printed[4] == f'wrote {path}'
     with pytest.raises(FileExistsError, match='--out .*sdf.calibration.json already holds a result'):
         calibrate.main(args)
     plain = evaluate.main([ckpt, *SYNTHETIC, '--split', 'calib', '--synthetic-calib', '4'])
@@ -73,6 +75,11 @@ def test_calibrate_then_evaluate(tmp_path, capsys):
     # on the data it was fitted on, the fitted scale and temperature cannot make the NLL worse
     assert calibrated['depth']['nll'] <= plain['depth']['nll'] + 1e-9
     assert calibrated['seg']['nll'] <= plain['seg']['nll'] + 0.01  # the temperature saw a pixel sample
+    # the interval on the pixels it was fitted on (all of them: --pixels exceeds them) covers at
+    # least 90%, and its width is 2 q sigma of the scaled variance
+    assert plain['depth']['interval_coverage'] is None  # no calibration, no interval (NaN in JSON)
+    assert 0.9 <= calibrated['depth']['interval_coverage'] <= 0.9 + 1 / (fitted['interval_pixels'] + 1) + 1e-12
+    assert fitted['interval_pixels'] == fitted['depth_pixels'] and calibrated['depth']['interval_width'] > 0
     with pytest.raises(ValueError, match='--calibration is the baseline of a single network'):
         evaluate.main([ckpt, ckpt, *SYNTHETIC, '--calibration', str(path)])
 
@@ -123,3 +130,33 @@ def test_calibrated_divides_the_logits_and_scales_the_variance():
     assert torch.allclose(scaled['seg_logits'], out['seg_logits'] / 2) and torch.allclose(scaled['depth_var'], out['depth_var'] * 3)
     assert torch.equal(scaled['depth_mean'], out['depth_mean'])
     assert torch.allclose(F.softmax(scaled['seg_logits'], 1).sum(1), torch.ones(1, 64, 64))
+
+
+def test_the_conformal_interval_covers_the_target_within_the_finite_sample_bound():
+    # exchangeable pixels: sigma anything, y - mu = 2.5 sigma Z with Z standard normal, so a
+    # score |y - mu| / sigma is 2.5 |Z| and an interval mu +- q sigma covers erf(q / (2.5 sqrt 2))
+    # of new pixels exactly. Over many calibration sets of n = 99, the mean of that coverage is
+    # k / (n + 1) = 0.9 for continuous scores (the guarantee 0.9 <= . <= 0.9 + 1 / (n + 1) holds
+    # in expectation); 4000 sets of n = 99 give it to about 0.03 / sqrt(4000) = 5e-4 (one std),
+    # so 2e-3 is four standard deviations.
+    generator = torch.Generator().manual_seed(0)
+    n, target, sets = 99, 0.9, 4000
+    covered = []
+    for _ in range(sets):
+        sigma = torch.rand(n, generator=generator, dtype=torch.float64) * 3 + 0.1
+        error = 2.5 * sigma * torch.randn(n, generator=generator, dtype=torch.float64)
+        q = calibrate.conformal_scale(error.abs() / sigma, target)
+        covered.append(math.erf(q / (2.5 * math.sqrt(2))))
+    mean = sum(covered) / sets
+    assert target - 2e-3 <= mean <= target + 1 / (n + 1) + 2e-3, mean
+    assert calibrate.conformal_scale(torch.rand(5, dtype=torch.float64), 0.9) == math.inf  # (5 + 1) 0.9 > 5
+
+
+def test_an_old_calibration_without_an_interval_still_applies(tmp_path):
+    model = build_model('segdepthformer', 'b0', K)
+    path = tmp_path / 'c.json'
+    path.write_text(json.dumps({'temperature': 1.5, 'variance_scale': 0.7, 'num_classes': K}))
+    assert calibrate.load_calibration(str(path), model).interval_scale is None
+    path.write_text(json.dumps({'temperature': 1.5, 'variance_scale': 0.7, 'num_classes': K, 'interval_scale': -1}))
+    with pytest.raises(ValueError, match='the interval scale must be a positive number, not -1'):
+        calibrate.load_calibration(str(path), model)

@@ -121,7 +121,8 @@ def ranking_reference(bins, positives):
     first, or last, among its negatives (half a bin either way keeps the bins' order)."""
     bins, positives = np.asarray(bins, dtype=np.float64), np.asarray(positives, dtype=bool)
     out = {}
-    for name, metric in (('auroc_failure', bf.auroc), ('aupr_failure', bf.aupr), ('aurc', bf.aurc), ('augrc', bf.augrc)):
+    for name, metric in (('auroc_failure', bf.auroc), ('aupr_failure', bf.aupr), ('aurc', bf.aurc), ('augrc', bf.augrc),
+                         ('risk_at_80', bf.risk_at_coverage), ('coverage_at_5', bf.coverage_at_risk)):
         tied = metric(bins, positives)
         extremes = [metric(bins + 0.5 * positives, positives), metric(bins - 0.5 * positives, positives)]
         out[name], out[f'{name}_bound'] = tied, max(abs(e - tied) for e in extremes)
@@ -168,7 +169,7 @@ def seg_reference(probs, label, unc, num_classes, num_bins=15):
     q = probs.transpose(0, 2, 3, 1)[labelled]  # (n, K)
     errors = [p != y for p, y in zip(preds, labels)]
     bins = [histogram_bin(u, math.log(num_classes)) for pixels in images for _, u in pixels]
-    return {
+    out = {
         'pixels': n,
         'miou': sum(present) / len(present) if present else float('nan'),
         'iou': iou,
@@ -180,6 +181,11 @@ def seg_reference(probs, label, unc, num_classes, num_bins=15):
         'entropy_mean': float(np.mean(unc[labelled])),
         'aleatoric_mean': float('nan'), 'mutual_information_mean': float('nan'),  # not given
     }
+    # RSS: the harmonic mean of four numbers, 4 / (1/a + 1/b + 1/c + 1/d); its limit 0 where one is 0
+    parts = (out['miou'], 1 - out['ece'], out['p_accurate_certain'], out['p_uncertain_inaccurate'])
+    out['rss'] = (float('nan') if any(math.isnan(p) for p in parts) else
+                  0.0 if 0 in parts else 4 / sum(1 / p for p in parts))
+    return out
 
 
 def depth_reference(mean, unc, depth):
@@ -223,6 +229,7 @@ def depth_reference(mean, unc, depth):
         'coverage_1sigma': bf.coverage(mu, var, y, 1), 'coverage_2sigma': bf.coverage(mu, var, y, 2),
         **{k: float(np.mean(v)) for k, v in sparse.items()},
         'aleatoric_var_mean': float('nan'), 'epistemic_var_mean': float('nan'),  # not given
+        'interval_coverage': float('nan'), 'interval_width': float('nan'),  # no interval_scale
     }
 
 
@@ -236,12 +243,12 @@ def assert_close(got, want, tol=1e-12):
 
 SEG_KEYS = {'pixels', 'miou', 'iou', 'pixel_acc', 'ece', 'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu',
             'nll', 'brier', 'auroc_failure', 'aupr_failure', 'aurc', 'augrc', 'auroc_failure_bound',
-            'aupr_failure_bound', 'aurc_bound', 'augrc_bound', 'entropy_mean', 'aleatoric_mean',
-            'mutual_information_mean'}
+            'aupr_failure_bound', 'aurc_bound', 'augrc_bound', 'risk_at_80', 'risk_at_80_bound', 'coverage_at_5',
+            'coverage_at_5_bound', 'entropy_mean', 'aleatoric_mean', 'mutual_information_mean', 'rss'}
 DEPTH_KEYS = {'pixels', 'rmse', 'abs_rel', 'delta1', 'delta2', 'delta3',
               'p_accurate_certain', 'p_uncertain_inaccurate', 'pavpu', 'nll', 'variance_mean', 'coverage_1sigma',
               'coverage_2sigma', 'ause_rmse', 'ause_absrel', 'ause_a1', 'aurg_rmse', 'aurg_absrel', 'aurg_a1',
-              'aleatoric_var_mean', 'epistemic_var_mean'}
+              'aleatoric_var_mean', 'epistemic_var_mean', 'interval_coverage', 'interval_width'}
 
 
 # ---- against the references ----
@@ -460,7 +467,8 @@ def test_failure_detection_is_within_its_stated_bound_of_the_exact_value():
     errors = (probs.argmax(1) != label).flatten().numpy()
     u = entropy.flatten().double().numpy()
     exact = {'auroc_failure': bf.auroc(u, errors), 'aupr_failure': bf.aupr(u, errors),
-             'aurc': bf.aurc(u, errors), 'augrc': bf.augrc(u, errors)}
+             'aurc': bf.aurc(u, errors), 'augrc': bf.augrc(u, errors),
+             'risk_at_80': bf.risk_at_coverage(u, errors), 'coverage_at_5': bf.coverage_at_risk(u, errors)}
     for name, value in exact.items():
         assert abs(got[name] - value) <= got[f'{name}_bound'] + 1e-12, name
         assert got[f'{name}_bound'] < 1e-3, name  # 65536 bins for 8000 pixels: few share one
@@ -537,3 +545,37 @@ def test_the_metrics_make_their_tensors_on_the_inputs_device():
         got = {'seg': seg_m.compute(), 'depth': depth_m.compute()}
     assert_close(got['seg'], run_seg([seg]).compute())
     assert_close(got['depth'], run_depth([depth]).compute())
+
+
+def test_rss_is_zero_or_nan_where_a_part_is():
+    seg = {'miou': 0.5, 'ece': 0.1, 'p_accurate_certain': 0.8, 'p_uncertain_inaccurate': 0.4}
+    assert metrics.rss(seg) == pytest.approx(4 / (1 / 0.5 + 1 / 0.9 + 1 / 0.8 + 1 / 0.4), rel=1e-15)
+    assert metrics.rss({**seg, 'p_uncertain_inaccurate': 0.0}) == 0.0
+    assert math.isnan(metrics.rss({**seg, 'miou': float('nan')}))
+
+
+def test_operating_points_on_a_curve_written_out():
+    # 10 pixels, uncertainty 0..9, errors at 2 and 7 and 8 (each value its own point):
+    # accepted k most certain: risks 0,0,1/3,1/4,1/5,1/6,1/7,2/8,3/9,3/10
+    u = np.arange(10.0)
+    errors = np.isin(u, [2, 7, 8])
+    assert bf.risk_at_coverage(u, errors, 0.8) == pytest.approx(2 / 8, abs=1e-15)
+    # risk <= 5% up to coverage 0.2, then rising to 1/3 at 0.3: crossing at 0.2 + 0.1 * 0.05 / (1/3)
+    assert bf.coverage_at_risk(u, errors, 0.05) == pytest.approx(0.2 + 0.1 * 0.05 * 3, abs=1e-15)
+    errors_ = np.stack([errors, ~errors]).astype(np.int64)  # one pixel per group, in the implementation's form
+    got = metrics._risk_coverage(errors_[0], errors_[1])
+    assert got['risk_at_80'] == pytest.approx(2 / 8, abs=1e-15)
+    assert got['coverage_at_5'] == pytest.approx(0.2 + 0.1 * 0.05 * 3, abs=1e-15)
+
+
+def test_the_depth_interval_counts_the_pixels_inside_and_the_widths():
+    mean = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
+    variance = torch.tensor([[[0.25, 1.0, 4.0, 0.01]]])  # sigma 0.5, 1, 2, 0.1
+    depth = torch.tensor([[[1.6, 2.5, 0.0, 4.05]]])  # the third pixel has no ground truth
+    dep = metrics.DepthMetrics(interval_scale=1.5)  # half-widths 0.75, 1.5, (3), 0.15
+    dep.update(mean, variance, depth)
+    got = dep.compute()
+    assert got['interval_coverage'] == pytest.approx(3 / 3) and got['interval_width'] == pytest.approx((1.5 + 3 + 0.3) / 3)
+    dep = metrics.DepthMetrics(interval_scale=1.0)  # 0.6 > 0.5: the first pixel is outside
+    dep.update(mean, variance, depth)
+    assert dep.compute()['interval_coverage'] == pytest.approx(2 / 3)
