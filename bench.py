@@ -19,6 +19,10 @@ Each row times the full prediction with uncertainty, image batch in, `uq.Predict
     MC Dropout (T), plain dropout           the same with torch's own dropout in every layer
                                             (mit.Dropout.plain): what mit.cpu_dropout buys on
                                             a CPU (on a GPU both rows run torch's)
+    decoder MC Dropout (T)                  SegDepthFormer, method 'mcd-decoder': the encoder
+                                            once, T passes of the decoders with dropout on
+    test-time drop-path (T)                 SegDepthFormer, method 'drop-path': T whole passes
+                                            with the encoder's stochastic depth on
     DSE (N)                                 Deep Sub-Ensemble, one encoder and N heads per task
     DE (N)                                  Deep Ensemble of N SegDepthFormers, built once, run
                                             the way uq.DeepEnsemble chooses for the device
@@ -241,6 +245,8 @@ ROWS = {  # --rows key: the row's name in the table ({N}: members, {T}: samples)
     'textbook': 'SegDepthFormer, textbook decoder',
     'mcd': 'MC Dropout (T={T})',
     'mcd-plain': 'MC Dropout (T={T}), plain dropout',
+    'mcd-decoder': 'decoder MC Dropout (T={T})',
+    'drop-path': 'test-time drop-path (T={T})',
     'dse': 'DSE (N={N})',
     'de': 'DE (N={N}), default path',
     'de-batched': 'DE batched (N={N})',
@@ -337,6 +343,17 @@ def make_row(key, args, cache, device):
         # textbook passes have no per-call work, so T passes cost one batch of T images
         paper = lambda x: model(x.repeat(T, 1, 1, 1), textbook=True)
         return [model], lambda x: uq.predict(model, x, 'mcd', samples=T, chunk=chunk['samples']), paper
+    if key == 'mcd-decoder':
+        model = build('segdepthformer')
+
+        def paper(x):  # one encoder pass, then T passes of both heads in their textbook form
+            features = model.backbone(x)
+            return [d(features) for _ in range(T) for d in (model.decode_head, model.depth_head)]
+        return [model], lambda x: uq.predict(model, x, 'mcd-decoder', samples=T), paper
+    if key == 'drop-path':
+        model = build('segdepthformer')
+        paper = lambda x: model(x.repeat(T, 1, 1, 1), textbook=True)  # T whole passes, as MC Dropout's
+        return [model], lambda x: uq.predict(model, x, 'drop-path', samples=T), paper
     if key == 'dse':
         model = build('dse', num_members=N)
 
@@ -513,7 +530,8 @@ def latency_ratios(rows):
     pairs = [('segdepthformer', 'encoder'), ('segdepthformer-quarter', 'encoder'),
              ('segdepthformer', 'segdepthformer-quarter'), ('segdepthformer', 'segdepthformer-plain'), ('segdepthformer', 'textbook'), ('segformer', 'hf'),
              ('segdepthformer', 'hf'), ('encoder', 'hf-encoder'), ('mcd', 'segdepthformer'),
-             ('mcd', 'mcd-plain'), ('dse', 'segdepthformer'), ('de', 'segdepthformer'),
+             ('mcd', 'mcd-plain'), ('mcd-decoder', 'segdepthformer'), ('drop-path', 'segdepthformer'),
+             ('dse', 'segdepthformer'), ('de', 'segdepthformer'),
              ('de-batched', 'segdepthformer'), ('de-looped', 'segdepthformer'), ('de-batched', 'de-looped'),
              ('onnx', 'segdepthformer')]
     names = {r['key']: r['name'] for r in rows}

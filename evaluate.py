@@ -124,9 +124,11 @@ def get_parser():
     a('--max-depth', type=plumbing.positive_float, help='metres; farther ground truth is invalid (default: data.MAX_DEPTH, '
                                                '10 nyuv2, 80 cityscapes, 10 synthetic)')
     a('--method', choices=uq.METHODS,
-      help="uncertainty method; default: 'de' for several checkpoints, 'dse' for a Deep Sub-Ensemble, else 'none'")
-    a('--samples', type=plumbing.positive_int, default=10, help='MC Dropout: forward passes, >= 1')
-    a('--dropout', type=plumbing.rate, default=0.2, help='MC Dropout: dropout rate at test time, in [0, 1) '
+      help="uncertainty method (uq.py); default: 'de' for several checkpoints, 'dse' for a Deep Sub-Ensemble, "
+           "else 'none'")
+    a('--samples', type=plumbing.positive_int, default=10,
+      help='samples of mcd, mcd-decoder and drop-path (their passes), >= 1')
+    a('--dropout', type=plumbing.rate, default=0.2, help='mcd and mcd-decoder: dropout rate at test time, in [0, 1) '
                                                         '(the paper: 0.2, 0.5)')
     a('--batch-size', type=plumbing.positive_int, default=1, help='images per predict() call, per rank (1: time per image)')
     a('--workers', type=plumbing.natural_int, default=plumbing.default_workers(),
@@ -135,7 +137,8 @@ def get_parser():
       help='autocast of the forward passes; auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on a CPU')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu (default: cuda if there is one)')
     a('--warmup', type=plumbing.natural_int, default=5, help='batches per rank left out of the timing')
-    a('--seed', type=int, default=0, help='seed of the MC Dropout masks (plus the rank)')
+    a('--seed', type=int, default=0,
+      help="seed of the sampling methods' masks (mcd, mcd-decoder, drop-path), plus the rank")
     a('--calibration', metavar='JSON', help="calibrate.py's temperature and variance scale, applied to a single "
                                             "network (method none or mcd)")
     a('--json', help='write the result here as JSON')
@@ -184,12 +187,16 @@ def resolve_method(method, models, paths):
 
 def default_name(models, method, dropout):
     """E.g. 'SegDepthFormer-B2', 'EMUFormer-B0' (a student of distill.py), 'SegFormer-B0 (MCD 20%)',
-    'SegDepthFormer-B2 (DE x10)'."""
+    'SegDepthFormer-B2 (DE x10)', 'SegDepthFormer-B0 (decoder MCD 20%)'."""
     cfg = models[0].config
     name = 'EMUFormer' if models[0].meta.get('objective') == 'eq11' else DISPLAY_NAMES[cfg['name']]
     base = f"{name}-{cfg['backbone'].upper()}"
     if method == 'mcd':
         return f'{base} (MCD {dropout:.0%})'
+    if method == 'mcd-decoder':
+        return f'{base} (decoder MCD {dropout:.0%})'
+    if method == 'drop-path':
+        return f'{base} (test-time drop-path)'
     if method == 'dse':
         return f'{base} (DSE x{models[0].num_members})'
     if method == 'de':
@@ -450,8 +457,8 @@ def evaluate_split(args, model, method, name, num_classes, rank, world_size, dev
                                  corruption=corruption, num_images=synthetic_count(args),
                                  size=tuple(args.synthetic_size), ood=args.synthetic_ood)
     loader = plumbing.eval_loader(dataset, args.batch_size, args.workers, rank, world_size, device)
-    kwargs = dict({'samples': args.samples, 'dropout': args.dropout} if method == 'mcd' else {}, decompose=True)
-    torch.manual_seed(args.seed + rank)  # MC Dropout masks: repeatable, different on each rank
+    kwargs = dict({k: getattr(args, k) for k in uq.METHOD_OPTIONS.get(method, ())}, decompose=True)
+    torch.manual_seed(args.seed + rank)  # the sampling methods' masks: repeatable, different on each rank
     measured = evaluate(model, loader, num_classes, method, device, plumbing.autocast_dtype(args.precision, device),
                         progress, pictures, **kwargs)
     seg, depth = measured['seg'], measured['depth']
@@ -525,9 +532,9 @@ def sha256(path):
 
 def sweep_settings(args, method, device, world_size):
     """Everything that determines the numbers of a sweep's cells, recorded in each cell: the
-    checkpoints (by content), the method (and MC Dropout's samples, rate and seed), the data,
+    checkpoints (by content), the method (and a sampling method's options and seed), the data,
     the calibration (by content), the resolved max depth and precision, the batch size, the
-    device type and the number of ranks (MC Dropout's masks are seeded per rank)."""
+    device type and the number of ranks (the samples' masks are seeded per rank)."""
     precision = {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[plumbing.autocast_dtype(args.precision,
                                                                                                         device)]
     settings = {'checkpoints': [sha256(p) for p in args.checkpoints], 'method': method,
@@ -535,8 +542,8 @@ def sweep_settings(args, method, device, world_size):
                 'max_depth': args.max_depth or data.MAX_DEPTH[args.data],
                 'calibration': args.calibration and sha256(args.calibration),
                 'precision': precision, 'batch_size': args.batch_size, 'device': device.type, 'world_size': world_size}
-    if method == 'mcd':
-        settings.update(samples=args.samples, dropout=args.dropout, seed=args.seed)
+    if method in uq.SAMPLED:
+        settings.update({k: getattr(args, k) for k in uq.METHOD_OPTIONS[method]}, seed=args.seed)
     if args.data == 'synthetic':
         settings.update(synthetic_scenes=synthetic_count(args), synthetic_size=list(args.synthetic_size),
                         synthetic_ood=args.synthetic_ood)

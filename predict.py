@@ -19,7 +19,7 @@ be at least mit.MIN_SIZE (29) pixels on each side, or with --size H W resized fo
 entropy, depth and variance bilinearly, the class map the argmax of the resized
 probabilities. Images of equal network-input size are batched (--batch-size), on the GPU if
 there is one (--device), under --precision (default auto: bf16 or fp16 autocast on a GPU,
-fp32 on a CPU; plumbing.autocast_dtype); MC Dropout's masks are seeded (--seed), so a rerun
+fp32 on a CPU; plumbing.autocast_dtype); the sampling methods' masks are seeded (--seed), so a rerun
 writes the same files. An 8-bit image is read as it is; a 16-bit one (greyscale or RGB PNG,
 TIFF) is scaled from 0..65535 to [0, 1] like an 8-bit one from 0..255, never cut to 8 bits; a
 32-bit or floating-point one is refused. A file that is not an image, is broken, too small or
@@ -116,10 +116,12 @@ def get_parser():
     a('--out', help='output folder (required to predict); with --export, the file to write (default: '
                     'out/FOLDER_NAME.onnx for the checkpoint FOLDER/NAME.pt)')
     a('--method', choices=uq.METHODS,
-      help="uncertainty method; default: 'de' for several checkpoints, 'dse' for a Deep Sub-Ensemble, else 'none'")
-    a('--samples', type=plumbing.positive_int, default=10, help='MC Dropout: forward passes')
-    a('--dropout', type=plumbing.rate, default=0.2, help='MC Dropout: dropout rate at test time, in [0, 1)')
-    a('--seed', type=int, default=0, help='seed of the MC Dropout masks')
+      help="uncertainty method (uq.py); default: 'de' for several checkpoints, 'dse' for a Deep Sub-Ensemble, "
+           "else 'none'")
+    a('--samples', type=plumbing.positive_int, default=10,
+      help='samples of mcd, mcd-decoder and drop-path (their passes), >= 1')
+    a('--dropout', type=plumbing.rate, default=0.2, help='mcd and mcd-decoder: dropout rate at test time, in [0, 1)')
+    a('--seed', type=int, default=0, help='seed of the sampling methods\' masks (mcd, mcd-decoder, drop-path)')
     a('--size', type=plumbing.positive_int, nargs=2, metavar=('H', 'W'),
       help='resize every image to H x W for the network, and its outputs back (default: each as it is)')
     a('--batch-size', type=plumbing.positive_int, default=1, help='images per uq.predict call (of equal network-input size)')
@@ -342,7 +344,7 @@ class Writer:
 def predict_files(model, method, files, args, writer, device):
     """Every file through uq.predict, its outputs written by `writer` -> (images written as
     manifest entries, [(path, why skipped)])."""
-    kwargs = {'samples': args.samples, 'dropout': args.dropout} if method == 'mcd' else {}
+    kwargs = {k: getattr(args, k) for k in uq.METHOD_OPTIONS.get(method, ())}
     dtype = plumbing.autocast_dtype(args.precision, device)
     progress = plumbing.Progress('predicted', len(files))
     written, skipped = [], []
@@ -359,10 +361,10 @@ def predict_files(model, method, files, args, writer, device):
 
 
 def settings(args, method):
-    """The settings that shaped the outputs, for predict.json: MC Dropout's only with its method."""
+    """The settings that shaped the outputs, for predict.json: a sampling method's only with it."""
     chosen = {'size': args.size, 'batch_size': args.batch_size, 'precision': args.precision, 'device': args.device}
-    if method == 'mcd':
-        chosen.update(samples=args.samples, dropout=args.dropout, seed=args.seed)
+    if method in uq.SAMPLED:
+        chosen.update({k: getattr(args, k) for k in uq.METHOD_OPTIONS[method]}, seed=args.seed)
     return chosen
 
 
@@ -404,7 +406,7 @@ def main(argv=None):
     device = torch.device(args.device)
     models = [m.to(device) for m in models]
     model = uq.DeepEnsemble(models) if method == 'de' else models[0]
-    torch.manual_seed(args.seed)  # MC Dropout's masks: the same outputs on every run
+    torch.manual_seed(args.seed)  # the sampling methods' masks: the same outputs on every run
     print(f'{name}: {len(files)} file(s), method {method}, on {device}', flush=True)
 
     writer = Writer(Path(args.out), name, formats, classes, palette)
@@ -431,6 +433,10 @@ NOT_EXPORTED = {
     'mcd': 'MC Dropout is not exported: dropout is an identity in an exported inference graph, so its '
            'passes would all be the one network; export the network (method none) or predict with '
            'predict.py --method mcd',
+    'mcd-decoder': 'decoder MC Dropout is not exported, for the reason MC Dropout is not: export the network '
+                   '(method none) or predict with predict.py --method mcd-decoder',
+    'drop-path': 'test-time drop-path is not exported: stochastic depth is an identity in an exported inference '
+                 'graph; export the network (method none) or predict with predict.py --method drop-path',
     'dse': 'a Deep Sub-Ensemble is not exported: it is N heads whose outputs are combined (Eq. 3, Eq. 10); '
            'each head with the shared encoder could be exported member by member, which predict.py does '
            'not do; predict with predict.py instead',

@@ -20,6 +20,15 @@ several predictions ("samples") and looking at how they disagree:
                                 model over the stacked weights on a GPU)
     none                        the single network as it is: its own entropy and variance
 
+and two cheap baselines a reviewer asks EMUFormer to beat, both T samples of one network:
+
+    decoder MC Dropout          dropout on the decoders only (their Dropout2d): the encoder runs
+      (mcd-decoder)             once, the T samples cost T decoder passes
+    test-time drop-path         MiT's stochastic depth (DropPath) kept on at inference: each
+      (drop-path)               sample skips a random set of the encoder's residual branches, at
+                                the rates the network was trained with (train.py --drop-path;
+                                with 0 every sample is the same network)
+
 Every method yields samples, one output dict at a time, and a Summary accumulates them into
 the same `Prediction` (paper Section 4, "Predictions" and "Uncertainty"):
 
@@ -40,7 +49,8 @@ How many samples are in memory at once depends on the device (all_at_once). On a
 method computes one sample at a time, so one sample sits at full resolution. On a GPU the
 samples are computed together: the DSE's heads and the Deep Ensemble's members at the heads'
 1/4 resolution, brought to full size one at a time; MC Dropout runs its T passes as one batch
-of T x B images, so its T samples sit at full resolution together. Either way the Summary adds
+of T x B images, so its T samples sit at full resolution together; the two cheap baselines
+compute one sample at a time on either device. Either way the Summary adds
 them up one by one and keeps only its running sums (bench.py's peak column measures memory).
 
 The same Prediction of a Deep Ensemble is the teacher's target for EMUFormer (log q for Eq. 8,
@@ -64,11 +74,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
-from heads import DeepSubEnsemble, full_size
+from heads import DeepSubEnsemble, full_size, run_heads
+from mit import DropPath
 
 # ---- Uncertainty methods ----
 
-METHODS = ('none', 'mcd', 'dse', 'de')
+METHODS = ('none', 'mcd', 'dse', 'de', 'mcd-decoder', 'drop-path')
+SAMPLED = ('mcd', 'mcd-decoder', 'drop-path')  # the methods that draw T random samples of one network
+# the options of predict() that each method uses (evaluate.py and predict.py pass only these)
+METHOD_OPTIONS = {'mcd': ('samples', 'dropout'), 'mcd-decoder': ('samples', 'dropout'), 'drop-path': ('samples',)}
 
 
 @contextmanager
@@ -287,6 +301,41 @@ def dse_outputs(model, images, chunk=None):
             yield full_size(low, images.shape[-2:])
 
 
+def decoder_mc_dropout_outputs(model, images, samples=10, dropout=0.2):
+    """Decoder MC Dropout (method 'mcd-decoder'): the encoder once, without dropout, then
+    `samples` passes of the decoders with their Dropout2d on at rate `dropout`, yielded one
+    output dict (B, ...) at a time. Only the decoders' dropout layers are switched on."""
+    features = model.backbone(images)
+    heads = [(t, model.decode_head if t == 'seg' else model.depth_head) for t in model.tasks]
+    with mc_dropout(nn.ModuleList(d for _, d in heads), dropout):
+        for _ in range(samples):
+            yield full_size(dict(run_heads(heads, features)), images.shape[-2:])
+
+
+@contextmanager
+def drop_path_on(model):
+    """Inside this block every DropPath of `model` (MiT's stochastic depth) drops its residual
+    branch for whole images at random, at its own rate, even in eval mode; dropout and BatchNorm
+    stay as they are. Modes are restored on exit."""
+    layers = [m for m in model.modules() if isinstance(m, DropPath)]
+    saved = [m.training for m in layers]
+    for m in layers:
+        m.train()
+    try:
+        yield model
+    finally:
+        for m, training in zip(layers, saved):
+            m.train(training)
+
+
+def drop_path_outputs(model, images, samples=10):
+    """Test-time drop-path (method 'drop-path'): `samples` whole passes with DropPath on, yielded
+    one output dict (B, ...) at a time."""
+    with drop_path_on(model):
+        for _ in range(samples):
+            yield model(images)
+
+
 def mc_dropout_samples(model, images, samples=10, dropout=0.2, chunk=None):
     """The MC Dropout samples stacked: (T, B, ...) per output (for tests and inspection)."""
     with torch.no_grad():
@@ -300,6 +349,9 @@ def predict(model, images, method='none', samples=10, dropout=0.2, chunk=None, d
 
     method  'none'  model is a SegFormer/DepthFormer/SegDepthFormer; one pass
             'mcd'   the same kind of model; `samples` passes at dropout rate `dropout`
+            'mcd-decoder', 'drop-path'
+                    the same kind of model; the cheap baselines (module docstring), `samples`
+                    samples, the first at dropout rate `dropout`
             'dse'   model is a heads.DeepSubEnsemble; all heads
             'de'    model is a DeepEnsemble (or a list of members, stacked on every call)
     chunk: MC Dropout passes or DSE members computed per call (default_chunk). decompose:
@@ -315,6 +367,10 @@ def predict(model, images, method='none', samples=10, dropout=0.2, chunk=None, d
         outputs = (model if isinstance(model, DeepEnsemble) else DeepEnsemble(model)).outputs(images)
     elif method == 'mcd':
         outputs = mc_dropout_outputs(model.eval(), images, samples, dropout, chunk)
+    elif method == 'mcd-decoder':
+        outputs = decoder_mc_dropout_outputs(model.eval(), images, samples, dropout)
+    elif method == 'drop-path':
+        outputs = drop_path_outputs(model.eval(), images, samples)
     elif method == 'dse':
         outputs = dse_outputs(model.eval(), images, chunk)
     else:

@@ -557,6 +557,19 @@ def test_name_names_the_row(ckpt, capsys):
     assert any(line.startswith('my model') for line in capsys.readouterr().out.splitlines())
 
 
+@pytest.mark.parametrize('method, name, options', [
+    ('mcd-decoder', 'SegDepthFormer-B0 (decoder MCD 20%)', {'samples': 3, 'dropout': 0.2}),
+    ('drop-path', 'SegDepthFormer-B0 (test-time drop-path)', {'samples': 3})])
+def test_the_cheap_baselines_are_rows_with_their_own_settings(ckpt, method, name, options):
+    argv = [ckpt['segdepthformer'], *SYNTHETIC, '--method', method, '--samples', '3']
+    result = evaluate.main(argv)
+    assert result['name'] == name and result['method'] == method
+    # what determines a sweep's cells: the method's own options, and no other's
+    determined = evaluate.sweep_settings(evaluate.get_parser().parse_args(argv), method, torch.device('cpu'), 1)
+    assert {k: determined[k] for k in ('samples', 'dropout') if k in determined} == options
+    assert result['seg']['mutual_information_mean'] >= 0 and result['depth']['epistemic_var_mean'] >= 0
+
+
 def test_the_sweep_plot_names_its_units(monkeypatch, tmp_path):
     drawn = {}
     monkeypatch.setattr(figures, 'line_plots', lambda path, panels, title: drawn.update(panels=panels))

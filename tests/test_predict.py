@@ -150,6 +150,11 @@ def test_settings_name_only_the_methods_parameters(ckpt, images, tmp_path):
     assert predict.main(args) == 0
     settings = json.loads((tmp_path / 'mcd' / 'predict.json').read_text())['settings']
     assert (settings['samples'], settings['dropout'], settings['seed']) == (2, 0.2, 0)
+    # test-time drop-path samples, but has no dropout rate
+    args = [ckpt['sdf'], str(images / 'a.png'), '--out', str(tmp_path / 'dp'), '--method', 'drop-path', '--samples', '2']
+    assert predict.main(args) == 0
+    settings = json.loads((tmp_path / 'dp' / 'predict.json').read_text())['settings']
+    assert (settings['samples'], settings['seed']) == (2, 0) and 'dropout' not in settings
 
 
 def test_16_bit_images_are_read_as_16_bit(tmp_path):

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import metrics
+import mit
 import uq
-from heads import build_model
+from heads import build_model, full_size
 
 
 def test_summarize_matches_numpy():
@@ -110,6 +111,67 @@ def test_mc_dropout_samples_differ_only_with_dropout_on(x):
     assert torch.equal(pred.depth_var, uq.summarize(draws).depth_var)
     # the samples disagree (an untrained head's ReLU clips some pixels to 0 in every draw)
     assert (draws['depth_mean'].var(0) > 0).float().mean() > 0.5
+
+
+def record_training_modes(model, kinds):
+    """A list that every forward call of a module of `kinds` appends (type name, its training flag) to."""
+    seen = []
+    for m in model.modules():
+        if isinstance(m, kinds):
+            m.register_forward_hook(lambda module, args, out: seen.append((type(module).__name__, module.training)))
+    return seen
+
+
+def test_decoder_mc_dropout_runs_the_encoder_once_without_dropout(x):
+    torch.manual_seed(0)
+    model = build_model('segdepthformer', 'b0', 5).eval()
+    calls = []
+    model.backbone.register_forward_hook(lambda *args: calls.append(1))
+    seen = record_training_modes(model, (mit.Dropout, torch.nn.Dropout2d))
+    torch.manual_seed(1)
+    pred = uq.predict(model, x, 'mcd-decoder', samples=5, dropout=0.5)
+    assert len(calls) == 1  # one encoder pass for the five samples
+    assert {('Dropout', False), ('Dropout2d', True)} == set(seen)  # only the decoders' dropout is on
+    assert seen.count(('Dropout2d', True)) == 5 * 2  # five samples of the two heads
+    # the samples are the deterministic features through decoders with Dropout2d masks: by hand
+    torch.manual_seed(1)
+    features = model.backbone(x)
+    samples = []
+    for _ in range(5):
+        out = {}
+        for task, head in (('seg', model.decode_head), ('depth', model.depth_head)):
+            dropout = torch.nn.Dropout2d(0.5)  # the decoder's own, at the rate asked for, on
+            head.dropout, saved = dropout, head.dropout
+            out[task] = head(features)  # the textbook decoder, BatchNorm in eval mode
+            head.dropout = saved
+        samples.append(full_size(out, x.shape[-2:]))
+    expected = uq.summarize({k: torch.stack([o[k] for o in samples]) for k in samples[0]})
+    assert torch.allclose(pred.probs, expected.probs, atol=1e-5)
+    assert torch.allclose(pred.depth_var, expected.depth_var, rtol=1e-4, atol=1e-6)
+    assert (pred.depth_var > uq.predict(model, x).depth_var + 1e-9).float().mean() > 0.5  # an epistemic part
+    assert all(not m.training for m in model.modules())  # restored
+
+
+def test_test_time_drop_path_skips_whole_residual_branches_and_nothing_else(x):
+    torch.manual_seed(0)
+    model = build_model('segdepthformer', 'b0', 5, drop_path_rate=0.5).eval()
+    seen = record_training_modes(model, (mit.Dropout, torch.nn.Dropout2d, mit.DropPath))
+    branches = []  # each DropPath's output, image by image: 'dropped' (0), 'kept' (input / (1 - p)) or 'other'
+    for m in model.modules():
+        if isinstance(m, mit.DropPath) and m.p > 0:
+            m.register_forward_hook(lambda module, args, out: branches.extend(
+                'dropped' if (o == 0).all() else 'kept' if torch.allclose(o, i / (1 - module.p)) else 'other'
+                for o, i in zip(out, args[0])))
+    torch.manual_seed(1)
+    pred = uq.predict(model, x, 'drop-path', samples=4)
+    assert {('Dropout', False), ('Dropout2d', False), ('DropPath', True)} == set(seen)
+    assert set(branches) == {'dropped', 'kept'}  # whole branches of whole images, both seen
+    assert pred.depth_var.shape == (2, 48, 64)
+    assert all(not m.training for m in model.modules())  # restored
+    # with a rate of 0 (a network trained without stochastic depth) every sample is the network
+    plain = build_model('segdepthformer', 'b0', 5, drop_path_rate=0.0).eval()
+    same, none = uq.predict(plain, x, 'drop-path', samples=3), uq.predict(plain, x, 'none')
+    assert torch.allclose(same.probs, none.probs, atol=1e-6) and torch.allclose(same.depth_mean, none.depth_mean)
 
 
 def test_method_must_fit_the_model(x):
