@@ -3,7 +3,8 @@ Table 1 of the paper, measured: parameters, multiply-adds, latency and FPS of ev
 uncertainty method, for any backbone, input size, batch size and precision.
 
 Each row times the full prediction with uncertainty, image batch in, `uq.Prediction` out
-(mean softmax, entropy, depth mean and variance, all at the input size), through `uq.predict`:
+(mean softmax, entropy, depth mean and variance, all at the input size), through `uq.predict`,
+except the encoder, 1/4-resolution, Hugging Face and onnxruntime rows, which say what they time:
 
     SegFormer, DepthFormer, SegDepthFormer   one network, method 'none'
     SegDepthFormer, plain forms             the same with the CPU speed-ups of one pass off:
@@ -305,11 +306,12 @@ def onnx_session(network):
 def plain_forms(fn, *args):
     """fn(*args) with the CPU speed-ups of one pass switched off (row segdepthformer-plain):
     heads.upsample's passes and uq.softmax's channels_last form."""
+    saved = heads.FAST_UPSAMPLE, uq.FAST_SOFTMAX
     heads.FAST_UPSAMPLE = uq.FAST_SOFTMAX = False
     try:
         return fn(*args)
     finally:
-        heads.FAST_UPSAMPLE = uq.FAST_SOFTMAX = True
+        heads.FAST_UPSAMPLE, uq.FAST_SOFTMAX = saved
 
 
 def make_row(key, args, cache, device):
@@ -602,7 +604,7 @@ def get_parser():
                    choices=list(ROWS), metavar='ROW',
                    help=f"rows to run, of: {', '.join(ROWS)} (default: all but hf* and onnx)")
     p.add_argument('--members', type=plumbing.positive_int, default=10, help="N: Deep Ensemble members, DSE heads per task")
-    p.add_argument('--samples', type=plumbing.positive_int, default=10, help="T: MC Dropout passes")
+    p.add_argument('--samples', type=plumbing.positive_int, default=10, help="T: samples of mcd, mcd-decoder and drop-path (their passes)")
     p.add_argument('--hf', action='store_true',
                    help="add the rows hf and hf-encoder: Hugging Face transformers' SegFormer "
                         "(an optional package)")

@@ -78,12 +78,12 @@ def load_calibration(path, model):
             fitted = json.load(f)
         temperature, scale, num_classes = fitted['temperature'], fitted['variance_scale'], fitted['num_classes']
         interval = fitted.get('interval_scale')  # files of before the interval have none
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f'--calibration {path}: not a calibration written by calibrate.py ({e})') from None
-    for task, name, value in (('seg', 'temperature', temperature), ('depth', 'variance scale', scale),
-                              ('depth', 'interval scale', interval)):
-        if task in model.tasks and value is None and name != 'interval scale':
+    for task, name, value in (('seg', 'temperature', temperature), ('depth', 'variance scale', scale)):
+        if task in model.tasks and value is None:
             raise ValueError(f'--calibration {path} has no {name}: it was fitted on a network without the {task} task')
+    for name, value in (('temperature', temperature), ('variance scale', scale), ('interval scale', interval)):
         if value is not None and not (type(value) in (int, float) and 0 < value < math.inf):
             raise ValueError(f'--calibration {path}: the {name} must be a positive number, not {value}')
     if 'seg' in model.tasks and num_classes != model.num_classes:
@@ -124,7 +124,8 @@ def collect(model, loader, pixels_per_image, seed, device, dtype):
                 where = valid[b].flatten().nonzero().squeeze(1).cpu()
                 pick = where[torch.randperm(len(where), generator=depth_generator)[:pixels_per_image]].to(y.device)
                 error = (y[b].flatten()[pick].double() - out['depth_mean'][b].flatten()[pick].double()).abs()
-                scores.append((error / out['depth_var'][b].flatten()[pick].double().sqrt()).cpu())
+                sigma = out['depth_var'][b].flatten()[pick].double().clamp_min(torch.finfo(torch.float32).tiny).sqrt()
+                scores.append((error / sigma).cpu())
     seg = (torch.cat(logits), torch.cat(labels)) if logits else None
     depth = (ratio, log_var, valid_pixels, torch.cat(scores)) if valid_pixels else None
     return seg, depth
@@ -178,7 +179,7 @@ def get_parser():
       help='metres; farther ground truth is invalid (default: data.MAX_DEPTH)')
     a('--pixels', type=plumbing.positive_int, default=1_000_000,
       help='pixels sampled for the temperature, and for the depth interval, in all')
-    a('--seed', type=int, default=0, help='the pixel samples')
+    a('--seed', type=int, default=0, help='the random pixels drawn for the fits')
     a('--coverage', type=plumbing.rate, default=0.9, help='of the depth interval (split conformal), in [0, 1)')
     a('--out', help='default: <checkpoint without .pt>.calibration.json, beside it')
     a('--overwrite', action='store_true', help='replace an existing --out')

@@ -407,7 +407,9 @@ def format_ood(result):
 def format_uncertainty(result):
     """The second block: per task, the scoring rules, failure detection, selective prediction,
     sparsification, calibration of the variance and the two kinds of uncertainty (metrics.SegMetrics,
-    metrics.DepthMetrics), one header line and one row each; the histogram's error bounds below."""
+    metrics.DepthMetrics), one header line and one row each; below them the histogram's error
+    bounds, selective prediction's two operating points and RSS, and with --calibration the
+    depth interval's coverage and width."""
     lines = []
     for task, title in (('seg', 'segmentation uncertainty'), ('depth', 'depth uncertainty')):
         if not result[task]:
@@ -417,12 +419,14 @@ def format_uncertainty(result):
         lines.append(f'{title:26}' + ''.join(f'  {h:>{w}}' for (_, h), w in zip(columns, widths)))
         lines.append(f"{'':26}" + ''.join(f'  {_number(result[task][k]):>{w}}' for (k, _), w in zip(columns, widths)))
     if result['seg']:
-        bounds = ', '.join(f"{k} {result['seg'][k + '_bound']:.1e}" for k in ('auroc_failure', 'aupr_failure', 'aurc', 'augrc')
-                           if result['seg'][k + '_bound'] is not None)
+        bounds = ', '.join(f"{k} {result['seg'][k + '_bound']:.1e}" for k in ('auroc_failure', 'aupr_failure', 'aurc',
+                                                                               'augrc', 'risk_at_80', 'coverage_at_5')
+                           if result['seg'].get(k + '_bound') is not None)
         lines.append(f'  (from a histogram of {metrics.SCORE_BINS} entropy bins; largest possible error: {bounds})')
         seg = result['seg']
-        lines.append(f"  selective prediction: risk {_number(seg['risk_at_80'])} at 80% coverage, coverage "
-                     f"{_number(seg['coverage_at_5'])} at 5% risk; RSS {_number(seg['rss'])}")
+        lines.append(f"  selective prediction: risk {_number(seg['risk_at_80'])} at {metrics.RISK_AT_COVERAGE:.0%} "
+                     f"of the pixels accepted, {_number(seg['coverage_at_5'])} of them accepted at "
+                     f"{metrics.COVERAGE_AT_RISK:.0%} risk; RSS {_number(seg['rss'])}")
     interval = result['depth'] and result['depth'].get('interval_coverage')
     if interval is not None and not math.isnan(interval):  # None: NaN after plumbing.json_safe
         depth = result['depth']

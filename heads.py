@@ -30,9 +30,10 @@ into the W_i L_i too. The models compute this form (`fused_features`), in traini
 inference; gradients flow to the original parameters through W_i L_i. Several decoders reading
 the same features (the two heads of SegDepthFormer, the 2N heads of a Deep Sub-Ensemble) run as
 one grouped computation: their matrices W_i L_i are stacked, so each stage costs one 1x1 conv
-for all heads (stages 1 and 2 one together, folded_sum says why). `folded_sum` is the one implementation of the sum: the models run it through
-`fused_features`, and predict.py's export (FoldedNetwork) and bench.py run it too. The tests
-check the fold against `AllMLPDecoder.forward`.
+for all heads (stages 1 and 2 share one; folded_sum says why). `folded_sum` is the one
+implementation of the sum: the models run it through `fused_features`, and predict.py's export
+(FoldedNetwork) and bench.py run it too. The tests check the fold against
+`AllMLPDecoder.forward`.
 
 Heads and outputs (`head_outputs`):
     segmentation  K logits; the softmax (Eq. 1) is taken later, after upsampling
@@ -112,13 +113,16 @@ class AllMLPDecoder(nn.Module):
 
     def output_layer(self, x):
         """(B, E, h, w) = ReLU(BN(fused features)) -> (B, out_dim, h, w): Dropout2d (whole
-        channels, in training and under MC Dropout), then the 1x1 prediction layer, written as
-        the matmul over the channels that it is, (B, h, w, E) @ (E, out_dim). A matmul reads a
-        head's channel slice of fused_features' grouped map where it lies; a conv would copy it
-        out first."""
-        x = self.dropout(x).permute(0, 2, 3, 1)  # (B, h, w, E)
-        weight, bias = self.linear_pred.weight.flatten(1), self.linear_pred.bias  # (out_dim, E), (out_dim,)
-        return F.linear(x, weight, bias).permute(0, 3, 1, 2)
+        channels, in training and under MC Dropout), then the 1x1 prediction layer."""
+        return pointwise(self.dropout(x), self.linear_pred)
+
+
+def pointwise(x, conv):
+    """A 1x1 conv (B, C, h, w) -> (B, C', h, w), written as the matmul over the channels that it
+    is: (B, h, w, C) @ (C, C'). A matmul reads a head's channel slice of fused_features' grouped
+    map where it lies; F.conv2d would copy it out first."""
+    weight = conv.weight.flatten(1)  # (C', C, 1, 1) -> (C', C)
+    return F.linear(x.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -311,7 +311,7 @@ class DepthMetrics(StreamingMetric):
         error = (y - mu).abs()
         self._add('coverage', torch.stack([(error <= k * var.sqrt()).sum() for k in (1, 2)]))
         if self.interval_scale is not None:
-            half = self.interval_scale * variance[valid].double().sqrt()  # q s, metres
+            half = self.interval_scale * var.sqrt()  # q s, metres, of the floored variance as the NLL
             self._add('interval', torch.stack([(error <= half).sum().double(), 2 * half.sum()]))
         parts = [(a[valid].double().sum() if a is not None else torch.zeros((), dtype=torch.float64,
                                                                            device=y.device))

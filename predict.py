@@ -477,25 +477,26 @@ class FoldedNetwork(nn.Module):
         z = heads.folded_sum(features, weights, self.bias)  # (B, G*E, H/4, W/4)
         outputs = []
         for task, predictor, fused in zip(self.tasks, self.predictors, F.relu(z).chunk(len(self.tasks), dim=1)):
-            y = F.interpolate(predictor(fused), x.shape[-2:], mode='bilinear', align_corners=False)
+            y = F.interpolate(heads.pointwise(fused, predictor), x.shape[-2:], mode='bilinear', align_corners=False)
             outputs += softmax_and_entropy(y) if task == 'seg' else [F.relu(y[:, 0]), F.softplus(y[:, 1])]
         return tuple(outputs)
 
 
 def softmax_and_entropy(y):
     """Logits y (B, K, H, W) -> [p, H]: the softmax over dim 1 and its entropy (Eq. 1, Eq. 3),
-    from one pass over the logits. With m = max_c y_c and s = sum_c exp(y_c - m):
+    with one Exp of the logits. With d = y - max_c y_c and s = sum_c exp(d_c):
 
-        p_c = exp(y_c - m) / s        H = -sum_c p_c log p_c = m + log s - sum_c p_c y_c
+        p_c = exp(d_c) / s        H = -sum_c p_c log p_c = log s - sum_c p_c d_c
 
-    finite where a p_c underflows to 0. It is written out with reductions over dim 1 rather than
-    as ONNX's Softmax and LogSoftmax: onnxruntime's CPU kernels for those run over the last axis,
-    and transpose the full-resolution logits to get there (bench.py's onnx row times the graph)."""
-    m = y.amax(dim=1, keepdim=True)
-    e = (y - m).exp()
+    which is finite where a p_c underflows to 0, and never negative (d <= 0 <= log s). It is
+    written out with reductions over dim 1 rather than as ONNX's Softmax and LogSoftmax:
+    onnxruntime's CPU kernels for those run over the last axis, and transpose the
+    full-resolution logits to get there (bench.py's onnx row times the graph)."""
+    d = y - y.amax(dim=1, keepdim=True)
+    e = d.exp()
     s = e.sum(dim=1, keepdim=True)
     p = e / s
-    return [p, (m + s.log()).squeeze(1) - (p * y).sum(dim=1)]
+    return [p, s.log().squeeze(1) - (p * d).sum(dim=1)]
 
 
 def onnx_unflatten(g, x, dim, sizes):
@@ -604,8 +605,8 @@ def parity(path, model, sizes=((96, 128), (77, 101))):
     return worst
 
 
-def onnx_session(onnxruntime, model, threads=None, arena=True):
-    """An onnxruntime CPU session of an exported file (a path, or its bytes), as predict.py and
+def onnx_session(onnxruntime, source, threads=None, arena=True):
+    """An onnxruntime CPU session of an exported file (`source`: a path, or its bytes), as predict.py and
     bench.py make it: every graph optimisation on (ORT_ENABLE_ALL: constant folding, node
     fusions, the CPU's own memory layouts), `threads` intra-op threads (None: onnxruntime's
     choice, one per physical core). arena=False gives up onnxruntime's memory cache (bench.py's
@@ -615,7 +616,7 @@ def onnx_session(onnxruntime, model, threads=None, arena=True):
     if threads:
         options.intra_op_num_threads = threads
     options.enable_cpu_mem_arena = arena
-    return onnxruntime.InferenceSession(model, options, providers=['CPUExecutionProvider'])
+    return onnxruntime.InferenceSession(source, options, providers=['CPUExecutionProvider'])
 
 
 if __name__ == '__main__':

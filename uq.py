@@ -388,5 +388,6 @@ def predict(model, images, method='none', samples=10, dropout=0.2, chunk=None, d
 def softmax_channels_last(z):
     """softmax() for channels_last logits, which heads.upsample's CPU passes return: over the
     last dimension of the (B, H, W, K) view, where the classes of a pixel lie next to each other
-    in memory; torch's CPU softmax over dim 1 of such a tensor strides through memory instead."""
+    in memory, and the result keeps that layout. torch's CPU softmax over dim 1 of such a tensor
+    returns the default layout, converting it on the way."""
     return F.softmax(z.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)

@@ -342,17 +342,20 @@ def risk_at_coverage(uncertainty, errors, level=0.8):
 
 def coverage_at_risk(uncertainty, errors, level=0.05):
     """The largest coverage at which aurc's curve (as in risk_at_coverage) has a selective risk
-    <= `level`, 0 if none: walking the curve's points from coverage 1 back towards 0, the first
-    point at or below `level`, and from there forward to where the segment after it crosses it."""
+    <= `level`, 0 if none: over every segment of the curve, the largest coverage on it at or
+    below `level` (its right end, the point where it crosses `level`, or its left end), and the
+    largest of those."""
     coverage, selective, _ = risk_coverage_points(uncertainty, errors)
     x = [0.0, *coverage]
     y = [selective[0], *selective]
-    for k in range(len(x) - 1, -1, -1):
-        if y[k] <= level:
-            if k == len(x) - 1:
-                return float(x[k])
-            return float(x[k] + (level - y[k]) / (y[k + 1] - y[k]) * (x[k + 1] - x[k]))
-    return 0.0
+    best = 0.0
+    for k in range(1, len(x)):
+        (x0, y0), (x1, y1) = (x[k - 1], y[k - 1]), (x[k], y[k])
+        if y1 <= level:
+            best = max(best, x1)
+        elif y0 <= level:  # rising through the level inside the segment
+            best = max(best, x0 + (level - y0) / (y1 - y0) * (x1 - x0))
+    return float(best)
 
 
 def aurc_loop(uncertainty, errors):

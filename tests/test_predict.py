@@ -231,10 +231,11 @@ def test_softmax_and_entropy_is_the_definition():
     y64 = y.double()
     p64 = torch.exp(y64 - torch.logsumexp(y64, dim=1, keepdim=True))
     h64 = -(p64 * torch.log(p64).nan_to_num(neginf=0.0)).sum(dim=1)  # 0 log 0 = 0
-    # fp32 arithmetic against a float64 transcription of Eq. 1 and Eq. 3: rounding of order 1e-6
-    # of values up to log 5 nats
+    # fp32 arithmetic against a float64 transcription of Eq. 1 and Eq. 3: the error grows with
+    # the logits' differences d (here up to about 60), eps * |d| ~ 1e-5 at most, and p d is small
+    # where d is large; 1e-5 holds with room on any CPU
     assert torch.allclose(p.double(), p64, atol=1e-6) and torch.allclose(h.double(), h64, atol=1e-5)
-    assert torch.isfinite(h).all() and abs(h[0, 0, 0].item() - math.log(4)) < 1e-6
+    assert torch.isfinite(h).all() and (h >= 0).all() and abs(h[0, 0, 0].item() - math.log(4)) < 1e-6
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason='onnx and onnxruntime are optional extras')
