@@ -123,13 +123,7 @@ def get_parser():
     a('--split', default='val', choices=('train', 'val', 'calib'), help='data set split')
     a('--max-depth', type=plumbing.positive_float, help='metres; farther ground truth is invalid (default: data.MAX_DEPTH, '
                                                '10 nyuv2, 80 cityscapes, 10 synthetic)')
-    a('--method', choices=uq.METHODS,
-      help="uncertainty method (uq.py); default: 'de' for several checkpoints, 'dse' for a Deep Sub-Ensemble, "
-           "else 'none'")
-    a('--samples', type=plumbing.positive_int, default=10,
-      help='samples of mcd, mcd-decoder and drop-path (their passes), >= 1')
-    a('--dropout', type=plumbing.rate, default=0.2, help='mcd and mcd-decoder: dropout rate at test time, in [0, 1) '
-                                                        '(the paper: 0.2, 0.5)')
+    uq.add_method_options(p)
     a('--batch-size', type=plumbing.positive_int, default=1, help='images per predict() call, per rank (1: time per image)')
     a('--workers', type=plumbing.natural_int, default=plumbing.default_workers(),
       help='data loader processes per rank, >= 0 (default: the cores, at most 4)')
@@ -137,8 +131,6 @@ def get_parser():
       help='autocast of the forward passes; auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on a CPU')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cuda or cpu (default: cuda if there is one)')
     a('--warmup', type=plumbing.natural_int, default=5, help='batches per rank left out of the timing')
-    a('--seed', type=int, default=0,
-      help="seed of the sampling methods' masks (mcd, mcd-decoder, drop-path), plus the rank")
     a('--calibration', metavar='JSON', help="calibrate.py's temperature and variance scale, applied to a single "
                                             "network (method none or mcd)")
     a('--json', help='write the result here as JSON')

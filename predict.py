@@ -115,13 +115,7 @@ def get_parser():
                                                'images, folders and glob patterns')
     a('--out', help='output folder (required to predict); with --export, the file to write (default: '
                     'out/FOLDER_NAME.onnx for the checkpoint FOLDER/NAME.pt)')
-    a('--method', choices=uq.METHODS,
-      help="uncertainty method (uq.py); default: 'de' for several checkpoints, 'dse' for a Deep Sub-Ensemble, "
-           "else 'none'")
-    a('--samples', type=plumbing.positive_int, default=10,
-      help='samples of mcd, mcd-decoder and drop-path (their passes), >= 1')
-    a('--dropout', type=plumbing.rate, default=0.2, help='mcd and mcd-decoder: dropout rate at test time, in [0, 1)')
-    a('--seed', type=int, default=0, help='seed of the sampling methods\' masks (mcd, mcd-decoder, drop-path)')
+    uq.add_method_options(p)
     a('--size', type=plumbing.positive_int, nargs=2, metavar=('H', 'W'),
       help='resize every image to H x W for the network, and its outputs back (default: each as it is)')
     a('--batch-size', type=plumbing.positive_int, default=1, help='images per uq.predict call (of equal network-input size)')

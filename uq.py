@@ -76,6 +76,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from heads import DeepSubEnsemble, full_size, run_heads
 from mit import DropPath
+from plumbing import positive_int, rate
 
 # ---- Uncertainty methods ----
 
@@ -83,6 +84,19 @@ METHODS = ('none', 'mcd', 'dse', 'de', 'mcd-decoder', 'drop-path')
 SAMPLED = ('mcd', 'mcd-decoder', 'drop-path')  # the methods that draw T random samples of one network
 # the options of predict() that each method uses (evaluate.py and predict.py pass only these)
 METHOD_OPTIONS = {'mcd': ('samples', 'dropout'), 'mcd-decoder': ('samples', 'dropout'), 'drop-path': ('samples',)}
+
+
+def add_method_options(parser):
+    """The options that choose and shape an uncertainty method, spelled alike in evaluate.py and
+    predict.py (each passes predict() only its method's, METHOD_OPTIONS)."""
+    a = parser.add_argument
+    a('--method', choices=METHODS, help="uncertainty method (uq.py); default: 'de' for several checkpoints, "
+                                        "'dse' for a Deep Sub-Ensemble, else 'none'")
+    a('--samples', type=positive_int, default=10, help='samples of mcd, mcd-decoder and drop-path (their passes), >= 1')
+    a('--dropout', type=rate, default=0.2, help='mcd and mcd-decoder: dropout rate at test time, in [0, 1) '
+                                                '(the paper: 0.2, 0.5)')
+    a('--seed', type=int, default=0, help="seed of the sampling methods' masks (mcd, mcd-decoder, drop-path; "
+                                          "evaluate.py adds the rank)")
 
 
 @contextmanager
