@@ -208,7 +208,7 @@ def cpu_peak_memory(key, args):
         torch.set_num_threads(args.threads)
     device = torch.device('cpu')
     torch.manual_seed(0)
-    networks, step, _ = make_row(key, args, {}, device)
+    networks, step, _ = make_row(key, args, {}, device, for_peak=True)
     run = prepare(networks, step, args, device)
     x = torch.randn(args.batch_size, 3, *args.size)
     with torch.inference_mode():
@@ -290,17 +290,18 @@ def hf_segformer(backbone, num_classes):
     return SegformerForSemanticSegmentation(config)
 
 
-def onnx_session(network):
+def onnx_session(network, arena):
     """An onnxruntime CPU session of predict.py's export of `network` (a predict.FoldedNetwork),
-    made as predict.py makes it (predict.onnx_session), on as many threads as PyTorch's rows and
-    without onnxruntime's memory arena: PyTorch's CPU allocator keeps no cache either, so both
-    rows pay for their memory alike, and the peak column measures both alike."""
+    made as predict.py makes it (predict.onnx_session), on as many threads as PyTorch's rows. Its
+    memory arena (a cache of freed buffers, onnxruntime's default) is on for the timing and off
+    in the fresh process that measures the peak (cpu_peak_memory), where a cache would hold the
+    first call's buffers and hide the second call's peak."""
     try:
         import onnxruntime
     except ImportError:
         raise SystemExit("the onnx row needs the optional packages onnx and onnxruntime: "
                          "python -m pip install onnx onnxruntime") from None
-    return predict.onnx_session(onnxruntime, predict.onnx_bytes(network, {}), torch.get_num_threads(), arena=False)
+    return predict.onnx_session(onnxruntime, predict.onnx_bytes(network, {}), torch.get_num_threads(), arena)
 
 
 def plain_forms(fn, *args):
@@ -314,8 +315,9 @@ def plain_forms(fn, *args):
         heads.FAST_UPSAMPLE, uq.FAST_SOFTMAX = saved
 
 
-def make_row(key, args, cache, device):
-    """Build row `key` on the current default device -> (networks, step, paper_step).
+def make_row(key, args, cache, device, for_peak=False):
+    """Build row `key` on the current default device -> (networks, step, paper_step); for_peak:
+    to measure its peak memory (cpu_peak_memory), which changes only onnxruntime's session.
 
     step(x) is the timed prediction, with the chunking uq.predict chooses for `device` (the one
     timed, also when the row is built on the meta device to count). paper_step(x) runs the same
@@ -392,7 +394,7 @@ def make_row(key, args, cache, device):
         network = predict.FoldedNetwork(model)
         if next(model.parameters()).is_meta:  # counted, not run: the exported graph, in PyTorch
             return [model], network, Textbook(model)
-        session = onnx_session(network)
+        session = onnx_session(network, arena=not for_peak)
         return [model], lambda x: session.run(None, {'image': x.contiguous().numpy()}), Textbook(model)
     raise ValueError(f"unknown row {key!r}: expected one of {', '.join(ROWS)}")
 
