@@ -12,8 +12,15 @@ plot for corruption sweeps), for a README or a paper. Each file is read for what
                          figure with a line per sweep, whose path is printed
     anything else        refused, naming the file (a calibration, predict.py's predict.json)
 
+--cost-plot draws the paper's claim in one figure: each evaluation's cost, its time per image
+over that of the single network (the uncalibrated result of method none) among the results of
+its kind, on a log scale, against its uncertainty quality: seg ECE, seg failure AUROC, depth
+AUSE RMSE and depth NLL from the results without an 'ood' block, OOD AUROC by entropy and by
+depth variance from those with one. A point per result and panel, one marker per model.
+
     python compare.py out/baseline.json out/calibrated.json out/teacher.json out/emuformer.json
     python compare.py out/sweep_*.json --plot out/sweep.png
+    python compare.py out/*.json --cost-plot out/cost.png   # clean and --synthetic-ood results
 """
 
 import argparse
@@ -21,7 +28,16 @@ import json
 
 import corrupt
 import evaluate
+import figures
 import plumbing
+
+# --cost-plot's panels: (title, y label, block of the result, key or (score, key) in its 'ood' block)
+COST_PANELS = [('seg ECE', 'ECE', 'seg', 'ece'),
+               ('seg failure AUROC', 'AUROC', 'seg', 'auroc_failure'),
+               ('depth AUSE RMSE', 'AUSE rmse (m)', 'depth', 'ause_rmse'),
+               ('depth NLL', 'depth NLL (nats)', 'depth', 'nll'),
+               ('OOD AUROC by entropy', 'AUROC', 'ood', ('entropy', 'auroc')),
+               ('OOD AUROC by depth variance', 'AUROC', 'ood', ('depth_var', 'auroc'))]
 
 
 def _cell(value, digits=3):
@@ -66,6 +82,41 @@ def sweep_table(reports):
                                          for r in reports for s in range(6)])
 
 
+def costs(results):
+    """Each result's time per image over that of the single network of its kind (with or without
+    an 'ood' block): the uncalibrated result of method none, the first where there are several."""
+    out = []
+    for r in results:
+        kind = bool(r.get('ood'))
+        single = [s for s in results if bool(s.get('ood')) == kind and s['method'] == 'none'
+                  and not s['settings'].get('calibration')]
+        if not single:
+            raise ValueError(f"--cost-plot measures cost against one network: give the result of method none, "
+                             f"uncalibrated, {'with' if kind else 'without'} --synthetic-ood, beside {r['name']}")
+        out.append(time_per_image(r) / time_per_image(single[0]))
+    return out
+
+
+def time_per_image(result):
+    """evaluate.py's mean time per predict() call over its batch size, in ms."""
+    return result['time_ms']['mean'] / result['settings']['batch_size']
+
+
+def cost_plot(path, results):
+    """--cost-plot: COST_PANELS, a point per result (module docstring)."""
+    x = costs(results)
+    panels = []
+    for title, ylabel, block, key in COST_PANELS:
+        series = []
+        for r, cost in zip(results, x):
+            if bool(r.get('ood')) != (block == 'ood') or not r.get(block):
+                continue
+            value = (r['ood'][key[0]] or {}).get(key[1]) if block == 'ood' else r[block].get(key)
+            series.append((r['name'], [cost], [value]))
+        panels.append((title, 'time per image / one network', ylabel, series))
+    figures.line_plots(path, panels, 'cost and uncertainty quality of each method', columns=3, log_x=True)
+
+
 def read_result(path):
     """The JSON at `path`, and which kind of evaluate.py result it is: 'sweep' (--corruption all)
     or 'evaluation'. Any other file is refused, naming it and, where it is one, what it is."""
@@ -88,15 +139,23 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('results', nargs='+', help="evaluate.py's --json files")
     p.add_argument('--plot', help='for sweeps: one plot, a line per sweep, written here (PNG)')
-    p.add_argument('--overwrite', action='store_true', help='replace an existing --plot')
+    p.add_argument('--cost-plot', metavar='PNG', help='for evaluations: cost against uncertainty quality, '
+                                                         'a point per result (module docstring), written here')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing --plot or --cost-plot')
     args = p.parse_args(argv)
     loaded = [read_result(path) for path in args.results]
     sweeps = [r for r, kind in loaded if kind == 'sweep']
     evaluations = [r for r, kind in loaded if kind == 'evaluation']
     if args.plot and not sweeps:
         raise ValueError('--plot draws corruption sweeps (evaluate.py --corruption all), and none of the files is one')
-    if args.plot:
-        plumbing.check_output(args.plot, '--plot', args.overwrite)
+    if args.cost_plot and not evaluations:
+        raise ValueError('--cost-plot draws evaluations (evaluate.py --json without --corruption all), and none of '
+                         'the files is one')
+    for option, path in (('--plot', args.plot), ('--cost-plot', args.cost_plot)):
+        if path:
+            plumbing.check_output(path, option, args.overwrite)
+    if args.cost_plot:
+        costs(evaluations)  # refused before anything is written when the single network is missing
     tables = evaluation_tables(evaluations) if evaluations else []
     if any(r.get('ood') for r in evaluations):
         tables.append(ood_table([r for r in evaluations if r.get('ood')]))
@@ -106,6 +165,9 @@ def main(argv=None):
     if args.plot:
         evaluate.sweep_plot(args.plot, sweeps)
         print(f'wrote {args.plot}')
+    if args.cost_plot:
+        cost_plot(args.cost_plot, evaluations)
+        print(f'wrote {args.cost_plot}')
     return tables
 
 

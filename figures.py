@@ -381,12 +381,20 @@ def _marker(draw, x, y, marker, colour):
         draw.line([x - r, y + r, x + r, y - r], fill=colour, width=2)
 
 
-def line_plots(path, panels, title, columns=4):
+def log_ticks(low, high):
+    """Tick values 1, 2, 5 times the powers of ten within [low, high] (both > 0), for a log axis;
+    the two ends where fewer than two fall inside."""
+    ticks = [m * 10 ** e for e in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+             for m in (1, 2, 5) if low <= m * 10 ** e <= high]
+    return ticks if len(ticks) >= 2 else [low, high]
+
+
+def line_plots(path, panels, title, columns=4, log_x=False):
     """Panels in rows of `columns`, each (panel title, x label, y label, [(name, xs, ys)]) with
     one line per series (None in ys: no point), marked at every point, or at about MARKED of
     them where it has more; the y label, with its unit, turned along the y axis. A series keeps
-    its series_style in every panel, and the legend below shows it; `title` on top. Written
-    atomically as a PNG."""
+    its series_style in every panel, and the legend below shows it; `title` on top. log_x: the x
+    axis on a log scale (every x > 0). Written atomically as a PNG."""
     names = list(dict.fromkeys(name for *_, series in panels for name, _, _ in series))
     style = {name: series_style(k) for k, name in enumerate(names)}
     pw, ph, left, top, bottom = PLOT_W, PLOT_H, PLOT_LEFT, PLOT_TOP, PLOT_BOTTOM
@@ -398,17 +406,20 @@ def line_plots(path, panels, title, columns=4):
     for p, (panel_title, xlabel, ylabel, series) in enumerate(panels):
         x0, y0 = p % columns * (left + pw + 20) + left, p // columns * (top + ph + bottom) + top
         points = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys) if y is not None]
-        xs_all, ys_all = [x for x, _ in points] or [0, 1], [y for _, y in points] or [0, 1]
+        xs_all, ys_all = [x for x, _ in points] or [1, 2], [y for _, y in points] or [0, 1]
         (xl, xh), (yl, yh) = (min(xs_all), max(xs_all)), (min(ys_all), max(ys_all))
         yl, yh = yl - 0.05 * (yh - yl or 1), yh + 0.05 * (yh - yl or 1)
+        if log_x:  # a tenth of a decade of room at each end
+            xl, xh = xl / 10 ** 0.1, (xh if xh > xl else xl) * 10 ** 0.1
         xh = xh if xh > xl else xl + 1
-        px = lambda v: x0 + (v - xl) / (xh - xl) * pw
+        at = (lambda v: math.log10(v)) if log_x else (lambda v: v)
+        px = lambda v: x0 + (at(v) - at(xl)) / (at(xh) - at(xl)) * pw
         py = lambda v: y0 + (1 - (v - yl) / (yh - yl)) * ph
         draw.text((x0, y0 - 16), panel_title, fill='black', font=FONT)
         for v in _ticks(yl, yh):
             draw.line([x0, py(v), x0 + pw, py(v)], fill=(230, 230, 230))
             draw.text((x0 - 6 - FONT.getlength(f'{v:.3g}'), py(v) - 7), f'{v:.3g}', fill='black', font=FONT)
-        for v in _ticks(xl, xh):
+        for v in (log_ticks(xl, xh) if log_x else _ticks(xl, xh)):
             draw.line([px(v), y0 + ph, px(v), y0 + ph + 4], fill='black')
             draw.text((px(v) - FONT.getlength(f'{v:.3g}') / 2, y0 + ph + 6), f'{v:.3g}', fill='black', font=FONT)
         draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline='black')

@@ -146,3 +146,40 @@ def test_compare_plot_without_a_sweep_is_refused_before_anything_is_written(tmp_
     with pytest.raises(ValueError, match='--plot draws corruption sweeps'):
         compare.main([str(path), '--plot', str(plot)])
     assert not plot.parent.exists()
+
+
+def test_log_ticks_are_one_two_five_times_the_powers_of_ten():
+    assert figures.log_ticks(0.8, 12) == [1, 2, 5, 10]
+    assert figures.log_ticks(1.1, 1.5) == [1.1, 1.5]  # no round value inside: the ends
+
+
+def evaluation(name, method, ms, batch_size=1, ood=False, calibration=None, ece=0.1):
+    """An evaluate.py result with what --cost-plot reads."""
+    return {'name': name, 'method': method, 'time_ms': {'mean': ms}, 'settings': {'batch_size': batch_size,
+                                                                                    'calibration': calibration},
+            'seg': {'ece': ece, 'auroc_failure': 0.8}, 'depth': {'ause_rmse': 0.2, 'nll': 1.0},
+            'ood': {'entropy': {'auroc': 0.9}, 'depth_var': {'auroc': 0.7}, 'mutual_information': None} if ood else None}
+
+
+def test_cost_plot_puts_each_result_at_its_time_over_one_networks(tmp_path, monkeypatch, capsys):
+    results = [evaluation('B0', 'none', 10.0), evaluation('B0, calibrated', 'none', 11.0, calibration='ab12'),
+               evaluation('DE x3', 'de', 60.0, batch_size=2, ece=0.05),
+               evaluation('B0', 'none', 20.0, ood=True), evaluation('DE x3', 'de', 50.0, ood=True)]
+    paths = []
+    for k, r in enumerate(results):
+        paths.append(tmp_path / f'{k}.json')
+        paths[-1].write_text(json.dumps(r))
+    drawn = {}
+    monkeypatch.setattr(figures, 'line_plots', lambda path, panels, title, columns, log_x: drawn.update(
+        panels={title: series for title, _, _, series in panels}, log_x=log_x))
+    compare.main([*map(str, paths), '--cost-plot', str(tmp_path / 'cost.png')])
+    # clean results against the clean single network (10 ms), the DE's 60 ms for a batch of 2;
+    # results with an 'ood' block against the OOD single network (20 ms), in the OOD panels only
+    assert drawn['log_x'] and drawn['panels']['seg ECE'] == [('B0', [1.0], [0.1]), ('B0, calibrated', [1.1], [0.1]),
+                                                             ('DE x3', [3.0], [0.05])]
+    assert drawn['panels']['OOD AUROC by depth variance'] == [('B0', [1.0], [0.7]), ('DE x3', [2.5], [0.7])]
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path / 'cost.png'}"
+    # without the single network of a kind there is nothing to measure cost against
+    with pytest.raises(ValueError, match='give the result of method none, uncalibrated, without --synthetic-ood'):
+        compare.main([str(paths[2]), '--cost-plot', str(tmp_path / 'other.png')])
+    assert not (tmp_path / 'other.png').exists()
