@@ -538,7 +538,7 @@ def sweep_settings(args, method, device, world_size):
                 'max_depth': args.max_depth or data.MAX_DEPTH[args.data],
                 'calibration': args.calibration and sha256(args.calibration),
                 'precision': precision, 'batch_size': args.batch_size, 'device': device.type, 'world_size': world_size}
-    if method in uq.SAMPLED:
+    if method in uq.METHOD_OPTIONS:
         settings.update({k: getattr(args, k) for k in uq.METHOD_OPTIONS[method]}, seed=args.seed)
     if args.data == 'synthetic':
         settings.update(synthetic_scenes=synthetic_count(args), synthetic_size=list(args.synthetic_size),

@@ -474,8 +474,9 @@ def detection_metrics(histogram):
 
 def risk_coverage_metrics(histogram):
     """histogram (2, SCORE_BINS) counts of [correct, errors] by uncertainty bin ->
-    {'aurc', 'augrc', 'risk_at_80', 'coverage_at_5'} and their '_bound's. Accepting the most certain first is the same
-    ranking as detecting errors by the highest uncertainty, read from the other end."""
+    {'aurc', 'augrc', 'risk_at_80', 'coverage_at_5'} and their '_bound's. Accepting the most
+    certain first is the same ranking as detecting errors by the highest uncertainty, read from
+    the other end."""
     correct, errors = histogram.cpu().numpy()
     # _groups orders highest first: hand it the bins reversed, so the most certain come first
     return _bound(lambda e, c: _risk_coverage(e, c), errors[::-1], correct[::-1])

@@ -357,7 +357,7 @@ def predict_files(model, method, files, args, writer, device):
 def settings(args, method):
     """The settings that shaped the outputs, for predict.json: a sampling method's only with it."""
     chosen = {'size': args.size, 'batch_size': args.batch_size, 'precision': args.precision, 'device': args.device}
-    if method in uq.SAMPLED:
+    if method in uq.METHOD_OPTIONS:
         chosen.update({k: getattr(args, k) for k in uq.METHOD_OPTIONS[method]}, seed=args.seed)
     return chosen
 

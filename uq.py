@@ -81,8 +81,8 @@ from plumbing import positive_int, rate
 # ---- Uncertainty methods ----
 
 METHODS = ('none', 'mcd', 'dse', 'de', 'mcd-decoder', 'drop-path')
-SAMPLED = ('mcd', 'mcd-decoder', 'drop-path')  # the methods that draw T random samples of one network
-# the options of predict() that each method uses (evaluate.py and predict.py pass only these)
+# the methods that draw T random samples of one network, and the options of predict() each uses
+# (evaluate.py and predict.py pass only these, and record them with the seed)
 METHOD_OPTIONS = {'mcd': ('samples', 'dropout'), 'mcd-decoder': ('samples', 'dropout'), 'drop-path': ('samples',)}
 
 
@@ -365,7 +365,7 @@ def predict(model, images, method='none', samples=10, dropout=0.2, chunk=None, d
             'mcd'   the same kind of model; `samples` passes at dropout rate `dropout`
             'mcd-decoder', 'drop-path'
                     the same kind of model; the cheap baselines (module docstring), `samples`
-                    samples, the first at dropout rate `dropout`
+                    samples each, mcd-decoder's at dropout rate `dropout`
             'dse'   model is a heads.DeepSubEnsemble; all heads
             'de'    model is a DeepEnsemble (or a list of members, stacked on every call)
     chunk: MC Dropout passes or DSE members computed per call (default_chunk). decompose:
