@@ -4,7 +4,9 @@ plot for corruption sweeps), for a README or a paper. Each file is read for what
 
     an evaluation        the paper's columns (Tables 2-7), then the uncertainty metrics of
                          evaluate.py's second block: scoring rules, failure detection, selective
-                         prediction, sparsification, calibration of the variance, decomposition
+                         prediction, sparsification, calibration of the variance, decomposition;
+                         then selective prediction's operating points, RSS and the conformal
+                         depth interval (evaluate.OPERATING_COLUMNS)
     with an 'ood' block  out-of-distribution detection per score (--synthetic-ood, or any data
                          set whose samples carry an ood mask)
     a sweep              (--corruption all) each metric on the clean images (severity 0) and
@@ -60,6 +62,9 @@ def evaluation_tables(results):
         columns = evaluate.UNCERTAINTY_COLUMNS[task]
         tables.append(markdown(['', *[f'{task} {h}' for _, h in columns]],
                                [[r['name'], *[_cell((r[task] or {}).get(k)) for k, _ in columns]] for r in results]))
+    tables.append(markdown(['', *[h for *_, h in evaluate.OPERATING_COLUMNS]],
+                           [[r['name'], *[_cell((r[t] or {}).get(k)) for t, k, _ in evaluate.OPERATING_COLUMNS]]
+                            for r in results]))
     return tables
 
 
@@ -73,12 +78,14 @@ def ood_table(results):
 
 def sweep_table(reports):
     """A caption, then each metric at severity 0 (the clean images) and at severities 1..5 (the
-    mean over the corruptions), one row per sweep and severity."""
-    headers = list(reports[0]['summary'])
+    mean over the corruptions), one row per sweep and severity; '-' where a sweep of an older
+    version lacks a metric."""
+    headers = [header for *_, header in evaluate.SWEEP_METRICS]
     caption = (f'Corruption sweeps: severity 0 is the clean images, 1..5 the mean over the '
                f'{len(corrupt.CORRUPTIONS)} corruptions at that severity')
     return caption + '\n\n' + markdown(['', 'severity', *headers],
-                                        [[r['name'], str(s), *[_cell(r['summary'][h][s]) for h in headers]]
+                                        [[r['name'], str(s), *[_cell(r['summary'].get(h, [None] * 6)[s])
+                                                               for h in headers]]
                                          for r in reports for s in range(6)])
 
 

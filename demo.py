@@ -9,16 +9,23 @@ comes. This file only plans the commands, runs them, and writes down what they m
         the baseline (member 0), the teacher (the three) and the student evaluate.py
         their comparison table                                           compare.py
     stage all (python demo.py), after the above
-        the calibration baseline: member 0 with a temperature and a
-        variance scale fitted on the calib split, and its evaluation     calibrate.py, evaluate.py
-        unseen objects (--synthetic-ood) for the four models             evaluate.py
-        the corruption sweep (--corruption all) for the four models      evaluate.py
-        the tables of all of it, and the sweep plot                      compare.py
-        then the demo section of the results document, between its markers: the tables, the plot,
-        the commit, the date, the machine, and each command with its time
+        the other methods of Tables 2-5: an MC Dropout model (trained with
+        dropout at 20%) and a Deep Sub-Ensemble of three heads per task     train.py
+        the calibration baseline: member 0 with a temperature, a variance
+        scale and a split-conformal depth interval fitted on the calib split  calibrate.py
+        every method on the validation scenes and on unseen objects
+        (--synthetic-ood): the baseline, calibrated, MC Dropout at 20%, its
+        decoder-only variant, test-time drop-path (on the baseline), the
+        DSE, the DE and EMUFormer                                       evaluate.py
+        their tables, and the cost-quality figure from those results     compare.py
+        the corruption sweep (--corruption all) for the baseline, the
+        calibrated baseline, the DE and EMUFormer; its table and plot     evaluate.py, compare.py
+        then the demo section of the results document, between its markers: the tables, the two
+        figures, the commit, the date, the machine, and each command with its time
 
-Where: the run directories under --runs (runs/demo/: member0, member1, member2, emuformer), every
-result under --out (out/demo/), both ignored by git; --doc's section and the plot beside it.
+Where: the run directories under --runs (runs/demo/: member0, member1, member2, emuformer, and
+with stage all mcd20, dse), every result under --out (out/demo/), both ignored by git; --doc's
+section and its two figures beside it (sweep.png, cost.png).
 
 Run again, it continues where it stopped: a training run whose last.pt holds its last step is
 skipped, one whose last.pt holds an earlier step goes on with --resume (train.py continues it
@@ -55,6 +62,8 @@ import plumbing
 
 STAGES = ('emuformer', 'all')
 SEEDS = (0, 1, 2)  # the Deep Ensemble's members
+MCD_RATE = '0.2'  # the MC Dropout model's rate, in training and sampling (the paper's 20%)
+DSE_HEADS = '3'  # the Deep Sub-Ensemble's heads per task: as many as the Deep Ensemble's members
 # the synthetic recipe of train.py and distill.py, spelled out so that every command shown says it
 RECIPE = ['--data', 'synthetic', '--lr', '6e-4']
 EPOCHS = {'train': 24, 'distill': 16}  # the members', the student's (tests/test_demo.py: the scripts' recipes)
@@ -128,32 +137,57 @@ def paths(args):
     members = [os.path.join(args.runs, f'member{seed}') for seed in SEEDS]
     return {'members': members, 'best': [os.path.join(m, 'best.pt') for m in members],
             'student': os.path.join(args.runs, 'emuformer'),
+            'mcd': os.path.join(args.runs, 'mcd20'), 'dse': os.path.join(args.runs, 'dse'),
             'calibration': os.path.join(args.out, 'calibration.json')}
+
+
+def training_common(args):
+    """What every training run of the demo is given."""
+    return [*RECIPE, '--workers', '0', '--device', 'cpu', *scene_options(args, '--synthetic-train', '--synthetic-val')]
+
+
+def epochs_of(args, kind):
+    return ['--epochs', str(args.epochs or EPOCHS[kind])]
 
 
 def training_steps(args):
     """The three members (train.py) and the student (distill.py)."""
-    p = paths(args)
-    common = [*RECIPE, '--workers', '0', '--device', 'cpu', *scene_options(args, '--synthetic-train', '--synthetic-val')]
-    epochs = {kind: ['--epochs', str(args.epochs or n)] for kind, n in EPOCHS.items()}
+    p, common = paths(args), training_common(args)
     steps = [Step(f'train member {seed}', 'train',
-                  ['train.py', *common, *epochs['train'], '--backbone', 'b0', '--seed', str(seed), '--out', member],
-                  member)
+                  ['train.py', *common, *epochs_of(args, 'train'), '--backbone', 'b0', '--seed', str(seed),
+                   '--out', member], member)
              for seed, member in zip(SEEDS, p['members'])]
     steps.append(Step('distil EMUFormer', 'distill',
                       ['distill.py', '--teacher', *p['best'], '--student-init', p['best'][0], *common,
-                       *epochs['distill'], *JITTER,
-                       '--out', p['student']], p['student']))
+                       *epochs_of(args, 'distill'), *JITTER, '--out', p['student']], p['student']))
     return steps
+
+
+def other_training_steps(args):
+    """Stage all: the MC Dropout model and the Deep Sub-Ensemble, each member 0's recipe and
+    seed but for its dropout rate, or its heads."""
+    p, common = paths(args), [*training_common(args), *epochs_of(args, 'train'), '--backbone', 'b0', '--seed', '0']
+    return [Step('train MC Dropout model', 'train', ['train.py', *common, '--dropout', MCD_RATE, '--out', p['mcd']],
+                 p['mcd']),
+            Step('train Deep Sub-Ensemble', 'train',
+                 ['train.py', *common, '--model', 'dse', '--num-members', DSE_HEADS, '--out', p['dse']], p['dse'])]
 
 
 def models(args):
     """name -> evaluate.py's positional arguments and method options for it, in the tables' order."""
     p = paths(args)
+    mcd = os.path.join(p['mcd'], 'best.pt')
     return {'baseline': [p['best'][0]],
-             'calibrated': [p['best'][0], '--calibration', p['calibration']],
-             'teacher': [*p['best'], '--method', 'de'],
-             'emuformer': [os.path.join(p['student'], 'best.pt')]}
+            'calibrated': [p['best'][0], '--calibration', p['calibration']],
+            'mcd': [mcd, '--method', 'mcd', '--dropout', MCD_RATE],
+            'mcd-decoder': [mcd, '--method', 'mcd-decoder', '--dropout', MCD_RATE],
+            'drop-path': [p['best'][0], '--method', 'drop-path'],
+            'dse': [os.path.join(p['dse'], 'best.pt')],
+            'teacher': [*p['best'], '--method', 'de'],
+            'emuformer': [os.path.join(p['student'], 'best.pt')]}
+
+
+FOUR = ('baseline', 'calibrated', 'teacher', 'emuformer')  # the corruption sweep's models
 
 
 def evaluation_steps(args, names, kind):
@@ -186,18 +220,23 @@ def plan(args):
                               'table_emuformer'))
     if args.stage == 'emuformer':
         return steps
-    p, four = paths(args), ('baseline', 'calibrated', 'teacher', 'emuformer')
+    p, every = paths(args), tuple(models(args))
+    steps += other_training_steps(args)
     steps.append(Step('calibrate baseline', 'calibrate',
                       ['calibrate.py', p['best'][0], '--data', 'synthetic', '--split', 'calib', '--workers', '0',
                        '--device', 'cpu', *scene_options(args, '--synthetic-calib'), '--out', p['calibration']],
                       p['calibration']))
-    steps += evaluation_steps(args, ('calibrated',), 'evaluate')
-    steps.append(compare_step(args, 'compare the four', [result_path(args, '', n) for n in four], 'table_main'))
-    steps += evaluation_steps(args, four, 'ood')
-    steps.append(compare_step(args, 'compare unseen objects', [result_path(args, 'ood_', n) for n in four],
-                              'table_ood'))
-    steps += evaluation_steps(args, four, 'sweep')
-    steps.append(compare_step(args, 'compare the sweeps', [result_path(args, 'sweep_', n) for n in four],
+    steps += evaluation_steps(args, [n for n in every if n not in three], 'evaluate')
+    clean = [result_path(args, '', n) for n in every]
+    steps.append(compare_step(args, 'compare every method', clean, 'table_main'))
+    steps += evaluation_steps(args, every, 'ood')
+    ood = [result_path(args, 'ood_', n) for n in every]
+    steps.append(compare_step(args, 'compare unseen objects', ood, 'table_ood'))
+    cost = os.path.join(args.out, 'cost.png')
+    steps.append(Step('plot cost against quality', 'compare',
+                      ['compare.py', *clean, *ood, '--cost-plot', cost, '--overwrite'], cost))
+    steps += evaluation_steps(args, FOUR, 'sweep')
+    steps.append(compare_step(args, 'compare the sweeps', [result_path(args, 'sweep_', n) for n in FOUR],
                               'table_sweep', plot=os.path.join(args.out, 'sweep.png')))
     return steps
 
@@ -358,9 +397,10 @@ def calibration_line(path):
     with open(path) as f:
         c = json.load(f)
     return (f"calibrate.py fitted a temperature of {c['temperature']:.3g} (seg NLL {c['seg_nll_before']:.4f} -> "
-            f"{c['seg_nll_after']:.4f}) and a depth variance scale of {c['variance_scale']:.3g} (depth NLL "
-            f"{c['depth_nll_before']:.4f} -> {c['depth_nll_after']:.4f}) on the {c['images']} scenes of the calib "
-            f"split, which no model trained on.")
+            f"{c['seg_nll_after']:.4f}), a depth variance scale of {c['variance_scale']:.3g} (depth NLL "
+            f"{c['depth_nll_before']:.4f} -> {c['depth_nll_after']:.4f}) and the split-conformal depth interval "
+            f"mu +- {c['interval_scale']:.3g} sigma for {c['interval_coverage_target']:.0%} coverage on the "
+            f"{c['images']} scenes of the calib split, which no model trained on.")
 
 
 TIME_COLUMN = 'ms/image'  # compare.py's column of evaluate.py's timing, which no rerun repeats exactly
@@ -410,15 +450,24 @@ def section(steps, times, note):
         took += ', its last part (continued with --resume)' if times.get(step.label, {}).get('resumed') else ''
         commands += [f'# [{i + 1}/{len(steps)}] {step.label}: {took}', f'python {shlex.join(step.argv)}']
     return '\n'.join([
-        f'Made by `python demo.py` on {datetime.date.today().isoformat()} ({version}): every number and the plot '
+        f'Made by `python demo.py` on {datetime.date.today().isoformat()} ({version}): every number and the plots '
         f'in this section are its output, written here by it; the tables are those compare.py printed. Machine: '
         f'{machine()}. Its steps took {total} in all{" (as measured; some ran in parts)" if resumed else ""}.',
-        '', f'The rows of Tables 4/5 on the validation scenes ({TIME_COLUMN}: evaluate.py\'s time per image here):',
+        '', f'Every method of Tables 2-5 on the validation scenes, B0 SegDepthFormers all: the baseline (member 0), '
+            f'calibrated (calibrate.py), MC Dropout (a model trained with dropout at {float(MCD_RATE):.0%}, sampled '
+            f'ten times at that rate), its decoder-only variant (the encoder run once), test-time drop-path (the '
+            f'baseline with its stochastic depth on, ten samples), the Deep Sub-Ensemble ({DSE_HEADS} heads per '
+            f'task), the Deep Ensemble of the {len(SEEDS)} members (the teacher), and EMUFormer ({TIME_COLUMN}: '
+            f'evaluate.py\'s time per image here):',
         '', tables_of(os.path.join(out, 'table_main.md')),
         '', calibration_line(os.path.join(out, 'calibration.json')),
         '', '**Unseen objects** (`--synthetic-ood`: in every scene, objects of a shape, colour and texture of no '
             'training class; how well each uncertainty tells their pixels from the others of the same images):',
         '', tables_of(os.path.join(out, 'table_ood.md')),
+        '', '**Cost against uncertainty quality**, from the results above (compare.py --cost-plot): each method\'s '
+            'time per image over the baseline\'s in the same kind of run, on a log scale. The paper\'s claim is '
+            'that EMUFormer sits at the cost of one network with the quality of the ensemble:',
+        '', '![cost against uncertainty quality: one point per method and panel](cost.png)',
         '', '**Corrupted images** (`--corruption all`: the clean scenes and ten ImageNet-C corruptions at five '
             'severities, 51 evaluations per model):',
         '', tables_of(os.path.join(out, 'table_sweep.md')),
@@ -433,16 +482,17 @@ def check_markers(text, doc):
                          f'the demo writes its section between them')
 
 
-def write_section(doc, text, plot):
+def write_section(doc, text, figures):
     """Replace what stands between the markers BEGIN and END in `doc` by `text`, and put the
-    sweep plot beside it (sweep.png); nothing else in the document changes."""
+    `figures` (PNG paths) beside it under their own names; nothing else in the document changes."""
     with open(doc) as f:
         old = f.read()
     check_markers(old, doc)
     new = old[:old.index(BEGIN) + len(BEGIN)] + '\n' + text + '\n' + old[old.index(END):]
-    with open(plot, 'rb') as f:
-        picture = f.read()
-    plumbing.save_atomic(os.path.join(os.path.dirname(doc), 'sweep.png'), lambda f: f.write(picture))
+    for path in figures:
+        with open(path, 'rb') as f:
+            picture = f.read()
+        plumbing.save_atomic(os.path.join(os.path.dirname(doc), os.path.basename(path)), lambda f: f.write(picture))
     plumbing.save_atomic(doc, lambda f: f.write(new.encode()))
 
 
@@ -463,8 +513,9 @@ def main(argv=None):
             'Reproducibility: not checked in this run; a second demo into other folders, given this one\'s '
             f'with --same-as (`python demo.py --runs runs/demo2 --out out/demo2 --same-as {args.out}`), checks '
             'that it writes the same numbers and says so here.')
-        write_section(args.doc, section(steps, times, note), os.path.join(args.out, 'sweep.png'))
-        print(f'wrote the demo section of {args.doc} and {os.path.join(os.path.dirname(args.doc), "sweep.png")}')
+        figures = [os.path.join(args.out, name) for name in ('sweep.png', 'cost.png')]
+        write_section(args.doc, section(steps, times, note), figures)
+        print(f'wrote the demo section of {args.doc}, and beside it sweep.png and cost.png')
     summary(steps, states, args.out, seconds)
 
 

@@ -374,6 +374,11 @@ def format_extras(result):
 
 
 # (task, key, header) of the second block: the uncertainty metrics beyond the paper's columns
+# selective prediction's operating points, RSS and the conformal depth interval (compare.py's third
+# table; evaluate.py prints them as sentences below the second block)
+OPERATING_COLUMNS = [('seg', 'risk_at_80', 'seg risk@80%'), ('seg', 'coverage_at_5', 'seg cov@5%risk'),
+                     ('seg', 'rss', 'seg RSS'), ('depth', 'interval_coverage', 'depth interval cov'),
+                     ('depth', 'interval_width', 'depth interval width (m)')]
 UNCERTAINTY_COLUMNS = {
     'seg': [('nll', 'NLL'), ('brier', 'Brier'), ('auroc_failure', 'AUROC fail'), ('aupr_failure', 'AUPR fail'),
             ('aurc', 'AURC'), ('augrc', 'AUGRC'), ('entropy_mean', 'H mean'), ('aleatoric_mean', 'aleatoric'),
@@ -509,7 +514,8 @@ def evaluate_and_report(args, model, method, name, num_classes, rank, world_size
 # what the sweep follows against severity: accuracy, calibration, failure detection, uncertainty
 SWEEP_METRICS = [('seg', 'miou', 'mIoU'), ('seg', 'ece', 'ECE'), ('seg', 'auroc_failure', 'AUROC fail'),
                  ('seg', 'entropy_mean', 'entropy'), ('depth', 'rmse', 'RMSE'), ('depth', 'ause_rmse', 'AUSE rmse'),
-                 ('depth', 'nll', 'depth NLL'), ('depth', 'variance_mean', 'depth var')]
+                 ('depth', 'nll', 'depth NLL'), ('depth', 'variance_mean', 'depth var'),
+                 ('depth', 'interval_coverage', 'interval cov')]  # the last: with --calibration only
 
 
 def sweep_cells():
@@ -651,9 +657,10 @@ SWEEP_UNITS = {'entropy': 'nats', 'RMSE': 'm', 'AUSE rmse': 'm', 'depth NLL': 'n
 
 
 def sweep_plot(path, reports):
-    """Every metric of SWEEP_METRICS against severity, one panel each, one line per report."""
+    """Every metric of SWEEP_METRICS against severity, one panel each, one line per report (no
+    points where a sweep of an older version lacks the metric)."""
     panels = [(header, 'severity (0: clean)', f'{header} ({SWEEP_UNITS[header]})' if header in SWEEP_UNITS else header,
-               [(r['name'], list(range(6)), r['summary'][header]) for r in reports])
+               [(r['name'], list(range(6)), r['summary'].get(header, [None] * 6)) for r in reports])
               for _, _, header in SWEEP_METRICS]
     figures.line_plots(path, panels, 'the mean over the corruptions of ImageNet-C at each severity')
 

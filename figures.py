@@ -430,7 +430,7 @@ def line_plots(path, panels, title, columns=4, log_x=False):
             line = [(px(x), py(y)) for x, y in zip(xs, ys) if y is not None]
             if len(line) > 1:
                 _polyline(draw, line, colour, dash)
-            for x, y in line[::math.ceil(len(line) / MARKED)]:
+            for x, y in line[::max(1, math.ceil(len(line) / MARKED))]:  # none where every y is None
                 _marker(draw, x, y, marker, colour)
     for k, name in enumerate(names):
         colour, marker, dash = style[name]

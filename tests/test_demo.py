@@ -66,17 +66,41 @@ def test_plan_of_a_fresh_folder(tmp_path):
 
 def test_plan_of_stage_all(tmp_path):
     steps = demo.plan(parse(tmp_path, '--synthetic-scenes', '8', '--synthetic-size', '32', '48'))
-    assert len(steps) == 21 and steps[:8] == demo.plan(parse(tmp_path, '--stage', 'emuformer', '--synthetic-scenes',
+    assert len(steps) == 32 and steps[:8] == demo.plan(parse(tmp_path, '--stage', 'emuformer', '--synthetic-scenes',
                                                              '8', '--synthetic-size', '32', '48'))
-    calibrate = steps[8].argv
-    assert calibrate[0] == 'calibrate.py' and option(calibrate, '--split') == ['calib']
-    assert option(steps[9].argv, '--calibration') == option(calibrate, '--out')
+    runs, out = tmp_path / 'runs', tmp_path / 'out'
     kinds = [s.kind for s in steps[8:]]
-    assert kinds == ['calibrate', 'evaluate', 'compare'] + ['ood'] * 4 + ['compare'] + ['sweep'] * 4 + ['compare']
-    assert all(option(s.argv, '--corruption') == ['all'] for s in steps[16:20])
-    assert all('--synthetic-ood' in s.argv for s in steps[11:15])
-    plot = option(steps[20].argv, '--plot')[0]
-    assert plot == str(tmp_path / 'out' / 'sweep.png') and '--overwrite' in steps[20].argv
+    assert kinds == (['train'] * 2 + ['calibrate'] + ['evaluate'] * 5 + ['compare'] + ['ood'] * 8 + ['compare'] * 2
+                     + ['sweep'] * 4 + ['compare'])
+    mcd, dse = steps[8].argv, steps[9].argv
+    assert option(mcd, '--dropout') == ['0.2'] and option(mcd, '--out') == [str(runs / 'mcd20')]
+    assert option(dse, '--model') == ['dse'] and option(dse, '--num-members') == ['3']
+    for train in (mcd, dse):  # member 0's recipe and seed
+        assert option(train, '--seed') == ['0'] and option(train, '--epochs') == ['24']
+        assert option(train, '--lr') == ['6e-4'] and option(train, '--backbone') == ['b0']
+    calibrate = steps[10].argv
+    assert calibrate[0] == 'calibrate.py' and option(calibrate, '--split') == ['calib']
+    assert option(steps[11].argv, '--calibration') == option(calibrate, '--out')
+    mcd_best, base = str(runs / 'mcd20' / 'best.pt'), str(runs / 'member0' / 'best.pt')
+    methods = {s.label: (s.argv[1], option(s.argv, '--method') if '--method' in s.argv else None)
+               for s in steps[12:16]}
+    assert methods == {'evaluate mcd': (mcd_best, ['mcd']), 'evaluate mcd-decoder': (mcd_best, ['mcd-decoder']),
+                       'evaluate drop-path': (base, ['drop-path']),
+                       'evaluate dse': (str(runs / 'dse' / 'best.pt'), None)}  # evaluate.py: 'dse' for a DSE
+    assert all(option(s.argv, '--dropout') == ['0.2'] for s in steps[12:14])
+    names = ['baseline', 'calibrated', 'mcd', 'mcd-decoder', 'drop-path', 'dse', 'teacher', 'emuformer']
+    clean = [str(out / f'{n}.json') for n in names]
+    ood = [str(out / f'ood_{n}.json') for n in names]
+    assert steps[16].argv[1:] == clean and steps[16].made == str(out / 'table_main.md')
+    assert [s.made for s in steps[17:25]] == ood and all('--synthetic-ood' in s.argv for s in steps[17:25])
+    assert steps[25].argv[1:] == ood
+    cost = steps[26]
+    assert cost.argv == ['compare.py', *clean, *ood, '--cost-plot', str(out / 'cost.png'), '--overwrite']
+    assert cost.made == str(out / 'cost.png') and not cost.tables
+    assert [s.label for s in steps[27:31]] == [f'sweep {n}' for n in ('baseline', 'calibrated', 'teacher', 'emuformer')]
+    assert all(option(s.argv, '--corruption') == ['all'] for s in steps[27:31])
+    plot = option(steps[31].argv, '--plot')[0]
+    assert plot == str(out / 'sweep.png') and '--overwrite' in steps[31].argv
     for s in steps:  # every command is given the tiny scenes, each in its script's spelling
         assert s.kind == 'compare' or option(s.argv, '--synthetic-size', 2) == ['32', '48']
     assert option(steps[0].argv, '--synthetic-train') == ['8'] and option(steps[4].argv, '--synthetic-val') == ['8']
@@ -157,18 +181,20 @@ def write_doc(path):
 
 
 def test_the_section_is_replaced_between_the_markers_and_nothing_else(tmp_path):
-    doc, plot = tmp_path / 'docs' / 'results.md', tmp_path / 'plot.png'
+    doc, plots = tmp_path / 'docs' / 'results.md', [tmp_path / 'sweep.png', tmp_path / 'cost.png']
     doc.parent.mkdir()
     before, after = write_doc(doc)
-    plot.write_bytes(b'\x89PNG picture')
-    demo.write_section(str(doc), 'new\ntables', str(plot))
+    for plot in plots:
+        plot.write_bytes(b'\x89PNG ' + plot.name.encode())
+    demo.write_section(str(doc), 'new\ntables', [str(p) for p in plots])
     assert doc.read_text() == before + 'new\ntables\n' + after
-    assert (tmp_path / 'docs' / 'sweep.png').read_bytes() == b'\x89PNG picture'
-    demo.write_section(str(doc), 'again', str(plot))
+    assert (tmp_path / 'docs' / 'sweep.png').read_bytes() == b'\x89PNG sweep.png'
+    assert (tmp_path / 'docs' / 'cost.png').read_bytes() == b'\x89PNG cost.png'
+    demo.write_section(str(doc), 'again', [str(p) for p in plots])
     assert doc.read_text() == before + 'again\n' + after
     doc.write_text(before + 'no end marker\n')
     with pytest.raises(ValueError, match='must hold the line'):
-        demo.write_section(str(doc), 'x', str(plot))
+        demo.write_section(str(doc), 'x', [str(p) for p in plots])
     with pytest.raises(ValueError, match='must hold the line'):  # found before the demo's long work
         demo.check_args(demo.get_parser().parse_args(['--doc', str(doc)]))
 
@@ -205,10 +231,13 @@ def test_a_tiny_demo_end_to_end_then_again(tmp_path):
     assert '| EMUFormer-B0 |' in text and '| SegDepthFormer-B0 (DE x3) | 5 |' in text
     assert 'python train.py --data synthetic' in text and 'temperature of' in text
     assert (tmp_path / 'docs' / 'sweep.png').read_bytes().startswith(b'\x89PNG')
+    assert (tmp_path / 'docs' / 'cost.png').read_bytes().startswith(b'\x89PNG')
+    for row in ('(MCD 20%)', '(decoder MCD 20%)', '(test-time drop-path)', '(DSE x3)'):
+        assert f'| SegDepthFormer-B0 {row} |' in text
     first = tmp_path / 'first' / 'out'
     tables = {p.name: p.read_text() for p in first.glob('*.md')}
     again = tiny_demo(tmp_path, 'first')  # everything exists: nothing runs again, the tables stay
-    assert 'stage all: 21 steps, 21 done already' in again and '$ python' not in again
+    assert 'stage all: 32 steps, 32 done already' in again and '$ python' not in again
     assert tables == {p.name: p.read_text() for p in first.glob('*.md')}
     # the same on the same machine from scratch, elsewhere: the same numbers, the timing aside
     tiny_demo(tmp_path, 'second', '--stage', 'emuformer')

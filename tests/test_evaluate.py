@@ -449,11 +449,13 @@ def test_compare_puts_the_json_numbers_side_by_side(ckpt, tmp_path, capsys):
     evaluate.main([ckpt['segdepthformer'], *SYNTHETIC, '--synthetic-ood', '--json', str(tmp_path / 'single.json')])
     evaluate.main([*ckpt['de'], *SYNTHETIC, '--synthetic-ood', '--json', str(tmp_path / 'de.json')])
     single, de = strict_json(tmp_path / 'single.json'), strict_json(tmp_path / 'de.json')
-    paper, seg, depth, ood = compare.main([str(tmp_path / 'single.json'), str(tmp_path / 'de.json')])
+    paper, seg, depth, operating, ood = compare.main([str(tmp_path / 'single.json'), str(tmp_path / 'de.json')])
     rows = {line.split(' | ')[0].strip('| '): line for line in paper.splitlines()[2:]}
     assert set(rows) == {single['name'], de['name']}
     assert f"| {de['seg']['miou']:.3f} |" in rows[de['name']]
     assert f"| {single['depth']['rmse']:.3f} |" in rows[single['name']]
+    assert operating.splitlines()[2] == (f"| {single['name']} | {single['seg']['risk_at_80']:.3f} | "
+                                         f"{single['seg']['coverage_at_5']:.3f} | {single['seg']['rss']:.3f} | - | - |")
     ood_rows = ood.splitlines()[2:]
     assert len(ood_rows) == 2 and ' - | - | - |' in ood_rows[0]  # the single network has no mutual information
     assert f"{de['ood']['mutual_information']['auroc']:.3f}" in ood_rows[1]
