@@ -8,9 +8,11 @@ except the encoder, 1/4-resolution, Hugging Face and onnxruntime rows, which say
 
     SegFormer, DepthFormer, SegDepthFormer   one network, method 'none'
     SegDepthFormer, plain forms             the same with the CPU speed-ups of one pass off:
-                                            F.interpolate for heads.upsample's passes
-                                            (heads.FAST_UPSAMPLE) and F.softmax over dim 1
-                                            for uq's channels_last one (uq.FAST_SOFTMAX)
+                                            F.interpolate and an add for heads.upsample's
+                                            matrix products into the decoders' map
+                                            (heads.FAST_UPSAMPLE); F.softmax over dim 1 for
+                                            uq's channels_last one, entropy(p) for one
+                                            sample's logit_entropy (uq.FAST_SUMMARY)
     SegDepthFormer to 1/4 resolution        the same network up to its heads' outputs at 1/4
                                             resolution (model(x, full=False)): what is left of
                                             one pass is its full-resolution outputs
@@ -75,7 +77,10 @@ ours; docs/results.md has the figures. Two columns:
                     call, and the entropy's sum over classes, which runs as a batched matmul
 
 Both are counted by running the row's networks under torch.utils.flop_counter.FlopCounterMode
-on the meta device: shapes only, no arithmetic, so even the Deep Ensemble takes a moment.
+on the meta device: shapes only, no arithmetic, so even the Deep Ensemble takes a moment. A
+CPU's speed-ups are not taken there, so the executed count leaves out the matrix products of
+heads.upsample_by_matrices (their tent matrices are mostly zeros; tests/test_bench.py counts
+them on a CPU).
 
 Run (single process; a benchmark has nothing to gain from torchrun):
 
@@ -129,8 +134,15 @@ def _mv_flops(a, x, *args, out_shape=None, **kwargs):
     return 2 * a[0] * a[1]
 
 
+def _baddbmm_flops(a, b, c, *args, out_shape=None, **kwargs):
+    # the in-place baddbmm_ of heads.upsample_by_matrices, which FlopCounterMode skips (it has
+    # the out-of-place baddbmm's formula only): (n, p) @ (p, m) per batch, into a
+    return 2 * b[0] * b[1] * b[2] * c[2]
+
+
 # formulas return FLOPs = 2 x MACs, FlopCounterMode's convention for matmuls and convs
-EXTRA_FORMULAS = {aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops, aten.mv: _mv_flops}
+EXTRA_FORMULAS = {aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops, aten.mv: _mv_flops,
+                  aten.baddbmm_: _baddbmm_flops}
 
 
 def count_macs(fn, x):
@@ -305,14 +317,14 @@ def onnx_session(network, arena):
 
 
 def plain_forms(fn, *args):
-    """fn(*args) with the CPU speed-ups of one pass switched off (row segdepthformer-plain):
-    heads.upsample's passes and uq.softmax's channels_last form."""
-    saved = heads.FAST_UPSAMPLE, uq.FAST_SOFTMAX
-    heads.FAST_UPSAMPLE = uq.FAST_SOFTMAX = False
+    """fn(*args) with the speed-ups of one pass switched off (row segdepthformer-plain):
+    heads.upsample's matrix products, uq's channels_last softmax and logit_entropy."""
+    saved = heads.FAST_UPSAMPLE, uq.FAST_SUMMARY
+    heads.FAST_UPSAMPLE = uq.FAST_SUMMARY = False
     try:
         return fn(*args)
     finally:
-        heads.FAST_UPSAMPLE, uq.FAST_SOFTMAX = saved
+        heads.FAST_UPSAMPLE, uq.FAST_SUMMARY = saved
 
 
 def make_row(key, args, cache, device, for_peak=False):

@@ -51,8 +51,6 @@ rebuilds one from a checkpoint of train.py or distill.py, `load_members` the mem
 Ensemble, `describe` names what was loaded (reading and strict loading: plumbing.py).
 """
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -154,19 +152,18 @@ def stacked_folds(decoders, stages=4):
     return weights, sum(torch.cat([c for _, c in stage]) for stage in folds)
 
 
-# True: on a CPU, whole upsampling factors take the speed-up at the end of this file; bench.py's
-# row segdepthformer-plain sets it False (with uq.FAST_SOFTMAX) to time the plain forms
+# True: on a CPU, upsampling added into a map takes the speed-up at the end of this file;
+# bench.py's row segdepthformer-plain sets it False (with uq.FAST_SUMMARY) to time the plain forms
 FAST_UPSAMPLE = True
 
 
 def upsample(x, size, out=None):
     """Bilinear upsampling of x (B, C, h, w) to size (H, W), as F.interpolate(align_corners=
-    False) computes it, or added into `out` (B, C, H, W) in place. On a CPU, factors H/h and
-    W/w that are whole numbers take the faster form at the end of this file (upsample_by_passes);
-    an ONNX export always gets F.interpolate."""
-    (h, w), (H, W) = x.shape[-2:], size
-    if FAST_UPSAMPLE and x.device.type == 'cpu' and not (H % h or W % w or torch.onnx.is_in_onnx_export()):
-        return upsample_by_passes(x, size, out)
+    False) computes it, or added into `out` (B, C, H, W) in place. Added into a map on a CPU,
+    it takes the faster form at the end of this file (upsample_by_matrices), which writes
+    nothing as large as `out` on the way; an ONNX export always gets F.interpolate."""
+    if FAST_UPSAMPLE and out is not None and x.device.type == 'cpu' and not torch.onnx.is_in_onnx_export():
+        return upsample_by_matrices(x, size, out)
     up = F.interpolate(x, size, mode='bilinear', align_corners=False)
     return up if out is None else out.add_(up)
 
@@ -405,44 +402,31 @@ def load_members(paths):
 
 
 # ---------------------------------------------------------------------------------------------
-# --- speed-up: bilinear upsampling by whole factors as strided in-place passes (replaces
-# F.interpolate in upsample above on a CPU; bench.py rows segdepthformer and
-# segdepthformer-plain, timed in the same run; docs/results.md)
+# --- speed-up: bilinear upsampling as two matrix products (replaces F.interpolate in upsample
+# above on a CPU; bench.py rows segdepthformer and segdepthformer-plain, timed in the same run;
+# docs/results.md)
 
-def upsample_by_passes(x, size, out=None):
-    """upsample() for whole factors H/h, W/w: two 1-d passes (_lerp_phases), rows then columns,
-    a few strided in-place operations each, in the tensor's memory order, written straight into
-    (or added to) the output; the numbers are F.interpolate's up to rounding (tests/test_models.py)."""
+def interpolation_matrix(n, N, dtype):
+    """(N, n): row o holds the weights with which F.interpolate(mode='bilinear',
+    align_corners=False) mixes the n inputs along one axis into output o. Output o reads the
+    source coordinate (o + 0.5) n / N - 0.5, clamped to [0, n - 1], and input i gets the tent
+    weight max(0, 1 - |coordinate - i|): at most two neighbours, summing to one."""
+    source = ((torch.arange(N, dtype=torch.float64) + 0.5) * (n / N) - 0.5).clamp(0, n - 1)
+    return (1 - (source[:, None] - torch.arange(n, dtype=torch.float64)).abs()).clamp_min(0).to(dtype)
+
+
+def upsample_by_matrices(x, size, out):
+    """upsample(x, size, out): up(x) = U_H x U_W^T per channel, two matrix products over the
+    (B, h, w, C) view in which the decoder's channels_last maps lie contiguous: along the width
+    one batched product with U_W (W, w), then along the height one product with U_H (H, h) of
+    rows of W * C numbers each, which adds into `out` in place (baddbmm): one pass over the large
+    map, where F.interpolate writes a map as large and the add reads it back. The numbers are
+    F.interpolate's up to rounding (tests/test_models.py)."""
     (h, w), (H, W) = x.shape[-2:], size
-    y = x.permute(0, 2, 3, 1)  # (B, h, w, C): contiguous for the channels_last maps of the decoder
-    # new buffers through empty_like, so that under vmap (a batched Deep Ensemble) they are batched
-    rows = torch.empty_like(y.unsqueeze(3).expand(-1, -1, -1, W // w, -1)).flatten(2, 3)  # (B, h, W, C)
-    _lerp_phases(y, rows, dim=2, accumulate=False)
-    target = torch.empty_like(rows.unsqueeze(2).expand(-1, -1, H // h, -1, -1)).flatten(1, 2) if out is None \
-        else out.permute(0, 2, 3, 1)  # (B, H, W, C)
-    _lerp_phases(rows, target, dim=1, accumulate=out is not None)
-    return target.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W), channels_last in memory
-
-
-def _lerp_phases(x, out, dim, accumulate):
-    """1-d bilinear upsampling of x along dim by the whole factor s = out.size(dim) / x.size(dim),
-    into out (or added to it). Output o = s q + a has the source coordinate
-    q + (a + 0.5) / s - 0.5, so each phase a is a fixed blend (1 - t) x[q + d] + t x[q + d + 1]
-    with d = -1 or 0, the source clamped at the ends, as F.interpolate does."""
-    n = x.shape[dim]
-    s = out.shape[dim] // n
-    first, second = x.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1)
-    for a in range(s):
-        src = (a + 0.5) / s - 0.5
-        d = math.floor(src)
-        t = src - d
-        # outputs s q + a for every q: the first or last one is the clamped end, the rest a blend
-        phase = lambda: out.unflatten(dim, (n, s)).select(dim + 1, a)  # a fresh view after each write
-        body, edge = (1, 0) if d < 0 else (0, n - 1)
-        clamped = x.narrow(dim, 0 if d < 0 else n - 1, 1)
-        if accumulate:
-            phase().narrow(dim, body, n - 1).add_(first, alpha=1 - t).add_(second, alpha=t)
-            phase().narrow(dim, edge, 1).add_(clamped)
-        else:
-            phase().narrow(dim, body, n - 1).copy_(first).mul_(1 - t).add_(second, alpha=t)
-            phase().narrow(dim, edge, 1).copy_(clamped)
+    B, C = x.shape[:2]
+    target = out.permute(0, 2, 3, 1)  # (B, H, W, C)
+    if not target.is_contiguous():  # not channels_last: no view of it has the rows the product needs
+        return out.add_(F.interpolate(x, size, mode='bilinear', align_corners=False))
+    rows = torch.matmul(interpolation_matrix(w, W, x.dtype), x.permute(0, 2, 3, 1))  # (B, h, W, C)
+    target.view(B, H, W * C).baddbmm_(interpolation_matrix(h, H, x.dtype).expand(B, H, h), rows.view(B, h, W * C))
+    return out

@@ -156,15 +156,16 @@ class Prediction:
         return self.probs.max(dim=1).indices  # (B, K, H, W) -> (B, H, W) class ids, ties to the lowest
 
 
-# True: on a CPU, channels_last logits take the speed-up at the end of this file; bench.py's row
-# segdepthformer-plain sets it False (with heads.FAST_UPSAMPLE) to time the plain forms
-FAST_SOFTMAX = True
+# True: the softmax of channels_last logits on a CPU and one sample's entropy take the speed-ups
+# at the end of this file; bench.py's row segdepthformer-plain sets it False (with
+# heads.FAST_UPSAMPLE) to time the plain forms
+FAST_SUMMARY = True
 
 
 def softmax(z):
     """Softmax over the classes of (B, K, H, W) logits, in float32."""
     z = z.float()
-    if FAST_SOFTMAX and z.device.type == 'cpu' and z.is_contiguous(memory_format=torch.channels_last):
+    if FAST_SUMMARY and z.device.type == 'cpu' and z.is_contiguous(memory_format=torch.channels_last):
         return softmax_channels_last(z)
     return F.softmax(z, dim=1)
 
@@ -177,6 +178,12 @@ def entropy(p):
     return -torch.einsum('bkhw,bkhw->bhw', p, log_p)
 
 
+def sample_entropy(z, p):
+    """The entropy of one sample's softmax p = softmax(z), from its float32 logits z too:
+    entropy(p), or the speed-up logit_entropy (the end of this file)."""
+    return logit_entropy(z, p) if FAST_SUMMARY else entropy(p)
+
+
 class Summary:
     """Eq. 3 and Eq. 10 accumulated over samples, one at a time, in running sums that take the
     memory of one sample whatever S is: the sum of the softmaxes (and of their
@@ -186,15 +193,19 @@ class Summary:
 
     def __init__(self, decompose=False):
         self.decompose, self.n = decompose, 0
-        self.probs = self.entropies = self.mean = self.squares = self.variances = None
+        self.probs = self.logits = self.entropies = self.mean = self.squares = self.variances = None
 
     def add(self, out):
         self.n += 1
         if 'seg_logits' in out:
-            p = softmax(out['seg_logits'])
+            z = out['seg_logits'].float()
+            p = softmax(z)
+            # the first sample's logits, for its entropy if it stays the only one (the caller
+            # holds them while it computes the next sample anyway)
+            self.logits = z if self.n == 1 else None
             self.probs = p if self.probs is None else self.probs.add_(p)
             if self.decompose:
-                h = entropy(p)
+                h = sample_entropy(z, p)
                 self.entropies = h if self.entropies is None else self.entropies.add_(h)
         if 'depth_mean' in out:
             mu, var = out['depth_mean'].float(), out['depth_var'].float()
@@ -210,8 +221,8 @@ class Summary:
         pred = Prediction()
         if self.probs is not None:
             pred.probs = self.probs.div_(self.n)
-            # Eq. 3; of one sample it is that sample's entropy, already summed when decomposing
-            pred.entropy = self.entropies if self.decompose and self.n == 1 else entropy(pred.probs)
+            # Eq. 3; of one sample, that sample's entropy (the same numbers as its aleatoric part)
+            pred.entropy = sample_entropy(self.logits, pred.probs) if self.n == 1 else entropy(pred.probs)
             if self.decompose:
                 pred.aleatoric_entropy = self.entropies / self.n
                 pred.mutual_information = pred.entropy - pred.aleatoric_entropy
@@ -396,8 +407,9 @@ def predict(model, images, method='none', samples=10, dropout=0.2, chunk=None, d
 
 
 # ---------------------------------------------------------------------------------------------
-# --- speed-up: the softmax of channels_last logits (replaces F.softmax(z, dim=1) in softmax
-# above on a CPU; bench.py rows segdepthformer and segdepthformer-plain; docs/results.md)
+# --- speed-ups: the softmax of channels_last logits (replaces F.softmax(z, dim=1) in softmax
+# above on a CPU), and one sample's entropy from its logits (replaces entropy(p) in
+# sample_entropy); bench.py rows segdepthformer and segdepthformer-plain; docs/results.md
 
 def softmax_channels_last(z):
     """softmax() for channels_last logits, which heads.upsample's CPU passes return: over the
@@ -405,3 +417,16 @@ def softmax_channels_last(z):
     in memory, and the result keeps that layout. torch's CPU softmax over dim 1 of such a tensor
     returns the default layout, converting it on the way."""
     return F.softmax(z.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)
+
+
+def logit_entropy(z, p):
+    """sample_entropy() without a log of every p_c: log p_c = z_c - logsumexp(z) for every class
+    c, so H = logsumexp(z) - sum_c p_c z_c, and at the most likely class logsumexp(z) =
+    max_c z_c - log max_c p_c, one log per pixel of a number >= 1/K. Two maxima and a dot
+    product over the classes replace entropy()'s log and clamp of all K; it holds where a p_c
+    underflows to 0. Its rounding is a few float32 ulps of max_c |z_c| (tests/test_uq.py), and
+    the clamp keeps a certain pixel's H = 0 from rounding below it. The logits must be finite,
+    as a network's are: a logit of -inf would make its term 0 * -inf = NaN (entropy(p) takes
+    such a class's 0 log 0 as 0)."""
+    lse = z.amax(dim=1) - p.amax(dim=1).log()
+    return (lse - torch.einsum('bkhw,bkhw->bhw', p, z)).clamp_min_(0)

@@ -612,6 +612,9 @@ def test_upsample_equals_interpolate(size, out_size, channels_last):
     want = F.interpolate(x, out_size, mode='bilinear', align_corners=False)
     assert torch.allclose(heads.upsample(x, out_size), want, rtol=0, atol=1e-14)  # float64 round-off
     base = torch.randn(2, 5, *out_size, dtype=torch.float64)
+    if channels_last:  # the decoders' maps, into which the matrix products add (the other: F.interpolate)
+        base = base.contiguous(memory_format=torch.channels_last)
+    assert base.clone().permute(0, 2, 3, 1).is_contiguous() == channels_last  # which path is tested
     added = heads.upsample(x, out_size, out=base.clone())
     assert torch.allclose(added, base + want, rtol=0, atol=1e-14)
     # gradients, through the in-place writes, as F.interpolate's
@@ -625,7 +628,7 @@ def test_upsample_equals_interpolate(size, out_size, channels_last):
 def test_upsample_under_vmap_equals_each_member():
     torch.manual_seed(0)
     x = torch.randn(3, 1, 4, 6, 8)  # 3 members
-    z = torch.randn(3, 1, 4, 12, 32)
+    z = torch.randn(3, 1, 12, 32, 4).permute(0, 1, 4, 2, 3)  # each member's map channels_last
     batched = torch.func.vmap(lambda xi, zi: heads.upsample(xi, (12, 32), out=zi.clone()))(x, z)
     for i in range(3):
         assert torch.allclose(batched[i], z[i] + F.interpolate(x[i], (12, 32), mode='bilinear'), atol=1e-6)

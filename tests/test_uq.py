@@ -185,11 +185,13 @@ def test_method_must_fit_the_model(x):
 
 
 def test_entropy_is_zero_for_a_class_of_probability_zero():
-    # a masked logit (-inf) gives q_c = 0 exactly: its term is 0 (the limit of q log q), not
-    # 0 * -inf = NaN, which made the image's threshold NaN and every pixel "certain"
+    # a logit far below the others gives q_c = 0 exactly: its term is 0 (the limit of q log q),
+    # not 0 * -inf = NaN, which made the image's threshold NaN and every pixel "certain"
     z = torch.randn(1, 2, 3, 4, 5)  # one sample, 2 images, 3 classes
-    z[:, 0, 2, 0, 0] = -float('inf')
-    for samples in (z, z.repeat(3, 1, 1, 1, 1)):  # one sample, and a mixture of three
+    z[:, 0, 2, 0, 0] = -1e4  # exp(-1e4) is 0 in float32
+    q0 = torch.tensor([0.3, 0.7, 0.0])  # and a probability of 0 given as such, to entropy() itself
+    assert uq.entropy(q0[None, :, None, None]).item() == pytest.approx(-(q0[:2] * q0[:2].log()).sum().item())
+    for samples in (z, z.repeat(3, 1, 1, 1, 1)):  # one sample (logit_entropy), and a mixture of three
         pred = uq.summarize({'seg_logits': samples})
         assert torch.isfinite(pred.entropy).all()
         q = samples[0, 0, :2, 0, 0].softmax(0)
@@ -198,6 +200,25 @@ def test_entropy_is_zero_for_a_class_of_probability_zero():
     seg.update(pred.probs, torch.zeros(2, 4, 5, dtype=torch.long), pred.entropy)
     n_ac, n_au, n_ic, n_iu = seg.stats['uncertainty_counts'].tolist()
     assert n_au + n_iu > 0  # the image with the masked logit has uncertain pixels too
+
+
+@pytest.mark.parametrize('scale', [1.0, 30.0])
+def test_one_samples_entropy_from_its_logits_is_the_definition(scale, monkeypatch):
+    """logit_entropy against -sum p log p in float64 over every pixel: spread logits (scale 1)
+    and confident ones (scale 30, where classes of p ~ e^-100 underflow to 0 in float32)."""
+    torch.manual_seed(0)
+    z = (torch.randn(2, 40, 6, 7) * scale).contiguous(memory_format=torch.channels_last)
+    p = uq.softmax(z)
+    want = torch.special.entr(z.double().softmax(dim=1)).sum(dim=1)  # -sum_c p_c log p_c, 0 log 0 = 0
+    got = uq.logit_entropy(z, p)
+    # float32: the sum over 40 classes of p_c z_c rounds to a few ulps of max |z| (~4e-7 |z|),
+    # the softmax itself to a few ulps of 1, each times at most log 40 < 4
+    tolerance = 4 * 2 ** -23 * (z.abs().amax().item() + 4 * 40)
+    assert (got.double() - want).abs().max().item() < tolerance and (got >= 0).all()
+    fast = uq.summarize({'seg_logits': z[None]}).entropy  # one sample: its entropy is logit_entropy's
+    assert torch.equal(fast, got)
+    monkeypatch.setattr(uq, 'FAST_SUMMARY', False)  # the plain form: entropy(p), to the same tolerance
+    assert (uq.summarize({'seg_logits': z[None]}).entropy - fast).abs().max().item() < tolerance
 
 
 def all_at_once(samples):
