@@ -77,10 +77,10 @@ ours; docs/results.md has the figures. Two columns:
                     call, and the entropy's sum over classes, which runs as a batched matmul
 
 Both are counted by running the row's networks under torch.utils.flop_counter.FlopCounterMode
-on the meta device: shapes only, no arithmetic, so even the Deep Ensemble takes a moment. A
-CPU's speed-ups are not taken there, so the executed count leaves out the matrix products of
-heads.upsample_by_matrices (their tent matrices are mostly zeros; tests/test_bench.py counts
-them on a CPU).
+on the meta device: shapes only, no arithmetic, so even the Deep Ensemble takes a moment. There
+the decoders' upsampling is F.interpolate, uncounted as all upsampling is; the same count run on
+a CPU would also count the matrix products by which heads.upsample_by_matrices upsamples there
+(count_macs knows their in-place form; tests/test_bench.py checks both counts).
 
 Run (single process; a benchmark has nothing to gain from torchrun):
 

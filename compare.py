@@ -53,7 +53,8 @@ def markdown(headers, rows):
 
 
 def evaluation_tables(results):
-    """The paper's columns and the second block's, one row per result."""
+    """The paper's columns, the second block's, and the operating points' (evaluate.OPERATING_COLUMNS),
+    one row per result."""
     paper = markdown(['', *[f'{t} {h}' for t, _, h in evaluate.COLUMNS], 'ms/image'],
                      [[r['name'], *[_cell((r[t] or {}).get(k)) for t, k, _ in evaluate.COLUMNS],
                        _cell(r['time_ms']['mean'], 1)] for r in results])

@@ -374,11 +374,6 @@ def format_extras(result):
 
 
 # (task, key, header) of the second block: the uncertainty metrics beyond the paper's columns
-# selective prediction's operating points, RSS and the conformal depth interval (compare.py's third
-# table; evaluate.py prints them as sentences below the second block)
-OPERATING_COLUMNS = [('seg', 'risk_at_80', 'seg risk@80%'), ('seg', 'coverage_at_5', 'seg cov@5%risk'),
-                     ('seg', 'rss', 'seg RSS'), ('depth', 'interval_coverage', 'depth interval cov'),
-                     ('depth', 'interval_width', 'depth interval width (m)')]
 UNCERTAINTY_COLUMNS = {
     'seg': [('nll', 'NLL'), ('brier', 'Brier'), ('auroc_failure', 'AUROC fail'), ('aupr_failure', 'AUPR fail'),
             ('aurc', 'AURC'), ('augrc', 'AUGRC'), ('entropy_mean', 'H mean'), ('aleatoric_mean', 'aleatoric'),
@@ -388,6 +383,12 @@ UNCERTAINTY_COLUMNS = {
               ('coverage_1sigma', 'cov 1s'), ('coverage_2sigma', 'cov 2s'), ('aleatoric_var_mean', 'aleat var'),
               ('epistemic_var_mean', 'epist var')],
 }
+# selective prediction's operating points, RSS and the conformal depth interval: compare.py's
+# fourth table (evaluate.py prints them as sentences below the second block)
+OPERATING_COLUMNS = [('seg', 'risk_at_80', f'seg risk at {metrics.RISK_AT_COVERAGE:.0%} coverage'),
+                     ('seg', 'coverage_at_5', f'seg coverage at {metrics.COVERAGE_AT_RISK:.0%} risk'),
+                     ('seg', 'rss', 'seg RSS'), ('depth', 'interval_coverage', 'depth interval coverage'),
+                     ('depth', 'interval_width', 'depth interval width (m)')]
 
 
 def format_ood(result):
@@ -511,11 +512,12 @@ def evaluate_and_report(args, model, method, name, num_classes, rank, world_size
 # ---------------------------------------------------------------------------------------------
 # the corruption sweep: clean, then every corruption at every severity
 
-# what the sweep follows against severity: accuracy, calibration, failure detection, uncertainty
+# what the sweep follows against severity: accuracy, calibration, failure detection, uncertainty,
+# and the conformal depth interval (of a model evaluated with --calibration)
 SWEEP_METRICS = [('seg', 'miou', 'mIoU'), ('seg', 'ece', 'ECE'), ('seg', 'auroc_failure', 'AUROC fail'),
                  ('seg', 'entropy_mean', 'entropy'), ('depth', 'rmse', 'RMSE'), ('depth', 'ause_rmse', 'AUSE rmse'),
                  ('depth', 'nll', 'depth NLL'), ('depth', 'variance_mean', 'depth var'),
-                 ('depth', 'interval_coverage', 'interval cov')]  # the last: with --calibration only
+                 ('depth', 'interval_coverage', 'interval coverage'), ('depth', 'interval_width', 'interval width')]
 
 
 def sweep_cells():
@@ -645,15 +647,17 @@ def sweep_summary(results):
 def format_sweep(report):
     """The summary as a table: one line per severity (0 = clean), one column per metric."""
     headers = list(report['summary'])
+    widths = [max(11, len(h) + 2) for h in headers]
     lines = [f"{report['name']}: the mean over {len(corrupt.CORRUPTIONS)} corruptions at each severity",
-             f"{'severity':>9}" + ''.join(f'{h:>11}' for h in headers)]
+             f"{'severity':>9}" + ''.join(f'{h:>{w}}' for h, w in zip(headers, widths))]
     for s in range(6):
-        lines.append(f'{s:>9}' + ''.join(f'{_number(report["summary"][h][s]):>11}' for h in headers))
+        lines.append(f'{s:>9}' + ''.join(f'{_number(report["summary"][h][s]):>{w}}' for h, w in zip(headers, widths)))
     return '\n'.join(lines)
 
 
 # the unit of a sweep metric, on its panel's y axis (the rest are ratios)
-SWEEP_UNITS = {'entropy': 'nats', 'RMSE': 'm', 'AUSE rmse': 'm', 'depth NLL': 'nats', 'depth var': 'm^2'}
+SWEEP_UNITS = {'entropy': 'nats', 'RMSE': 'm', 'AUSE rmse': 'm', 'depth NLL': 'nats', 'depth var': 'm^2',
+               'interval width': 'm'}
 
 
 def sweep_plot(path, reports):

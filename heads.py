@@ -159,10 +159,12 @@ FAST_UPSAMPLE = True
 
 def upsample(x, size, out=None):
     """Bilinear upsampling of x (B, C, h, w) to size (H, W), as F.interpolate(align_corners=
-    False) computes it, or added into `out` (B, C, H, W) in place. Added into a map on a CPU,
-    it takes the faster form at the end of this file (upsample_by_matrices), which writes
-    nothing as large as `out` on the way; an ONNX export always gets F.interpolate."""
-    if FAST_UPSAMPLE and out is not None and x.device.type == 'cpu' and not torch.onnx.is_in_onnx_export():
+    False) computes it, or added into `out` (B, C, H, W) in place. Added on a CPU into a
+    channels_last map (as folded_sum's), it takes the faster form at the end of this file
+    (upsample_by_matrices), which writes nothing as large as `out` on the way; an ONNX export
+    always gets F.interpolate."""
+    into_rows = out is not None and out.permute(0, 2, 3, 1).is_contiguous()  # channels_last: (B, H, W*C) rows
+    if FAST_UPSAMPLE and into_rows and x.device.type == 'cpu' and not torch.onnx.is_in_onnx_export():
         return upsample_by_matrices(x, size, out)
     up = F.interpolate(x, size, mode='bilinear', align_corners=False)
     return up if out is None else out.add_(up)
@@ -416,7 +418,8 @@ def interpolation_matrix(n, N, dtype):
 
 
 def upsample_by_matrices(x, size, out):
-    """upsample(x, size, out): up(x) = U_H x U_W^T per channel, two matrix products over the
+    """upsample(x, size, out) for a channels_last `out`: up(x) = U_H x U_W^T per channel, two
+    matrix products over the
     (B, h, w, C) view in which the decoder's channels_last maps lie contiguous: along the width
     one batched product with U_W (W, w), then along the height one product with U_H (H, h) of
     rows of W * C numbers each, which adds into `out` in place (baddbmm): one pass over the large
@@ -424,9 +427,8 @@ def upsample_by_matrices(x, size, out):
     F.interpolate's up to rounding (tests/test_models.py)."""
     (h, w), (H, W) = x.shape[-2:], size
     B, C = x.shape[:2]
-    target = out.permute(0, 2, 3, 1)  # (B, H, W, C)
-    if not target.is_contiguous():  # not channels_last: no view of it has the rows the product needs
-        return out.add_(F.interpolate(x, size, mode='bilinear', align_corners=False))
-    rows = torch.matmul(interpolation_matrix(w, W, x.dtype), x.permute(0, 2, 3, 1))  # (B, h, W, C)
-    target.view(B, H, W * C).baddbmm_(interpolation_matrix(h, H, x.dtype).expand(B, H, h), rows.view(B, h, W * C))
+    rows = torch.matmul(interpolation_matrix(w, W, x.dtype), x.permute(0, 2, 3, 1))  # (W, w) @ (B, h, w, C)
+    U = interpolation_matrix(h, H, x.dtype).expand(B, H, h)  # (H, h), one per image
+    target = out.permute(0, 2, 3, 1).view(B, H, W * C)  # out's memory: (B, H, W, C) -> rows of W*C
+    target.baddbmm_(U, rows.view(B, h, W * C))  # (B, H, h) @ (B, h, W*C), added into out
     return out

@@ -51,7 +51,8 @@ samples are computed together: the DSE's heads and the Deep Ensemble's members a
 1/4 resolution, brought to full size one at a time; MC Dropout runs its T passes as one batch
 of T x B images, so its T samples sit at full resolution together; the two cheap baselines
 compute one sample at a time on either device. Either way the Summary adds
-them up one by one and keeps only its running sums (bench.py's peak column measures memory).
+them up one by one and keeps only its running sums, and the first sample's logits until a
+second comes (bench.py's peak column measures memory).
 
 The same Prediction of a Deep Ensemble is the teacher's target for EMUFormer (log q for Eq. 8,
 sigma^2 for Eq. 9).
@@ -156,9 +157,9 @@ class Prediction:
         return self.probs.max(dim=1).indices  # (B, K, H, W) -> (B, H, W) class ids, ties to the lowest
 
 
-# True: the softmax of channels_last logits on a CPU and one sample's entropy take the speed-ups
-# at the end of this file; bench.py's row segdepthformer-plain sets it False (with
-# heads.FAST_UPSAMPLE) to time the plain forms
+# True: the softmax of channels_last logits on a CPU, and one sample's entropy on any device,
+# take the speed-ups at the end of this file; bench.py's row segdepthformer-plain sets it False
+# (with heads.FAST_UPSAMPLE) to time the plain forms together
 FAST_SUMMARY = True
 
 
@@ -189,20 +190,22 @@ class Summary:
     memory of one sample whatever S is: the sum of the softmaxes (and of their
     entropies, with decompose), and for depth the running mean and summed squared deviations of
     the means (Welford's update, exact where E[mu^2] - E[mu]^2 would cancel) and the sum of the
-    variances. add(out) takes one sample's output dict at the input size, (B, ...)."""
+    variances; and the first sample's logits until a second comes, for the entropy of a
+    prediction of one sample (sample_entropy). add(out) takes one sample's output dict at the
+    input size, (B, ...)."""
 
     def __init__(self, decompose=False):
         self.decompose, self.n = decompose, 0
-        self.probs = self.logits = self.entropies = self.mean = self.squares = self.variances = None
+        self.probs = self.first_logits = self.entropies = self.mean = self.squares = self.variances = None
 
     def add(self, out):
         self.n += 1
         if 'seg_logits' in out:
             z = out['seg_logits'].float()
             p = softmax(z)
-            # the first sample's logits, for its entropy if it stays the only one (the caller
-            # holds them while it computes the next sample anyway)
-            self.logits = z if self.n == 1 else None
+            # float32 logits, as a CPU's are, are the caller's own tensor, which it holds while it
+            # computes the next sample anyway
+            self.first_logits = z if self.n == 1 else None
             self.probs = p if self.probs is None else self.probs.add_(p)
             if self.decompose:
                 h = sample_entropy(z, p)
@@ -221,8 +224,11 @@ class Summary:
         pred = Prediction()
         if self.probs is not None:
             pred.probs = self.probs.div_(self.n)
-            # Eq. 3; of one sample, that sample's entropy (the same numbers as its aleatoric part)
-            pred.entropy = sample_entropy(self.logits, pred.probs) if self.n == 1 else entropy(pred.probs)
+            # Eq. 3; of one sample, its own entropy, already summed when decomposing
+            if self.n > 1:
+                pred.entropy = entropy(pred.probs)
+            else:
+                pred.entropy = self.entropies if self.decompose else sample_entropy(self.first_logits, pred.probs)
             if self.decompose:
                 pred.aleatoric_entropy = self.entropies / self.n
                 pred.mutual_information = pred.entropy - pred.aleatoric_entropy
@@ -412,9 +418,10 @@ def predict(model, images, method='none', samples=10, dropout=0.2, chunk=None, d
 # sample_entropy); bench.py rows segdepthformer and segdepthformer-plain; docs/results.md
 
 def softmax_channels_last(z):
-    """softmax() for channels_last logits, which heads.upsample's CPU passes return: over the
-    last dimension of the (B, H, W, K) view, where the classes of a pixel lie next to each other
-    in memory, and the result keeps that layout. torch's CPU softmax over dim 1 of such a tensor
+    """softmax() for channels_last logits, which the models return (their heads' 1/4-resolution
+    outputs are channels_last, and F.interpolate keeps the layout): over the last dimension of
+    the (B, H, W, K) view, where the classes of a pixel lie next to each other in memory, and
+    the result keeps that layout. torch's CPU softmax over dim 1 of such a tensor
     returns the default layout, converting it on the way."""
     return F.softmax(z.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)
 

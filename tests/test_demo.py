@@ -138,7 +138,10 @@ def test_finished_members_are_skipped_and_a_killed_one_resumed(tmp_path, monkeyp
     # the results exist now: a second call would skip every step after the training runs
     for s in steps[4:]:
         open(s.made, 'a').close()
+    os.utime(steps[7].made, (1e10, 1e10))  # the table: written after the results it reads
     assert [demo.state(s) for s in steps[4:]] == ['done'] * 4
+    os.utime(steps[5].made, (2e10, 2e10))  # a result replaced since: the table is made again
+    assert demo.state(steps[7]) == 'new'
 
 
 def test_a_run_of_other_epochs_is_refused(tmp_path):

@@ -602,21 +602,21 @@ def test_attention_dropout_in_blocks_has_the_attentions_expectation():
 # The decoder's upsampling: F.interpolate's numbers, faster
 
 @pytest.mark.parametrize('size,out_size', [((7, 9), (14, 18)), ((7, 9), (28, 72)), ((5, 6), (15, 30)),
-                                            ((15, 20), (120, 160)), ((7, 9), (13, 20))])  # the last: not whole
+                                            ((15, 20), (120, 160)), ((7, 9), (13, 20))])  # the last: not whole factors
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_upsample_equals_interpolate(size, out_size, channels_last):
+    # added into a map: by matrix products into a channels_last one (from x of either layout),
+    # through F.interpolate into the other
     torch.manual_seed(0)
     x = torch.randn(2, 5, *size, dtype=torch.float64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     want = F.interpolate(x, out_size, mode='bilinear', align_corners=False)
-    assert torch.allclose(heads.upsample(x, out_size), want, rtol=0, atol=1e-14)  # float64 round-off
     base = torch.randn(2, 5, *out_size, dtype=torch.float64)
-    if channels_last:  # the decoders' maps, into which the matrix products add (the other: F.interpolate)
+    if channels_last:  # the decoders' maps
         base = base.contiguous(memory_format=torch.channels_last)
     assert base.clone().permute(0, 2, 3, 1).is_contiguous() == channels_last  # which path is tested
-    added = heads.upsample(x, out_size, out=base.clone())
-    assert torch.allclose(added, base + want, rtol=0, atol=1e-14)
+    for source in (x, x.contiguous(memory_format=torch.channels_last)):
+        added = heads.upsample(source, out_size, out=base.clone())
+        assert torch.allclose(added, base + want, rtol=0, atol=1e-14)  # float64 round-off
     # gradients, through the in-place writes, as F.interpolate's
     g = torch.randn(2, 5, *out_size, dtype=torch.float64)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()

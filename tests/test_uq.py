@@ -199,13 +199,13 @@ def test_entropy_is_zero_for_a_class_of_probability_zero():
     seg = metrics.SegMetrics(3)
     seg.update(pred.probs, torch.zeros(2, 4, 5, dtype=torch.long), pred.entropy)
     n_ac, n_au, n_ic, n_iu = seg.stats['uncertainty_counts'].tolist()
-    assert n_au + n_iu > 0  # the image with the masked logit has uncertain pixels too
+    assert n_au + n_iu > 0  # the image with the class of probability 0 has uncertain pixels too
 
 
 @pytest.mark.parametrize('scale', [1.0, 30.0])
 def test_one_samples_entropy_from_its_logits_is_the_definition(scale, monkeypatch):
     """logit_entropy against -sum p log p in float64 over every pixel: spread logits (scale 1)
-    and confident ones (scale 30, where classes of p ~ e^-100 underflow to 0 in float32)."""
+    and confident ones (scale 30, where classes of p below about e^-104 underflow to 0 in float32)."""
     torch.manual_seed(0)
     z = (torch.randn(2, 40, 6, 7) * scale).contiguous(memory_format=torch.channels_last)
     p = uq.softmax(z)
@@ -240,7 +240,7 @@ def all_at_once(samples):
 def test_streamed_summary_equals_all_at_once(S, channels_last):
     torch.manual_seed(S)
     z = torch.randn(S, 2, 5, 6, 7) * 4
-    if channels_last:  # as the models' fast upsampling leaves them
+    if channels_last:  # as the models return them
         z = torch.stack([t.contiguous(memory_format=torch.channels_last) for t in z])
     samples = {'seg_logits': z, 'depth_mean': torch.rand(S, 2, 6, 7) * 5 + 1e3,  # far away: E[mu^2] - E[mu]^2
                'depth_var': torch.rand(S, 2, 6, 7)}                              # would cancel in float32
