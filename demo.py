@@ -4,22 +4,24 @@ the project's commands, run as a user would type it, in its own process, its out
 comes. This file only plans the commands, runs them, and writes down what they made.
 
     stage emuformer (what `python distill.py` with no arguments runs)
-        the Deep Ensemble: three B0 SegDepthFormers, seeds 0, 1, 2       train.py
-        EMUFormer: the student of the three, initialised from member 0   distill.py --teacher
-        the baseline (member 0), the teacher (the three) and the student evaluate.py
-        their comparison table                                           compare.py
+        the Deep Ensemble: three B0 SegDepthFormers, seeds 0, 1, 2          train.py
+        EMUFormer: the student of the three, initialised from member 0      distill.py --teacher
+        the baseline (member 0), the teacher (the three) and the student    evaluate.py
+        their comparison table                                              compare.py
     stage all (python demo.py), after the above
-        the other methods of Tables 2-5: an MC Dropout model (trained with
-        dropout at 20%) and a Deep Sub-Ensemble of three heads per task     train.py
+        an MC Dropout model (member 0's recipe with dropout at 20%) and a
+        Deep Sub-Ensemble of three heads per task                           train.py
         the calibration baseline: member 0 with a temperature, a variance
-        scale and a split-conformal depth interval fitted on the calib split  calibrate.py
-        every method on the validation scenes and on unseen objects
-        (--synthetic-ood): the baseline, calibrated, MC Dropout at 20%, its
-        decoder-only variant, test-time drop-path (on the baseline), the
-        DSE, the DE and EMUFormer                                       evaluate.py
-        their tables, and the cost-quality figure from those results     compare.py
-        the corruption sweep (--corruption all) for the baseline, the
-        calibrated baseline, the DE and EMUFormer; its table and plot     evaluate.py, compare.py
+        scale and a split-conformal depth interval from the calib split     calibrate.py
+        the methods of Tables 2-5 (MC Dropout at 20% only; three members
+        and heads, not ten) and the two cheap baselines: the baseline,
+        calibrated, MC Dropout, its decoder-only variant, test-time
+        drop-path (on the baseline), the DSE, the DE and EMUFormer, on the
+        validation scenes, then on unseen objects (--synthetic-ood), each
+        followed by its table                                               evaluate.py, compare.py
+        the figure of their cost against their uncertainty quality          compare.py --cost-plot
+        the corruption sweep (--corruption all) of the baseline, the
+        calibrated baseline, the DE and EMUFormer, its table and plot       evaluate.py, compare.py
         then the demo section of the results document, between its markers: the tables, the two
         figures, the commit, the date, the machine, and each command with its time
 
@@ -62,8 +64,12 @@ import plumbing
 
 STAGES = ('emuformer', 'all')
 SEEDS = (0, 1, 2)  # the Deep Ensemble's members
-MCD_RATE = '0.2'  # the MC Dropout model's rate, in training and sampling (the paper's 20%)
-DSE_HEADS = '3'  # the Deep Sub-Ensemble's heads per task: as many as the Deep Ensemble's members
+MCD_RATE = 0.2  # the MC Dropout model's rate, in training and sampling (the paper's 20%)
+DSE_HEADS = 3  # the Deep Sub-Ensemble's heads per task: as many as the Deep Ensemble's members
+SAMPLES = 10  # of MC Dropout and the two cheap baselines (the paper's T)
+EMUFORMER_STAGE = ('baseline', 'teacher', 'emuformer')  # the models stage emuformer evaluates
+SWEPT = ('baseline', 'calibrated', 'teacher', 'emuformer')  # the models of the corruption sweep
+FIGURES = ('sweep.png', 'cost.png')  # stage all's, in OUT and beside --doc
 # the synthetic recipe of train.py and distill.py, spelled out so that every command shown says it
 RECIPE = ['--data', 'synthetic', '--lr', '6e-4']
 EPOCHS = {'train': 24, 'distill': 16}  # the members', the student's (tests/test_demo.py: the scripts' recipes)
@@ -77,7 +83,7 @@ def get_parser():
     p.add_argument('--stage', choices=STAGES, default='all', help='emuformer: what `python distill.py` runs; '
                                                                   'all: everything, then --doc')
     p.add_argument('--runs', default='runs/demo', help='the run directories of the trained models')
-    p.add_argument('--out', default='out/demo', help='the results: JSON files, tables, the sweep plot, times')
+    p.add_argument('--out', default='out/demo', help='the results: JSON files, tables, the two figures, times')
     p.add_argument('--doc', default='docs/results.md', help='stage all: the results document whose demo '
                                                             'section (between its markers) is replaced')
     p.add_argument('--same-as', metavar='OUT', help="stage all: another demo's --out, whose tables this "
@@ -141,36 +147,34 @@ def paths(args):
             'calibration': os.path.join(args.out, 'calibration.json')}
 
 
-def training_common(args):
-    """What every training run of the demo is given."""
-    return [*RECIPE, '--workers', '0', '--device', 'cpu', *scene_options(args, '--synthetic-train', '--synthetic-val')]
-
-
-def epochs_of(args, kind):
-    return ['--epochs', str(args.epochs or EPOCHS[kind])]
+def train_argv(args, seed, out):
+    """train.py with member `seed`'s recipe, into `out` (options of the model follow)."""
+    return ['train.py', *RECIPE, '--workers', '0', '--device', 'cpu',
+            *scene_options(args, '--synthetic-train', '--synthetic-val'),
+            '--epochs', str(args.epochs or EPOCHS['train']), '--backbone', 'b0', '--seed', str(seed), '--out', out]
 
 
 def training_steps(args):
     """The three members (train.py) and the student (distill.py)."""
-    p, common = paths(args), training_common(args)
-    steps = [Step(f'train member {seed}', 'train',
-                  ['train.py', *common, *epochs_of(args, 'train'), '--backbone', 'b0', '--seed', str(seed),
-                   '--out', member], member)
+    p = paths(args)
+    steps = [Step(f'train member {seed}', 'train', train_argv(args, seed, member), member)
              for seed, member in zip(SEEDS, p['members'])]
     steps.append(Step('distil EMUFormer', 'distill',
-                      ['distill.py', '--teacher', *p['best'], '--student-init', p['best'][0], *common,
-                       *epochs_of(args, 'distill'), *JITTER, '--out', p['student']], p['student']))
+                      ['distill.py', '--teacher', *p['best'], '--student-init', p['best'][0], *RECIPE,
+                       '--workers', '0', '--device', 'cpu', *scene_options(args, '--synthetic-train', '--synthetic-val'),
+                       '--epochs', str(args.epochs or EPOCHS['distill']), *JITTER, '--out', p['student']],
+                      p['student']))
     return steps
 
 
 def other_training_steps(args):
     """Stage all: the MC Dropout model and the Deep Sub-Ensemble, each member 0's recipe and
     seed but for its dropout rate, or its heads."""
-    p, common = paths(args), [*training_common(args), *epochs_of(args, 'train'), '--backbone', 'b0', '--seed', '0']
-    return [Step('train MC Dropout model', 'train', ['train.py', *common, '--dropout', MCD_RATE, '--out', p['mcd']],
+    p = paths(args)
+    return [Step('train MC Dropout model', 'train', train_argv(args, SEEDS[0], p['mcd']) + ['--dropout', str(MCD_RATE)],
                  p['mcd']),
             Step('train Deep Sub-Ensemble', 'train',
-                 ['train.py', *common, '--model', 'dse', '--num-members', DSE_HEADS, '--out', p['dse']], p['dse'])]
+                 train_argv(args, SEEDS[0], p['dse']) + ['--model', 'dse', '--num-members', str(DSE_HEADS)], p['dse'])]
 
 
 def models(args):
@@ -179,15 +183,12 @@ def models(args):
     mcd = os.path.join(p['mcd'], 'best.pt')
     return {'baseline': [p['best'][0]],
             'calibrated': [p['best'][0], '--calibration', p['calibration']],
-            'mcd': [mcd, '--method', 'mcd', '--dropout', MCD_RATE],
-            'mcd-decoder': [mcd, '--method', 'mcd-decoder', '--dropout', MCD_RATE],
-            'drop-path': [p['best'][0], '--method', 'drop-path'],
+            'mcd': [mcd, '--method', 'mcd', '--dropout', str(MCD_RATE), '--samples', str(SAMPLES)],
+            'mcd-decoder': [mcd, '--method', 'mcd-decoder', '--dropout', str(MCD_RATE), '--samples', str(SAMPLES)],
+            'drop-path': [p['best'][0], '--method', 'drop-path', '--samples', str(SAMPLES)],
             'dse': [os.path.join(p['dse'], 'best.pt')],
             'teacher': [*p['best'], '--method', 'de'],
             'emuformer': [os.path.join(p['student'], 'best.pt')]}
-
-
-FOUR = ('baseline', 'calibrated', 'teacher', 'emuformer')  # the corruption sweep's models
 
 
 def evaluation_steps(args, names, kind):
@@ -214,8 +215,7 @@ def compare_step(args, label, jsons, table, plot=None):
 
 def plan(args):
     """Every step of args.stage, in order."""
-    three = ('baseline', 'teacher', 'emuformer')
-    steps = training_steps(args) + evaluation_steps(args, three, 'evaluate')
+    steps = training_steps(args) + evaluation_steps(args, EMUFORMER_STAGE, 'evaluate')
     steps.append(compare_step(args, 'compare baseline, teacher, EMUFormer', [s.made for s in steps[-3:]],
                               'table_emuformer'))
     if args.stage == 'emuformer':
@@ -226,18 +226,18 @@ def plan(args):
                       ['calibrate.py', p['best'][0], '--data', 'synthetic', '--split', 'calib', '--workers', '0',
                        '--device', 'cpu', *scene_options(args, '--synthetic-calib'), '--out', p['calibration']],
                       p['calibration']))
-    steps += evaluation_steps(args, [n for n in every if n not in three], 'evaluate')
+    steps += evaluation_steps(args, [n for n in every if n not in EMUFORMER_STAGE], 'evaluate')
     clean = [result_path(args, '', n) for n in every]
     steps.append(compare_step(args, 'compare every method', clean, 'table_main'))
     steps += evaluation_steps(args, every, 'ood')
     ood = [result_path(args, 'ood_', n) for n in every]
     steps.append(compare_step(args, 'compare unseen objects', ood, 'table_ood'))
-    cost = os.path.join(args.out, 'cost.png')
+    sweep, cost = (os.path.join(args.out, name) for name in FIGURES)
     steps.append(Step('plot cost against quality', 'compare',
                       ['compare.py', *clean, *ood, '--cost-plot', cost, '--overwrite'], cost))
-    steps += evaluation_steps(args, FOUR, 'sweep')
-    steps.append(compare_step(args, 'compare the sweeps', [result_path(args, 'sweep_', n) for n in FOUR],
-                              'table_sweep', plot=os.path.join(args.out, 'sweep.png')))
+    steps += evaluation_steps(args, SWEPT, 'sweep')
+    steps.append(compare_step(args, 'compare the sweeps', [result_path(args, 'sweep_', n) for n in SWEPT],
+                              'table_sweep', plot=sweep))
     return steps
 
 
@@ -247,7 +247,13 @@ def plan(args):
 
 def state(step):
     """'done' (skip it), 'resume' (a training run whose last.pt holds an earlier step than its
-    last) or 'new'. A result file is whole once it exists (the scripts write atomically)."""
+    last) or 'new'. A result file is whole once it exists (the scripts write atomically); a
+    compare step's tables or figure are done only if no result they read is newer."""
+    if step.kind == 'compare':  # done if made after every result it reads (else of results since replaced)
+        inputs = [a for a in step.argv if a.endswith('.json')]
+        done = os.path.exists(step.made) and all(os.path.getmtime(a) <= os.path.getmtime(step.made) for a in inputs
+                                                 if os.path.exists(a))
+        return 'done' if done else 'new'
     if step.kind not in ('train', 'distill'):
         return 'done' if os.path.exists(step.made) else 'new'
     epochs = int(step.argv[step.argv.index('--epochs') + 1])
@@ -453,12 +459,12 @@ def section(steps, times, note):
         f'Made by `python demo.py` on {datetime.date.today().isoformat()} ({version}): every number and the plots '
         f'in this section are its output, written here by it; the tables are those compare.py printed. Machine: '
         f'{machine()}. Its steps took {total} in all{" (as measured; some ran in parts)" if resumed else ""}.',
-        '', f'Every method of Tables 2-5 on the validation scenes, B0 SegDepthFormers all: the baseline (member 0), '
-            f'calibrated (calibrate.py), MC Dropout (a model trained with dropout at {float(MCD_RATE):.0%}, sampled '
-            f'ten times at that rate), its decoder-only variant (the encoder run once), test-time drop-path (the '
-            f'baseline with its stochastic depth on, ten samples), the Deep Sub-Ensemble ({DSE_HEADS} heads per '
-            f'task), the Deep Ensemble of the {len(SEEDS)} members (the teacher), and EMUFormer ({TIME_COLUMN}: '
-            f'evaluate.py\'s time per image here):',
+        '', f'The methods of Tables 2-5 and the two cheap baselines on the validation scenes, B0 SegDepthFormers '
+            f'all: the baseline (member 0), calibrated (calibrate.py), MC Dropout (a model trained with dropout at '
+            f'{MCD_RATE:.0%}, {SAMPLES} samples at that rate), its decoder-only variant (the encoder run once), '
+            f'test-time drop-path (the baseline with its stochastic depth on, {SAMPLES} samples), the Deep '
+            f'Sub-Ensemble ({DSE_HEADS} heads per task), the Deep Ensemble of the {len(SEEDS)} members (the '
+            f'teacher), and EMUFormer ({TIME_COLUMN}: evaluate.py\'s time per image here):',
         '', tables_of(os.path.join(out, 'table_main.md')),
         '', calibration_line(os.path.join(out, 'calibration.json')),
         '', '**Unseen objects** (`--synthetic-ood`: in every scene, objects of a shape, colour and texture of no '
@@ -467,11 +473,11 @@ def section(steps, times, note):
         '', '**Cost against uncertainty quality**, from the results above (compare.py --cost-plot): each method\'s '
             'time per image over the baseline\'s in the same kind of run, on a log scale. The paper\'s claim is '
             'that EMUFormer sits at the cost of one network with the quality of the ensemble:',
-        '', '![cost against uncertainty quality: one point per method and panel](cost.png)',
+        '', f'![cost against uncertainty quality: one point per method and panel]({FIGURES[1]})',
         '', '**Corrupted images** (`--corruption all`: the clean scenes and ten ImageNet-C corruptions at five '
             'severities, 51 evaluations per model):',
         '', tables_of(os.path.join(out, 'table_sweep.md')),
-        '', '![the corruption sweep: each metric against severity, one line per model](sweep.png)',
+        '', f'![the corruption sweep: each metric against severity, one line per model]({FIGURES[0]})',
         '', 'The commands, in order, each with the time it took (`python demo.py` ran them):',
         '', '```bash', *commands, '```', '', note])
 
@@ -513,9 +519,8 @@ def main(argv=None):
             'Reproducibility: not checked in this run; a second demo into other folders, given this one\'s '
             f'with --same-as (`python demo.py --runs runs/demo2 --out out/demo2 --same-as {args.out}`), checks '
             'that it writes the same numbers and says so here.')
-        figures = [os.path.join(args.out, name) for name in ('sweep.png', 'cost.png')]
-        write_section(args.doc, section(steps, times, note), figures)
-        print(f'wrote the demo section of {args.doc}, and beside it sweep.png and cost.png')
+        write_section(args.doc, section(steps, times, note), [os.path.join(args.out, name) for name in FIGURES])
+        print(f'wrote the demo section of {args.doc}, and beside it {" and ".join(FIGURES)}')
     summary(steps, states, args.out, seconds)
 
 
