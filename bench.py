@@ -7,12 +7,12 @@ Each row times the full prediction with uncertainty, image batch in, `uq.Predict
 except the encoder, 1/4-resolution, Hugging Face and onnxruntime rows, which say what they time:
 
     SegFormer, DepthFormer, SegDepthFormer   one network, method 'none'
-    SegDepthFormer, plain forms             the same with the CPU speed-ups of one pass off:
-                                            F.interpolate and an add for heads.upsample's
+    SegDepthFormer, plain forms             the same with the speed-ups of one pass off
+                                            (PLAIN_FORMS), and with each alone off:
+      plain upsampling                      F.interpolate and an add for heads.upsample's
                                             matrix products into the decoders' map
-                                            (heads.FAST_UPSAMPLE); F.softmax over dim 1 for
-                                            uq's channels_last one, entropy(p) for one
-                                            sample's logit_entropy (uq.FAST_SUMMARY)
+      plain softmax                         F.softmax over dim 1 for uq's channels_last one
+      plain entropy                         entropy(p) for one sample's uq.logit_entropy
     SegDepthFormer to 1/4 resolution        the same network up to its heads' outputs at 1/4
                                             resolution (model(x, full=False)): what is left of
                                             one pass is its full-resolution outputs
@@ -254,6 +254,9 @@ ROWS = {  # --rows key: the row's name in the table ({N}: members, {T}: samples)
     'depthformer': 'DepthFormer',
     'segdepthformer': 'SegDepthFormer',
     'segdepthformer-plain': 'SegDepthFormer, plain forms',
+    'segdepthformer-plain-upsample': 'SegDepthFormer, plain upsampling',
+    'segdepthformer-plain-softmax': 'SegDepthFormer, plain softmax',
+    'segdepthformer-plain-entropy': 'SegDepthFormer, plain entropy',
     'segdepthformer-quarter': 'SegDepthFormer to 1/4 resolution',
     'textbook': 'SegDepthFormer, textbook decoder',
     'mcd': 'MC Dropout (T={T})',
@@ -316,15 +319,23 @@ def onnx_session(network, arena):
     return predict.onnx_session(onnxruntime, predict.onnx_bytes(network, {}), torch.get_num_threads(), arena)
 
 
-def plain_forms(fn, *args):
-    """fn(*args) with the speed-ups of one pass switched off (row segdepthformer-plain):
-    heads.upsample's matrix products, uq's channels_last softmax and logit_entropy."""
-    saved = heads.FAST_UPSAMPLE, uq.FAST_SUMMARY
-    heads.FAST_UPSAMPLE = uq.FAST_SUMMARY = False
+# the rows of one pass with speed-ups switched off: row key -> the (module, flag) it sets False
+PLAIN_FORMS = {'segdepthformer-plain': [(heads, 'FAST_UPSAMPLE'), (uq, 'FAST_SOFTMAX'), (uq, 'FAST_ENTROPY')],
+               'segdepthformer-plain-upsample': [(heads, 'FAST_UPSAMPLE')],
+               'segdepthformer-plain-softmax': [(uq, 'FAST_SOFTMAX')],
+               'segdepthformer-plain-entropy': [(uq, 'FAST_ENTROPY')]}
+
+
+def plain_forms(flags, fn, *args):
+    """fn(*args) with each (module, flag) of `flags` set False (a row of PLAIN_FORMS)."""
+    saved = [getattr(module, flag) for module, flag in flags]
+    for module, flag in flags:
+        setattr(module, flag, False)
     try:
         return fn(*args)
     finally:
-        heads.FAST_UPSAMPLE, uq.FAST_SUMMARY = saved
+        for (module, flag), value in zip(flags, saved):
+            setattr(module, flag, value)
 
 
 def make_row(key, args, cache, device, for_peak=False):
@@ -342,9 +353,9 @@ def make_row(key, args, cache, device, for_peak=False):
     if key in ('segformer', 'depthformer', 'segdepthformer', 'emuformer'):
         model = build('segdepthformer' if key == 'emuformer' else key)
         return [model], lambda x: uq.predict(model, x, 'none'), Textbook(model)
-    if key == 'segdepthformer-plain':  # the plain forms where the CPU speed-ups would run
+    if key in PLAIN_FORMS:  # the plain forms where the speed-ups would run
         model = build('segdepthformer')
-        return [model], lambda x: plain_forms(uq.predict, model, x, 'none'), Textbook(model)
+        return [model], lambda x: plain_forms(PLAIN_FORMS[key], uq.predict, model, x, 'none'), Textbook(model)
     if key == 'segdepthformer-quarter':  # encoder and decoders, not the full-resolution outputs
         model = build('segdepthformer')
         return [model], lambda x: model(x, full=False), Textbook(model)
@@ -544,7 +555,8 @@ def latency_ratios(rows):
     (below 1: the first is faster), for the pairs whose rows were run."""
     latency = {r['key']: r['latency_ms_median'] for r in rows}
     pairs = [('segdepthformer', 'encoder'), ('segdepthformer-quarter', 'encoder'),
-             ('segdepthformer', 'segdepthformer-quarter'), ('segdepthformer', 'segdepthformer-plain'), ('segdepthformer', 'textbook'), ('segformer', 'hf'),
+             ('segdepthformer', 'segdepthformer-quarter'), *[('segdepthformer', key) for key in PLAIN_FORMS],
+             ('segdepthformer', 'textbook'), ('segformer', 'hf'),
              ('segdepthformer', 'hf'), ('encoder', 'hf-encoder'), ('mcd', 'segdepthformer'),
              ('mcd', 'mcd-plain'), ('mcd-decoder', 'segdepthformer'), ('drop-path', 'segdepthformer'),
              ('dse', 'segdepthformer'), ('de', 'segdepthformer'),

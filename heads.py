@@ -153,7 +153,8 @@ def stacked_folds(decoders, stages=4):
 
 
 # True: on a CPU, upsampling added into a map takes the speed-up at the end of this file;
-# bench.py's row segdepthformer-plain sets it False (with uq.FAST_SUMMARY) to time the plain forms
+# bench.py's rows segdepthformer-plain-upsample (this alone) and segdepthformer-plain (with uq's
+# speed-ups) set it False to time the plain form
 FAST_UPSAMPLE = True
 
 
@@ -405,8 +406,8 @@ def load_members(paths):
 
 # ---------------------------------------------------------------------------------------------
 # --- speed-up: bilinear upsampling as two matrix products (replaces F.interpolate in upsample
-# above on a CPU; bench.py rows segdepthformer and segdepthformer-plain, timed in the same run;
-# docs/results.md)
+# above on a CPU; bench.py rows segdepthformer and segdepthformer-plain-upsample, timed in the
+# same run; docs/results.md)
 
 def interpolation_matrix(n, N, dtype):
     """(N, n): row o holds the weights with which F.interpolate(mode='bilinear',

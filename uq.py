@@ -157,16 +157,18 @@ class Prediction:
         return self.probs.max(dim=1).indices  # (B, K, H, W) -> (B, H, W) class ids, ties to the lowest
 
 
-# True: the softmax of channels_last logits on a CPU, and one sample's entropy on any device,
-# take the speed-ups at the end of this file; bench.py's row segdepthformer-plain sets it False
-# (with heads.FAST_UPSAMPLE) to time the plain forms together
-FAST_SUMMARY = True
+# True: the softmax of channels_last logits on a CPU (FAST_SOFTMAX), and one sample's entropy
+# on any device (FAST_ENTROPY), take the speed-ups at the end of this file; bench.py's rows
+# segdepthformer-plain-softmax and -entropy set each False, segdepthformer-plain both (with
+# heads.FAST_UPSAMPLE), to time the plain forms
+FAST_SOFTMAX = True
+FAST_ENTROPY = True
 
 
 def softmax(z):
     """Softmax over the classes of (B, K, H, W) logits, in float32."""
     z = z.float()
-    if FAST_SUMMARY and z.device.type == 'cpu' and z.is_contiguous(memory_format=torch.channels_last):
+    if FAST_SOFTMAX and z.device.type == 'cpu' and z.is_contiguous(memory_format=torch.channels_last):
         return softmax_channels_last(z)
     return F.softmax(z, dim=1)
 
@@ -182,7 +184,7 @@ def entropy(p):
 def sample_entropy(z, p):
     """The entropy of one sample's softmax p = softmax(z), from its float32 logits z too:
     entropy(p), or the speed-up logit_entropy (the end of this file)."""
-    return logit_entropy(z, p) if FAST_SUMMARY else entropy(p)
+    return logit_entropy(z, p) if FAST_ENTROPY else entropy(p)
 
 
 class Summary:
@@ -415,7 +417,8 @@ def predict(model, images, method='none', samples=10, dropout=0.2, chunk=None, d
 # ---------------------------------------------------------------------------------------------
 # --- speed-ups: the softmax of channels_last logits (replaces F.softmax(z, dim=1) in softmax
 # above on a CPU), and one sample's entropy from its logits (replaces entropy(p) in
-# sample_entropy); bench.py rows segdepthformer and segdepthformer-plain; docs/results.md
+# sample_entropy); bench.py rows segdepthformer, segdepthformer-plain-softmax and
+# segdepthformer-plain-entropy, timed in the same run; docs/results.md
 
 def softmax_channels_last(z):
     """softmax() for channels_last logits, which the models return (their heads' 1/4-resolution

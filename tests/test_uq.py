@@ -217,7 +217,7 @@ def test_one_samples_entropy_from_its_logits_is_the_definition(scale, monkeypatc
     assert (got.double() - want).abs().max().item() < tolerance and (got >= 0).all()
     fast = uq.summarize({'seg_logits': z[None]}).entropy  # one sample: its entropy is logit_entropy's
     assert torch.equal(fast, got)
-    monkeypatch.setattr(uq, 'FAST_SUMMARY', False)  # the plain form: entropy(p), to the same tolerance
+    monkeypatch.setattr(uq, 'FAST_ENTROPY', False)  # the plain form: entropy(p), to the same tolerance
     assert (uq.summarize({'seg_logits': z[None]}).entropy - fast).abs().max().item() < tolerance
 
 
