@@ -420,12 +420,11 @@ def interpolation_matrix(n, N, dtype):
 
 def upsample_by_matrices(x, size, out):
     """upsample(x, size, out) for a channels_last `out`: up(x) = U_H x U_W^T per channel, two
-    matrix products over the
-    (B, h, w, C) view in which the decoder's channels_last maps lie contiguous: along the width
-    one batched product with U_W (W, w), then along the height one product with U_H (H, h) of
-    rows of W * C numbers each, which adds into `out` in place (baddbmm): one pass over the large
-    map, where F.interpolate writes a map as large and the add reads it back. The numbers are
-    F.interpolate's up to rounding (tests/test_models.py)."""
+    matrix products over the (B, h, w, C) view in which channels_last maps lie contiguous: along
+    the width one batched product with U_W (W, w), then along the height one product with U_H
+    (H, h) of rows of W * C numbers each, which adds into `out` in place (baddbmm): one pass over
+    the large map, where F.interpolate writes a map as large and the add reads it back. The
+    numbers are F.interpolate's up to rounding (tests/test_models.py)."""
     (h, w), (H, W) = x.shape[-2:], size
     B, C = x.shape[:2]
     rows = torch.matmul(interpolation_matrix(w, W, x.dtype), x.permute(0, 2, 3, 1))  # (W, w) @ (B, h, w, C)

@@ -485,7 +485,9 @@ def softmax_and_entropy(y):
     which is finite where a p_c underflows to 0, and never negative (d <= 0 <= log s). It is
     written out with reductions over dim 1 rather than as ONNX's Softmax and LogSoftmax:
     onnxruntime's CPU kernels for those run over the last axis, and transpose the
-    full-resolution logits to get there (bench.py's onnx row times the graph)."""
+    full-resolution logits to get there (bench.py's onnx row times the graph). The identity is
+    uq.logit_entropy's (log s = logsumexp(y) - max_c y_c), which has PyTorch's fused softmax
+    and no s to read, so it finds logsumexp from the largest p_c instead."""
     d = y - y.amax(dim=1, keepdim=True)
     e = d.exp()
     s = e.sum(dim=1, keepdim=True)

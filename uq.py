@@ -424,8 +424,8 @@ def softmax_channels_last(z):
     """softmax() for channels_last logits, which the models return (their heads' 1/4-resolution
     outputs are channels_last, and F.interpolate keeps the layout): over the last dimension of
     the (B, H, W, K) view, where the classes of a pixel lie next to each other in memory, and
-    the result keeps that layout. torch's CPU softmax over dim 1 of such a tensor
-    returns the default layout, converting it on the way."""
+    the result keeps that layout. torch's CPU softmax over dim 1 of such a tensor returns the
+    default layout, converting it on the way."""
     return F.softmax(z.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)
 
 
