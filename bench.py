@@ -12,7 +12,10 @@ except the encoder, 1/4-resolution, Hugging Face and onnxruntime rows, which say
       plain upsampling                      F.interpolate and an add for heads.upsample's
                                             matrix products into the decoders' map
       plain softmax                         F.softmax over dim 1 for uq's channels_last one
-      plain entropy                         entropy(p) for one sample's uq.logit_entropy
+      plain memory                          in a fresh process of its own, timed after the
+                                            others, with glibc's own handling of freed memory,
+                                            which the other rows keep for reuse instead
+                                            (plumbing.keep_freed_memory)
     SegDepthFormer to 1/4 resolution        the same network up to its heads' outputs at 1/4
                                             resolution (model(x, full=False)): what is left of
                                             one pass is its full-resolution outputs
@@ -20,10 +23,13 @@ except the encoder, 1/4-resolution, Hugging Face and onnxruntime rows, which say
                                             decoder (heads.py), to see what the fold buys
     MC Dropout (T)                          SegDepthFormer, method 'mcd', T passes
     MC Dropout (T), plain dropout           the same with torch's own dropout in every layer
-                                            (mit.Dropout.plain): what mit.cpu_dropout buys on
-                                            a CPU (on a GPU both rows run torch's)
+                                            (PLAIN_DROPOUT): what mit.cpu_dropout and
+                                            heads.dropped_pointwise buy on a CPU (on a GPU
+                                            both rows run torch's)
     decoder MC Dropout (T)                  SegDepthFormer, method 'mcd-decoder': the encoder
                                             once, T passes of the decoders with dropout on
+    decoder MC Dropout (T), plain dropout   the same with torch's own Dropout2d: what
+                                            heads.dropped_pointwise buys on a CPU
     test-time drop-path (T)                 SegDepthFormer, method 'drop-path': T whole passes
                                             with the encoder's stochastic depth on
     DSE (N)                                 Deep Sub-Ensemble, one encoder and N heads per task
@@ -195,8 +201,13 @@ def peak_memory(key, args, device, run, x):
         return cuda_peak(run, x)
     if not os.path.exists('/proc/self/clear_refs'):
         return None
+    return in_fresh_process(cpu_peak_memory, key, args)
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args) in a fresh Python process (spawned: nothing of this one's state carried over)."""
     with multiprocessing.get_context('spawn').Pool(1) as pool:
-        return pool.apply(cpu_peak_memory, (key, args))
+        return pool.apply(fn, args)
 
 
 def cuda_peak(fn, x):
@@ -215,7 +226,7 @@ def cpu_peak_memory(key, args):
     VmHWM) and a reading of it. glibc is first told to give every block over 128 KiB a mapping
     of its own (mallopt(M_MMAP_THRESHOLD)), so that freed tensors go back to the system at once
     instead of staying in its heap, where a later tensor would reuse them unseen by the peak."""
-    ctypes.CDLL('libc.so.6').mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    ctypes.CDLL('libc.so.6').mallopt(plumbing.M_MMAP_THRESHOLD, 128 * 1024)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device('cpu')
@@ -256,12 +267,13 @@ ROWS = {  # --rows key: the row's name in the table ({N}: members, {T}: samples)
     'segdepthformer-plain': 'SegDepthFormer, plain forms',
     'segdepthformer-plain-upsample': 'SegDepthFormer, plain upsampling',
     'segdepthformer-plain-softmax': 'SegDepthFormer, plain softmax',
-    'segdepthformer-plain-entropy': 'SegDepthFormer, plain entropy',
+    'segdepthformer-plain-memory': 'SegDepthFormer, plain memory',
     'segdepthformer-quarter': 'SegDepthFormer to 1/4 resolution',
     'textbook': 'SegDepthFormer, textbook decoder',
     'mcd': 'MC Dropout (T={T})',
     'mcd-plain': 'MC Dropout (T={T}), plain dropout',
     'mcd-decoder': 'decoder MC Dropout (T={T})',
+    'mcd-decoder-plain': 'decoder MC Dropout (T={T}), plain dropout',
     'drop-path': 'test-time drop-path (T={T})',
     'dse': 'DSE (N={N})',
     'de': 'DE (N={N}), default path',
@@ -320,22 +332,51 @@ def onnx_session(network, arena):
 
 
 # the rows of one pass with speed-ups switched off: row key -> the (module, flag) it sets False
-PLAIN_FORMS = {'segdepthformer-plain': [(heads, 'FAST_UPSAMPLE'), (uq, 'FAST_SOFTMAX'), (uq, 'FAST_ENTROPY')],
+PLAIN_FORMS = {'segdepthformer-plain': [(heads, 'FAST_UPSAMPLE'), (uq, 'FAST_SOFTMAX')],
                'segdepthformer-plain-upsample': [(heads, 'FAST_UPSAMPLE')],
-               'segdepthformer-plain-softmax': [(uq, 'FAST_SOFTMAX')],
-               'segdepthformer-plain-entropy': [(uq, 'FAST_ENTROPY')]}
+               'segdepthformer-plain-softmax': [(uq, 'FAST_SOFTMAX')]}
 
 
-def plain_forms(flags, fn, *args):
-    """fn(*args) with each (module, flag) of `flags` set False (a row of PLAIN_FORMS)."""
+# the MC Dropout rows with dropout's speed-ups switched off, as PLAIN_FORMS
+PLAIN_DROPOUT = {'mcd-plain': [(mit, 'FAST_DROPOUT'), (heads, 'FAST_DROPOUT2D')],
+                 'mcd-decoder-plain': [(heads, 'FAST_DROPOUT2D')]}
+
+
+def plain_forms(flags, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with each (module, flag) of `flags` set False (a row of PLAIN_FORMS
+    or PLAIN_DROPOUT)."""
     saved = [getattr(module, flag) for module, flag in flags]
     for module, flag in flags:
         setattr(module, flag, False)
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     finally:
         for (module, flag), value in zip(flags, saved):
             setattr(module, flag, value)
+
+
+# rows timed in a fresh process of their own, after the others: row key -> the row it runs there.
+# The fresh process has glibc's own handling of freed memory, which every other row, in a
+# process that ran plumbing.keep_freed_memory (bench.py's entry_point), does without.
+FRESH_PROCESS_ROWS = {'segdepthformer-plain-memory': 'segdepthformer'}
+
+
+def fresh_process_latencies(key, args, device):
+    """Run in a fresh process: build row `key` of FRESH_PROCESS_ROWS on `device`, warm it up and
+    time it as the other rows are, but alone -> its latencies in milliseconds."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    with torch.device(device):
+        networks, step, _ = make_row(FRESH_PROCESS_ROWS[key], args, {}, device)
+    run = prepare(networks, step, args, device)
+    x = torch.randn(args.batch_size, 3, *args.size, device=device)
+    if args.channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            run(x)
+        return time_fn([run], x, args.iters, device)[0]
 
 
 def make_row(key, args, cache, device, for_peak=False):
@@ -350,8 +391,8 @@ def make_row(key, args, cache, device, for_peak=False):
     build = lambda name, **kw: heads.build_model(name, args.backbone, args.num_classes, **kw).eval()
     T, N = args.samples, args.members
     chunk = {'samples': T, 'members': N} if uq.all_at_once(device) else {'samples': 1, 'members': 1}
-    if key in ('segformer', 'depthformer', 'segdepthformer', 'emuformer'):
-        model = build('segdepthformer' if key == 'emuformer' else key)
+    if key in ('segformer', 'depthformer', 'segdepthformer', 'emuformer', *FRESH_PROCESS_ROWS):
+        model = build(FRESH_PROCESS_ROWS.get(key, 'segdepthformer' if key == 'emuformer' else key))
         return [model], lambda x: uq.predict(model, x, 'none'), Textbook(model)
     if key in PLAIN_FORMS:  # the plain forms where the speed-ups would run
         model = build('segdepthformer')
@@ -364,19 +405,17 @@ def make_row(key, args, cache, device, for_peak=False):
         return [model], lambda x: uq.predict(model, x, 'none'), model
     if key in ('mcd', 'mcd-plain'):
         model = build('segdepthformer')
-        for m in model.modules():  # mit.Dropout: torch's dropout, or on a CPU the speed-up
-            if isinstance(m, mit.Dropout):
-                m.plain = key == 'mcd-plain'
         # textbook passes have no per-call work, so T passes cost one batch of T images
         paper = lambda x: model(x.repeat(T, 1, 1, 1), textbook=True)
-        return [model], lambda x: uq.predict(model, x, 'mcd', samples=T, chunk=chunk['samples']), paper
-    if key == 'mcd-decoder':
+        return [model], lambda x: plain_forms(PLAIN_DROPOUT.get(key, []), uq.predict, model, x, 'mcd', T,
+                                              chunk=chunk['samples']), paper
+    if key in ('mcd-decoder', 'mcd-decoder-plain'):
         model = build('segdepthformer')
 
         def paper(x):  # one encoder pass, then T passes of both heads in their textbook form
             features = model.backbone(x)
             return [d(features) for _ in range(T) for d in (model.decode_head, model.depth_head)]
-        return [model], lambda x: uq.predict(model, x, 'mcd-decoder', samples=T), paper
+        return [model], lambda x: plain_forms(PLAIN_DROPOUT.get(key, []), uq.predict, model, x, 'mcd-decoder', T), paper
     if key == 'drop-path':
         model = build('segdepthformer')
         paper = lambda x: model(x.repeat(T, 1, 1, 1), textbook=True)  # T whole passes, as MC Dropout's
@@ -465,6 +504,9 @@ def inference_rows(args, device):
         rows.append({'key': key, 'name': ROWS[key].format(N=args.members, T=args.samples),
                      'params': count_params(networks),
                      'macs_paper': count_macs(paper_step, meta_x), 'macs_executed': count_macs(step, meta_x)})
+        if key in FRESH_PROCESS_ROWS:  # built and timed in a process of its own, after the others
+            runs.append(None)
+            continue
         torch.manual_seed(0)
         with torch.device(device):
             networks, step, _ = make_row(key, args, cache, device)
@@ -477,10 +519,14 @@ def inference_rows(args, device):
         print(f"  built {rows[-1]['name']}", flush=True)
     with torch.inference_mode():
         if not args.compile:
-            for row, times in zip(rows, time_fn(runs, x, args.iters, device)):
+            timed = [(row, run) for row, run in zip(rows, runs) if run is not None]
+            for (row, _), times in zip(timed, time_fn([run for _, run in timed], x, args.iters, device)):
                 row['latencies_ms'] = times
         for row, run in zip(rows, runs):
-            row.update(latency_stats(row['latencies_ms'], B), peak_bytes=peak_memory(row['key'], args, device, run, x))
+            if run is None:
+                row['latencies_ms'] = in_fresh_process(fresh_process_latencies, row['key'], args, device)
+            peak = peak_memory(row['key'], args, device, run, x) if run is not None or device.type == 'cpu' else None
+            row.update(latency_stats(row['latencies_ms'], B), peak_bytes=peak)
             print(f"  {row['name']}: {row['latency_ms_median']:.1f} ms", flush=True)
     return rows
 
@@ -555,10 +601,10 @@ def latency_ratios(rows):
     (below 1: the first is faster), for the pairs whose rows were run."""
     latency = {r['key']: r['latency_ms_median'] for r in rows}
     pairs = [('segdepthformer', 'encoder'), ('segdepthformer-quarter', 'encoder'),
-             ('segdepthformer', 'segdepthformer-quarter'), *[('segdepthformer', key) for key in PLAIN_FORMS],
+             ('segdepthformer', 'segdepthformer-quarter'), *[('segdepthformer', key) for key in [*PLAIN_FORMS, *FRESH_PROCESS_ROWS]],
              ('segdepthformer', 'textbook'), ('segformer', 'hf'),
              ('segdepthformer', 'hf'), ('encoder', 'hf-encoder'), ('mcd', 'segdepthformer'),
-             ('mcd', 'mcd-plain'), ('mcd-decoder', 'segdepthformer'), ('drop-path', 'segdepthformer'),
+             ('mcd', 'mcd-plain'), ('mcd-decoder', 'segdepthformer'), ('mcd-decoder', 'mcd-decoder-plain'), ('drop-path', 'segdepthformer'),
              ('dse', 'segdepthformer'), ('de', 'segdepthformer'),
              ('de-batched', 'segdepthformer'), ('de-looped', 'segdepthformer'), ('de-batched', 'de-looped'),
              ('onnx', 'segdepthformer')]

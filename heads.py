@@ -111,8 +111,12 @@ class AllMLPDecoder(nn.Module):
 
     def output_layer(self, x):
         """(B, E, h, w) = ReLU(BN(fused features)) -> (B, out_dim, h, w): Dropout2d (whole
-        channels, in training and under MC Dropout), then the 1x1 prediction layer."""
-        return pointwise(self.dropout(x), self.linear_pred)
+        channels, in training and under MC Dropout), then the 1x1 prediction layer. On a CPU a
+        dropout that is on takes the speed-up at the end of this file (dropped_pointwise)."""
+        drop = self.dropout
+        if FAST_DROPOUT2D and drop.training and 0 < drop.p < 1 and x.device.type == 'cpu':
+            return dropped_pointwise(x, self.linear_pred, drop.p)
+        return pointwise(drop(x), self.linear_pred)
 
 
 def pointwise(x, conv):
@@ -152,10 +156,12 @@ def stacked_folds(decoders, stages=4):
     return weights, sum(torch.cat([c for _, c in stage]) for stage in folds)
 
 
-# True: on a CPU, upsampling added into a map takes the speed-up at the end of this file;
-# bench.py's rows segdepthformer-plain-upsample (this alone) and segdepthformer-plain (with uq's
-# speed-ups) set it False to time the plain form
+# True: on a CPU, upsampling added into a map (FAST_UPSAMPLE) and a decoder's Dropout2d that is
+# on (FAST_DROPOUT2D) take the speed-ups at the end of this file; bench.py's rows
+# segdepthformer-plain-upsample and segdepthformer-plain (with uq's speed-ups) set the first
+# False, mcd-plain and mcd-decoder-plain the second, to time the plain forms
 FAST_UPSAMPLE = True
+FAST_DROPOUT2D = True
 
 
 def upsample(x, size, out=None):
@@ -432,3 +438,23 @@ def upsample_by_matrices(x, size, out):
     target = out.permute(0, 2, 3, 1).view(B, H, W * C)  # out's memory: (B, H, W, C) -> rows of W*C
     target.baddbmm_(U, rows.view(B, h, W * C))  # (B, H, h) @ (B, h, W*C), added into out
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# --- speed-up: a decoder's Dropout2d as a mask on its prediction layer's weights (replaces
+# pointwise(self.dropout(x), ...) in AllMLPDecoder.output_layer on a CPU; bench.py rows
+# mcd-decoder and mcd-decoder-plain, timed in the same run; docs/results.md)
+
+def dropped_pointwise(x, conv, p):
+    """pointwise(F.dropout2d(x, p, training=True), conv), from the same random draw. Dropout2d
+    multiplies channel c of image b by m_bc (0, or 1 / (1 - p) with probability 1 - p), and the
+    1x1 layer then sums over the channels: W (m_b * x) = (W diag(m_b)) x, so the mask can go on
+    the (C', C) weights instead, one matrix per image, and the (B, C, h, w) map is not read and
+    written once more. The mask is drawn as torch's Dropout2d draws it: bernoulli_(1 - p) on a
+    tensor of B * C numbers, divided by 1 - p (tests/test_models.py)."""
+    B, C = x.shape[:2]
+    m = x.new_empty(B, 1, C).bernoulli_(1 - p).div_(1 - p)  # Dropout2d's (B, C, 1, 1) mask
+    weight = conv.weight.flatten(1) * m  # (C', C) * (B, 1, C) -> (B, C', C)
+    tokens = x.permute(0, 2, 3, 1).flatten(1, 2)  # (B, h*w, C): a view of a channels_last map
+    out = torch.baddbmm(conv.bias, tokens, weight.transpose(1, 2))  # (B, h*w, C')
+    return out.unflatten(1, x.shape[-2:]).permute(0, 3, 1, 2)

@@ -107,19 +107,22 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(map_to_tokens(x)), H, W
 
 
+# True: on a CPU, dropout's random bits come from the speed-up at the end of this file; bench.py's
+# row mcd-plain sets it False (with heads.FAST_DROPOUT2D) to time torch's own dropout
+FAST_DROPOUT = True
+
+
 class Dropout(nn.Dropout):
     """nn.Dropout (in training mode, and under MC Dropout: zero each element with probability p,
-    scale the rest by 1 / (1 - p)). plain=True, or a tensor on a GPU, runs torch's own dropout;
-    otherwise, on a CPU, the random bits come from cpu_dropout (the speed-up section at the end
-    of this file)."""
-    plain = False  # set per layer; bench.py's row mcd-plain sets it on every layer, to time both
+    scale the rest by 1 / (1 - p)). On a CPU the random bits come from cpu_dropout (the speed-up
+    section at the end of this file)."""
 
     def forward(self, x):
         if not (self.training and self.p > 0):
             return x
-        if self.plain or x.device.type != 'cpu':
-            return F.dropout(x, self.p, training=True)
-        return cpu_dropout(x, self.p)
+        if FAST_DROPOUT and x.device.type == 'cpu':
+            return cpu_dropout(x, self.p)
+        return F.dropout(x, self.p, training=True)
 
 
 def attention_with_dropout(q, k, v, drop, block=2**22):

@@ -6,7 +6,8 @@ point here from their docstrings.
 
 Commands
     entry_point(main)           a script's main as a command: a user's mistake is one line and
-                                exit 1, Ctrl-C one line and exit 130, a bug a traceback
+                                exit 1, Ctrl-C one line and exit 130, a bug a traceback; the
+                                memory of freed tensors serves the next ones (keep_freed_memory)
     positive_int, natural_int, positive_float, non_negative_float, rate
                                 argparse types: a numeric option is checked where it is parsed
 
@@ -41,6 +42,7 @@ Precision (one flag, --precision, in every script)
 """
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -68,8 +70,10 @@ def entry_point(main):
     """Run a script's main() as a command, exiting with the status it returns (0 if none). A user's mistake prints one line, 'script: message',
     and exits 1; Ctrl-C prints one line and exits 130; EMUFORMER_TRACEBACK=1 shows the
     traceback of either. The exception is let go of before the exit, and with it every frame it
-    holds (a DDP wrapper among them, see process_group)."""
+    holds (a DDP wrapper among them, see process_group). Before main, it keeps freed memory for
+    reuse (keep_freed_memory)."""
     script = os.path.basename(sys.argv[0])
+    keep_freed_memory()
     signal.signal(signal.SIGINT, interrupt_once)
     try:
         status = main()
@@ -85,6 +89,33 @@ def entry_point(main):
         sys.exit(status if isinstance(status, int) else 0)
     print(f'{script}: {message}', file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+
+
+def keep_freed_memory(keep=True):
+    """Let the memory of freed tensors serve the next ones, where glibc allocates (Linux); elsewhere
+    do nothing. Returns whether glibc took the setting.
+
+    By itself glibc gives every block over 32 MiB a mapping of its own and unmaps it when it is
+    freed (smaller ones too, until its threshold has grown). A full-resolution map of a
+    prediction (40 classes at 480x640: 49 MB) then comes back as fresh pages, and the kernel
+    faults in and zeroes each 4 KiB page at its first touch: on a CPU one prediction spent more
+    time on that than on its upsampling (bench.py's row segdepthformer-plain-memory,
+    docs/results.md). keep=True serves every block from glibc's heap and never gives it back: the
+    process holds on to its peak memory and more, as PyTorch's 64-byte aligned blocks do not fit
+    exactly into a freed block of their own size and reuse freed memory only once the heap holds
+    free space around them (tests/test_plumbing.py; docs/results.md has a prediction's resident
+    memory both ways). keep=False puts back glibc's own mapping of the blocks over 32 MiB."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:  # not glibc
+        return False
+    if keep:
+        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    return bool(libc.mallopt(M_MMAP_MAX, 65536) and libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20))
 
 
 # Numeric options are checked where they are parsed: these are argparse types, and argparse

@@ -485,9 +485,7 @@ def softmax_and_entropy(y):
     which is finite where a p_c underflows to 0, and never negative (d <= 0 <= log s). It is
     written out with reductions over dim 1 rather than as ONNX's Softmax and LogSoftmax:
     onnxruntime's CPU kernels for those run over the last axis, and transpose the
-    full-resolution logits to get there (bench.py's onnx row times the graph). The identity is
-    uq.logit_entropy's (log s = logsumexp(y) - max_c y_c), which has PyTorch's fused softmax
-    and no s to read, so it finds logsumexp from the largest p_c instead."""
+    full-resolution logits to get there (bench.py's onnx row times the graph)."""
     d = y - y.amax(dim=1, keepdim=True)
     e = d.exp()
     s = e.sum(dim=1, keepdim=True)
@@ -605,10 +603,13 @@ def onnx_session(onnxruntime, source, threads=None, arena=True):
     """An onnxruntime CPU session of an exported file (`source`: a path, or its bytes), as predict.py and
     bench.py make it: every graph optimisation on (ORT_ENABLE_ALL: constant folding, node
     fusions, the CPU's own memory layouts), `threads` intra-op threads (None: onnxruntime's
-    choice, one per physical core). arena=False gives up onnxruntime's memory cache (bench.py's
-    peak column, comparing with PyTorch's CPU allocator, which keeps none)."""
+    choice, one per physical core), which sleep between runs instead of spinning on their cores
+    (onnxruntime's default), where they would slow whatever the process does next (reading the
+    next image; in bench.py the next row). arena=False gives up onnxruntime's memory cache
+    (bench.py's peak column, which is measured with nothing kept, cpu_peak_memory)."""
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
     if threads:
         options.intra_op_num_threads = threads
     options.enable_cpu_mem_arena = arena

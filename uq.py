@@ -157,12 +157,10 @@ class Prediction:
         return self.probs.max(dim=1).indices  # (B, K, H, W) -> (B, H, W) class ids, ties to the lowest
 
 
-# True: the softmax of channels_last logits on a CPU (FAST_SOFTMAX), and one sample's entropy
-# on any device (FAST_ENTROPY), take the speed-ups at the end of this file; bench.py's rows
-# segdepthformer-plain-softmax and -entropy set each False, segdepthformer-plain both (with
-# heads.FAST_UPSAMPLE), to time the plain forms
+# True: the softmax of channels_last logits on a CPU takes the speed-up at the end of this file;
+# bench.py's rows segdepthformer-plain-softmax and segdepthformer-plain (with
+# heads.FAST_UPSAMPLE) set it False, to time the plain form
 FAST_SOFTMAX = True
-FAST_ENTROPY = True
 
 
 def softmax(z):
@@ -181,36 +179,24 @@ def entropy(p):
     return -torch.einsum('bkhw,bkhw->bhw', p, log_p)
 
 
-def sample_entropy(z, p):
-    """The entropy of one sample's softmax p = softmax(z), from its float32 logits z too:
-    entropy(p), or the speed-up logit_entropy (the end of this file)."""
-    return logit_entropy(z, p) if FAST_ENTROPY else entropy(p)
-
-
 class Summary:
     """Eq. 3 and Eq. 10 accumulated over samples, one at a time, in running sums that take the
     memory of one sample whatever S is: the sum of the softmaxes (and of their
     entropies, with decompose), and for depth the running mean and summed squared deviations of
     the means (Welford's update, exact where E[mu^2] - E[mu]^2 would cancel) and the sum of the
-    variances; and the first sample's logits until a second comes, for the entropy of a
-    prediction of one sample (sample_entropy). add(out) takes one sample's output dict at the
-    input size, (B, ...)."""
+    variances. add(out) takes one sample's output dict at the input size, (B, ...)."""
 
     def __init__(self, decompose=False):
         self.decompose, self.n = decompose, 0
-        self.probs = self.first_logits = self.entropies = self.mean = self.squares = self.variances = None
+        self.probs = self.entropies = self.mean = self.squares = self.variances = None
 
     def add(self, out):
         self.n += 1
         if 'seg_logits' in out:
-            z = out['seg_logits'].float()
-            p = softmax(z)
-            # float32 logits, as a CPU's are, are the caller's own tensor, which it holds while it
-            # computes the next sample anyway
-            self.first_logits = z if self.n == 1 else None
+            p = softmax(out['seg_logits'])
             self.probs = p if self.probs is None else self.probs.add_(p)
             if self.decompose:
-                h = sample_entropy(z, p)
+                h = entropy(p)
                 self.entropies = h if self.entropies is None else self.entropies.add_(h)
         if 'depth_mean' in out:
             mu, var = out['depth_mean'].float(), out['depth_var'].float()
@@ -226,11 +212,7 @@ class Summary:
         pred = Prediction()
         if self.probs is not None:
             pred.probs = self.probs.div_(self.n)
-            # Eq. 3; of one sample, its own entropy, already summed when decomposing
-            if self.n > 1:
-                pred.entropy = entropy(pred.probs)
-            else:
-                pred.entropy = self.entropies if self.decompose else sample_entropy(self.first_logits, pred.probs)
+            pred.entropy = entropy(pred.probs)  # Eq. 3
             if self.decompose:
                 pred.aleatoric_entropy = self.entropies / self.n
                 pred.mutual_information = pred.entropy - pred.aleatoric_entropy
@@ -415,10 +397,9 @@ def predict(model, images, method='none', samples=10, dropout=0.2, chunk=None, d
 
 
 # ---------------------------------------------------------------------------------------------
-# --- speed-ups: the softmax of channels_last logits (replaces F.softmax(z, dim=1) in softmax
-# above on a CPU), and one sample's entropy from its logits (replaces entropy(p) in
-# sample_entropy); bench.py rows segdepthformer, segdepthformer-plain-softmax and
-# segdepthformer-plain-entropy, timed in the same run; docs/results.md
+# --- speed-up: the softmax of channels_last logits (replaces F.softmax(z, dim=1) in softmax
+# above on a CPU; bench.py rows segdepthformer and segdepthformer-plain-softmax, timed in the
+# same run; docs/results.md)
 
 def softmax_channels_last(z):
     """softmax() for channels_last logits, which the models return (their heads' 1/4-resolution
@@ -427,16 +408,3 @@ def softmax_channels_last(z):
     the result keeps that layout. torch's CPU softmax over dim 1 of such a tensor returns the
     default layout, converting it on the way."""
     return F.softmax(z.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)
-
-
-def logit_entropy(z, p):
-    """sample_entropy() without a log of every p_c: log p_c = z_c - logsumexp(z) for every class
-    c, so H = logsumexp(z) - sum_c p_c z_c, and at the most likely class logsumexp(z) =
-    max_c z_c - log max_c p_c, one log per pixel of a number >= 1/K. Two maxima and a dot
-    product over the classes replace entropy()'s log and clamp of all K; it holds where a p_c
-    underflows to 0. Its rounding is a few float32 ulps of max_c |z_c| (tests/test_uq.py), and
-    the clamp keeps a certain pixel's H = 0 from rounding below it. The logits must be finite,
-    as a network's are: a logit of -inf would make its term 0 * -inf = NaN (entropy(p) takes
-    such a class's 0 log 0 as 0)."""
-    lse = z.amax(dim=1) - p.amax(dim=1).log()
-    return (lse - torch.einsum('bkhw,bkhw->bhw', p, z)).clamp_min_(0)

@@ -566,13 +566,13 @@ def test_dropout_keeps_the_stated_fraction_and_the_expectation(p):
     assert torch.equal(mit.cpu_dropout(torch.ones(100), 0.0), torch.ones(100))  # p = 0 keeps everything
 
 
-def test_plain_dropout_is_torchs_and_both_forms_keep_the_rate():
-    # plain=True: exactly F.dropout with the same seed; the speed-up draws other masks at the same rate
+def test_plain_dropout_is_torchs_and_both_forms_keep_the_rate(monkeypatch):
+    # FAST_DROPOUT off: exactly F.dropout with the same seed; the speed-up draws other masks at the same rate
     layer = mit.Dropout(0.3)
     x = torch.ones(200_000)
     torch.manual_seed(0)
     fast = layer(x.clone())
-    layer.plain = True
+    monkeypatch.setattr(mit, 'FAST_DROPOUT', False)
     torch.manual_seed(0)
     plain = layer(x.clone())
     torch.manual_seed(0)
@@ -623,6 +623,35 @@ def test_upsample_equals_interpolate(size, out_size, channels_last):
     (heads.upsample(a, out_size, out=base.clone()) * g).sum().backward()
     (F.interpolate(b, out_size, mode='bilinear', align_corners=False) * g).sum().backward()
     assert torch.allclose(a.grad, b.grad, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder's Dropout2d on the prediction layer's weights: the plain form's numbers, faster
+
+@pytest.mark.parametrize('p', [0.1, 0.5])
+def test_dropped_pointwise_is_dropout2d_then_the_layer(p):
+    # a channel slice of a channels_last map, as fused_features hands each decoder; in float64,
+    # so that the sums over channels taken in another order agree to round-off; with the same
+    # seed the same masks, and the same gradients for the map and the layer
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 3, 1).double()
+    x = torch.randn(3, 32, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)[:, 8:24]
+    g = torch.randn(3, 3, 5, 7, dtype=torch.float64)
+    results = []
+    for form in ('plain', 'fast'):
+        xi = x.clone().requires_grad_()
+        conv.zero_grad()
+        torch.manual_seed(1)
+        if form == 'plain':
+            y = heads.pointwise(F.dropout2d(xi, p, training=True), conv)
+        else:
+            y = heads.dropped_pointwise(xi, conv, p)
+        (y * g).sum().backward()
+        results.append((y.detach(), xi.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    dropped = results[0][1].abs().sum(dim=(2, 3)) == 0  # (B, C): whole channels, per image
+    assert dropped.any() and not dropped.all()
 
 
 def test_upsample_under_vmap_equals_each_member():

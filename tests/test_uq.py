@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import metrics
+import heads
 import mit
 import uq
 from heads import build_model, full_size
@@ -122,7 +123,10 @@ def record_training_modes(model, kinds):
     return seen
 
 
-def test_decoder_mc_dropout_runs_the_encoder_once_without_dropout(x):
+def test_decoder_mc_dropout_runs_the_encoder_once_without_dropout(x, monkeypatch):
+    # the plain form, in which the Dropout2d layers run (and the hooks see them); the speed-up
+    # gives the same samples (the next test)
+    monkeypatch.setattr(heads, 'FAST_DROPOUT2D', False)
     torch.manual_seed(0)
     model = build_model('segdepthformer', 'b0', 5).eval()
     calls = []
@@ -150,6 +154,24 @@ def test_decoder_mc_dropout_runs_the_encoder_once_without_dropout(x):
     assert torch.allclose(pred.depth_var, expected.depth_var, rtol=1e-4, atol=1e-6)
     assert (pred.depth_var > uq.predict(model, x).depth_var + 1e-9).float().mean() > 0.5  # an epistemic part
     assert all(not m.training for m in model.modules())  # restored
+
+
+@pytest.mark.parametrize('method', ['mcd-decoder', 'mcd'])
+def test_dropout2d_on_the_weights_gives_the_plain_forms_samples(x, method, monkeypatch):
+    # heads.dropped_pointwise draws the decoders' Dropout2d masks as torch does: with the same
+    # seed, MC Dropout's prediction is the plain form's, up to float32 rounding of sums over 256
+    # channels taken in another order
+    torch.manual_seed(0)
+    model = build_model('segdepthformer', 'b0', 5).eval()
+    torch.manual_seed(1)
+    fast = uq.predict(model, x, method, samples=3, dropout=0.5)
+    monkeypatch.setattr(heads, 'FAST_DROPOUT2D', False)
+    torch.manual_seed(1)
+    plain = uq.predict(model, x, method, samples=3, dropout=0.5)
+    assert torch.allclose(fast.probs, plain.probs, atol=1e-5)
+    assert torch.allclose(fast.depth_var, plain.depth_var, rtol=1e-4, atol=1e-6)
+    torch.manual_seed(2)  # another seed, other masks: the test can tell them apart
+    assert not torch.allclose(uq.predict(model, x, method, samples=3, dropout=0.5).probs, plain.probs, atol=1e-5)
 
 
 def test_test_time_drop_path_skips_whole_residual_branches_and_nothing_else(x):
@@ -191,7 +213,7 @@ def test_entropy_is_zero_for_a_class_of_probability_zero():
     z[:, 0, 2, 0, 0] = -1e4  # exp(-1e4) is 0 in float32
     q0 = torch.tensor([0.3, 0.7, 0.0])  # and a probability of 0 given as such, to entropy() itself
     assert uq.entropy(q0[None, :, None, None]).item() == pytest.approx(-(q0[:2] * q0[:2].log()).sum().item())
-    for samples in (z, z.repeat(3, 1, 1, 1, 1)):  # one sample (logit_entropy), and a mixture of three
+    for samples in (z, z.repeat(3, 1, 1, 1, 1)):  # one sample, and a mixture of three
         pred = uq.summarize({'seg_logits': samples})
         assert torch.isfinite(pred.entropy).all()
         q = samples[0, 0, :2, 0, 0].softmax(0)
@@ -200,25 +222,6 @@ def test_entropy_is_zero_for_a_class_of_probability_zero():
     seg.update(pred.probs, torch.zeros(2, 4, 5, dtype=torch.long), pred.entropy)
     n_ac, n_au, n_ic, n_iu = seg.stats['uncertainty_counts'].tolist()
     assert n_au + n_iu > 0  # the image with the class of probability 0 has uncertain pixels too
-
-
-@pytest.mark.parametrize('scale', [1.0, 30.0])
-def test_one_samples_entropy_from_its_logits_is_the_definition(scale, monkeypatch):
-    """logit_entropy against -sum p log p in float64 over every pixel: spread logits (scale 1)
-    and confident ones (scale 30, where classes of p below about e^-104 underflow to 0 in float32)."""
-    torch.manual_seed(0)
-    z = (torch.randn(2, 40, 6, 7) * scale).contiguous(memory_format=torch.channels_last)
-    p = uq.softmax(z)
-    want = torch.special.entr(z.double().softmax(dim=1)).sum(dim=1)  # -sum_c p_c log p_c, 0 log 0 = 0
-    got = uq.logit_entropy(z, p)
-    # float32: the sum over 40 classes of p_c z_c rounds to a few ulps of max |z| (~4e-7 |z|),
-    # the softmax itself to a few ulps of 1, each times at most log 40 < 4
-    tolerance = 4 * 2 ** -23 * (z.abs().amax().item() + 4 * 40)
-    assert (got.double() - want).abs().max().item() < tolerance and (got >= 0).all()
-    fast = uq.summarize({'seg_logits': z[None]}).entropy  # one sample: its entropy is logit_entropy's
-    assert torch.equal(fast, got)
-    monkeypatch.setattr(uq, 'FAST_ENTROPY', False)  # the plain form: entropy(p), to the same tolerance
-    assert (uq.summarize({'seg_logits': z[None]}).entropy - fast).abs().max().item() < tolerance
 
 
 def all_at_once(samples):
