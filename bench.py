@@ -11,6 +11,8 @@ except the encoder, 1/4-resolution, Hugging Face and onnxruntime rows, which say
                                             (PLAIN_FORMS), and with each alone off:
       plain upsampling                      F.interpolate and an add for heads.upsample's
                                             matrix products into the decoders' map
+      plain folds                           the decoders' folds computed on every call, not
+                                            kept (heads.kept_folds)
       plain softmax                         F.softmax over dim 1 for uq's channels_last one
       plain memory                          in a fresh process of its own, timed after the
                                             others, with glibc's own handling of freed memory,
@@ -79,8 +81,10 @@ ours; docs/results.md has the figures. Two columns:
                     fuse conv at 1/4 resolution is most of the total; an ensemble or MC
                     Dropout costs N (T) single passes, a DSE one encoder and N pairs of heads
     MACs executed   what the timed step actually runs: the folded decoder of heads.py,
-                    including its small W_i L_i fold matmuls, which are paid once per forward
-                    call, and the entropy's sum over classes, which runs as a batched matmul
+                    and the entropy's sum over classes, which runs as a batched matmul; of a
+                    call after the first, as the timed calls are: the decoders' small W_i L_i
+                    fold matmuls are then kept from the first (heads.kept_folds), except in
+                    the batched Deep Ensemble, which folds its stacked members on every call
 
 Both are counted by running the row's networks under torch.utils.flop_counter.FlopCounterMode
 on the meta device: shapes only, no arithmetic, so even the Deep Ensemble takes a moment. There
@@ -152,10 +156,13 @@ EXTRA_FORMULAS = {aten._scaled_dot_product_flash_attention_for_cpu: _attention_f
 
 
 def count_macs(fn, x):
-    """Multiply-adds of fn(x): convolutions, linear layers and matmuls, attention included."""
+    """Multiply-adds of fn(x), called a second time as the timed calls are: convolutions,
+    linear layers and matmuls, attention included."""
     # no_grad, not inference_mode: before torch 2.5 FlopCounterMode counts nothing under the latter
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as counter:
+    with torch.no_grad():
         fn(x)
+        with FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as counter:
+            fn(x)
     return counter.get_total_flops() // 2
 
 
@@ -266,6 +273,7 @@ ROWS = {  # --rows key: the row's name in the table ({N}: members, {T}: samples)
     'segdepthformer': 'SegDepthFormer',
     'segdepthformer-plain': 'SegDepthFormer, plain forms',
     'segdepthformer-plain-upsample': 'SegDepthFormer, plain upsampling',
+    'segdepthformer-plain-folds': 'SegDepthFormer, plain folds',
     'segdepthformer-plain-softmax': 'SegDepthFormer, plain softmax',
     'segdepthformer-plain-memory': 'SegDepthFormer, plain memory',
     'segdepthformer-quarter': 'SegDepthFormer to 1/4 resolution',
@@ -332,8 +340,9 @@ def onnx_session(network, arena):
 
 
 # the rows of one pass with speed-ups switched off: row key -> the (module, flag) it sets False
-PLAIN_FORMS = {'segdepthformer-plain': [(heads, 'FAST_UPSAMPLE'), (uq, 'FAST_SOFTMAX')],
+PLAIN_FORMS = {'segdepthformer-plain': [(heads, 'FAST_UPSAMPLE'), (heads, 'FAST_FOLDS'), (uq, 'FAST_SOFTMAX')],
                'segdepthformer-plain-upsample': [(heads, 'FAST_UPSAMPLE')],
+               'segdepthformer-plain-folds': [(heads, 'FAST_FOLDS')],
                'segdepthformer-plain-softmax': [(uq, 'FAST_SOFTMAX')]}
 
 
@@ -619,8 +628,8 @@ def print_inference(rows, ratios, header):
     print("  MACs paper: multiply-adds of convs, linears and matmuls incl. attention's QK^T and AV "
           "(Table 1's 'FLOPs'), textbook decoder, N x single for DE, T x single for MCD, "
           "encoder + N x heads for DSE; softmax, norms, GELU, biases, upsampling not counted")
-    print("  MACs executed: the same count of what the timed step runs (folded decoder incl. its "
-          "W_i L_i fold matmuls, and the entropy's sum over classes, which runs as a matmul)")
+    print("  MACs executed: the same count of what a timed call runs (folded decoder, whose W_i L_i fold matmuls "
+          "the first call makes and the next keep, and the entropy's sum over classes, which runs as a matmul)")
     print("  latency: median (mean +- std) over the timed calls; x single: median / SegDepthFormer's "
           "median in this run; peak: memory of one call beyond the "
           "weights (see peak_memory)")

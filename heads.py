@@ -157,11 +157,14 @@ def stacked_folds(decoders, stages=4):
 
 
 # True: on a CPU, upsampling added into a map (FAST_UPSAMPLE) and a decoder's Dropout2d that is
-# on (FAST_DROPOUT2D) take the speed-ups at the end of this file; bench.py's rows
-# segdepthformer-plain-upsample and segdepthformer-plain (with uq's speed-ups) set the first
-# False, mcd-plain and mcd-decoder-plain the second, to time the plain forms
+# on (FAST_DROPOUT2D) take the speed-ups at the end of this file, and without gradients the
+# folds are kept between calls on any device (FAST_FOLDS); bench.py's rows
+# segdepthformer-plain-upsample, mcd-decoder-plain and segdepthformer-plain-folds set each
+# False (segdepthformer-plain the first and the third, with uq's speed-up; mcd-plain the second,
+# with mit's), to time the plain forms
 FAST_UPSAMPLE = True
 FAST_DROPOUT2D = True
+FAST_FOLDS = True
 
 
 def upsample(x, size, out=None):
@@ -200,7 +203,11 @@ def fused_features(decoders, features):
     [(B, C_i, h_i, w_i)] -> one (B, E, h_1, w_1) map per decoder, equal to what
     AllMLPDecoder.forward computes before its output layer. The G decoders' matrices are
     stacked, so each stage costs one 1x1 conv for all of them."""
-    z = folded_sum(features, *stacked_folds(decoders, len(features)))  # (B, G*E, h_1, w_1)
+    if FAST_FOLDS and not torch.is_grad_enabled():  # no gradient to carry: the speed-up may keep them
+        folds = kept_folds(decoders, len(features))
+    else:
+        folds = stacked_folds(decoders, len(features))
+    z = folded_sum(features, *folds)  # (B, G*E, h_1, w_1)
     if not decoders[0].training:  # BatchNorm is folded into the matrices: ReLU is all that is left
         return F.relu(z, inplace=True).chunk(len(decoders), dim=1)
     return [F.relu(d.linear_fuse.bn(z_d)) for d, z_d in zip(decoders, z.chunk(len(decoders), dim=1))]
@@ -458,3 +465,29 @@ def dropped_pointwise(x, conv, p):
     tokens = x.permute(0, 2, 3, 1).flatten(1, 2)  # (B, h*w, C): a view of a channels_last map
     out = torch.baddbmm(conv.bias, tokens, weight.transpose(1, 2))  # (B, h*w, C')
     return out.unflatten(1, x.shape[-2:]).permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# --- speed-up: the folds kept between calls while nothing they come from changes (replaces
+# stacked_folds in fused_features without gradients; bench.py rows segdepthformer and
+# segdepthformer-plain-folds, timed in the same run; docs/results.md)
+
+def kept_folds(decoders, stages):
+    """stacked_folds(decoders, stages), computed once and kept on the first decoder, until the
+    decoders, their modes, autocast's precision or any of their weights and statistics change:
+    the key names each tensor by its identity, memory and version counter, which every in-place
+    write (an optimiser step, load_state_dict) advances. Tensors that are not the modules' own Parameters (a
+    stacked ensemble's, which torch.func.functional_call passes in) are folded afresh."""
+    tensors = [t for d in decoders for t in (*d.parameters(), *d.buffers())]
+    if not all(isinstance(p, nn.Parameter) for d in decoders for p in d.parameters()):
+        return stacked_folds(decoders, stages)
+    # and autocast's precision, in which the matrices are multiplied (the meta device, on which
+    # bench.py counts, has no autocast)
+    device = tensors[0].device.type
+    autocast = device != 'meta' and torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+    key = (stages, autocast, *((id(d), d.training) for d in decoders),
+           *((id(t), t.data_ptr(), t._version) for t in tensors))
+    kept = getattr(decoders[0], 'kept_folds', None)
+    if kept is None or kept[0] != key:
+        kept = decoders[0].kept_folds = (key, stacked_folds(decoders, stages))
+    return kept[1]

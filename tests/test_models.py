@@ -654,6 +654,41 @@ def test_dropped_pointwise_is_dropout2d_then_the_layer(p):
     assert dropped.any() and not dropped.all()
 
 
+def test_kept_folds_follow_every_change_of_the_weights():
+    # without gradients the folds are kept between calls; each change that a user makes (eval
+    # and train, load_state_dict, an optimiser step, a weight replaced) gives the folds afresh
+    torch.manual_seed(0)
+    model = build_model('segdepthformer', 'b0', 5).eval()
+    decoders = [model.decode_head, model.depth_head]
+    x = torch.randn(1, 3, 64, 96)
+    fresh = lambda: [w.clone() for w in heads.stacked_folds(decoders)[0]] + [heads.stacked_folds(decoders)[1]]
+    kept = lambda: [*heads.kept_folds(decoders, 4)[0], heads.kept_folds(decoders, 4)[1]]
+
+    def check():
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(kept(), fresh()))
+    check()
+    first = heads.kept_folds(decoders, 4)
+    assert heads.kept_folds(decoders, 4) is first  # kept: the same tensors, not computed again
+    model.train()
+    check()
+    model.eval()
+    state = {k: v + 0.01 for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    check()
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x)['depth_mean'].mean().backward()  # with gradients: not kept, the plain form
+    optimizer.step()
+    model.eval()
+    check()
+    model.depth_head.linear_pred.weight = nn.Parameter(torch.zeros_like(model.depth_head.linear_pred.weight))
+    model.decode_head.linear_c1.proj.weight = nn.Parameter(torch.randn_like(model.decode_head.linear_c1.proj.weight))
+    check()
+    with torch.no_grad():  # and the model's output with them is the textbook decoder's
+        assert torch.allclose(model(x)['seg_logits'], model(x, textbook=True)['seg_logits'], atol=1e-5)
+
+
 def test_upsample_under_vmap_equals_each_member():
     torch.manual_seed(0)
     x = torch.randn(3, 1, 4, 6, 8)  # 3 members
