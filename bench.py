@@ -55,7 +55,9 @@ for the device: one pass at a time on a CPU, all at once on a GPU.
 Timing: every row is built and gets `--warmup` untimed calls, then `--iters` rounds time one
 call of each row in turn, under torch.inference_mode (rounds, so that a machine whose speed
 drifts over minutes, a shared CPU, slows every row alike; with --compile each row is timed
-right after its warm-up instead, since compiling the next row resets dynamo).
+right after its warm-up instead, since compiling the next row resets dynamo). The rows of
+FRESH_PROCESS_ROWS are the exception: each is timed alone, after the others, in a fresh process
+of its own, so a drift of the machine's speed between the two is not evened out as in rounds.
 On the GPU each iteration sits between a pair of CUDA events and the elapsed times are read
 after one synchronize at the end; on the CPU, which runs synchronously, it is time.perf_counter
 around each call. Latency is the median over the timed calls (and their mean +- std), FPS =

@@ -51,6 +51,8 @@ rebuilds one from a checkpoint of train.py or distill.py, `load_members` the mem
 Ensemble, `describe` names what was loaded (reading and strict loading: plumbing.py).
 """
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -111,10 +113,12 @@ class AllMLPDecoder(nn.Module):
 
     def output_layer(self, x):
         """(B, E, h, w) = ReLU(BN(fused features)) -> (B, out_dim, h, w): Dropout2d (whole
-        channels, in training and under MC Dropout), then the 1x1 prediction layer. On a CPU a
-        dropout that is on takes the speed-up at the end of this file (dropped_pointwise)."""
+        channels, in training and under MC Dropout), then the 1x1 prediction layer. On a CPU and
+        without gradients (MC Dropout) a dropout that is on takes the speed-up at the end of this
+        file, dropped_pointwise, which reads the Dropout2d layer's rate and mode but does not
+        call it (its forward hooks do not run)."""
         drop = self.dropout
-        if FAST_DROPOUT2D and drop.training and 0 < drop.p < 1 and x.device.type == 'cpu':
+        if FAST_DROPOUT2D and drop.training and 0 < drop.p < 1 and x.device.type == 'cpu' and not torch.is_grad_enabled():
             return dropped_pointwise(x, self.linear_pred, drop.p)
         return pointwise(drop(x), self.linear_pred)
 
@@ -156,9 +160,9 @@ def stacked_folds(decoders, stages=4):
     return weights, sum(torch.cat([c for _, c in stage]) for stage in folds)
 
 
-# True: on a CPU, upsampling added into a map (FAST_UPSAMPLE) and a decoder's Dropout2d that is
-# on (FAST_DROPOUT2D) take the speed-ups at the end of this file, and without gradients the
-# folds are kept between calls on any device (FAST_FOLDS); bench.py's rows
+# True: on a CPU, upsampling added into a map (FAST_UPSAMPLE) and, without gradients, a
+# decoder's Dropout2d that is on (FAST_DROPOUT2D) take the speed-ups at the end of this file,
+# and without gradients the folds are kept between calls on any device (FAST_FOLDS); bench.py's rows
 # segdepthformer-plain-upsample, mcd-decoder-plain and segdepthformer-plain-folds set each
 # False (segdepthformer-plain the first and the third, with uq's speed-up; mcd-plain the second,
 # with mit's), to time the plain forms
@@ -449,8 +453,8 @@ def upsample_by_matrices(x, size, out):
 
 # ---------------------------------------------------------------------------------------------
 # --- speed-up: a decoder's Dropout2d as a mask on its prediction layer's weights (replaces
-# pointwise(self.dropout(x), ...) in AllMLPDecoder.output_layer on a CPU; bench.py rows
-# mcd-decoder and mcd-decoder-plain, timed in the same run; docs/results.md)
+# pointwise(self.dropout(x), ...) in AllMLPDecoder.output_layer on a CPU without gradients;
+# bench.py rows mcd-decoder and mcd-decoder-plain, timed in the same run; docs/results.md)
 
 def dropped_pointwise(x, conv, p):
     """pointwise(F.dropout2d(x, p, training=True), conv), from the same random draw. Dropout2d
@@ -473,21 +477,25 @@ def dropped_pointwise(x, conv, p):
 # segdepthformer-plain-folds, timed in the same run; docs/results.md)
 
 def kept_folds(decoders, stages):
-    """stacked_folds(decoders, stages), computed once and kept on the first decoder, until the
-    decoders, their modes, autocast's precision or any of their weights and statistics change:
-    the key names each tensor by its identity, memory and version counter, which every in-place
-    write (an optimiser step, load_state_dict) advances. Tensors that are not the modules' own Parameters (a
-    stacked ensemble's, which torch.func.functional_call passes in) are folded afresh."""
-    tensors = [t for d in decoders for t in (*d.parameters(), *d.buffers())]
-    if not all(isinstance(p, nn.Parameter) for d in decoders for p in d.parameters()):
+    """stacked_folds(decoders, stages), computed once and kept on the first decoder
+    (`_kept_folds`) for as long as the same decoders, in the same modes, hold the same weights
+    and statistics, unwritten. Each tensor is kept as an alias, which shares its memory (so no
+    other tensor can take that address meanwhile) and its version counter, which every in-place
+    write advances (an optimiser step, load_state_dict; not a write through .data). The folds are
+    computed with autocast off, whatever the caller's precision. Tensors that are not the
+    modules' own Parameters (a stacked ensemble's, which torch.func.functional_call passes in)
+    are folded afresh, as they are under torch.compile."""
+    params = [p for d in decoders for p in d.parameters()]
+    if torch.compiler.is_compiling() or not all(isinstance(p, nn.Parameter) for p in params):
         return stacked_folds(decoders, stages)
-    # and autocast's precision, in which the matrices are multiplied (the meta device, on which
-    # bench.py counts, has no autocast)
-    device = tensors[0].device.type
-    autocast = device != 'meta' and torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
-    key = (stages, autocast, *((id(d), d.training) for d in decoders),
-           *((id(t), t.data_ptr(), t._version) for t in tensors))
-    kept = getattr(decoders[0], 'kept_folds', None)
-    if kept is None or kept[0] != key:
-        kept = decoders[0].kept_folds = (key, stacked_folds(decoders, stages))
-    return kept[1]
+    tensors = params + [b for d in decoders for b in d.buffers()]
+    key = (stages, len(tensors), *((id(d), d.training) for d in decoders))
+    kept = getattr(decoders[0], '_kept_folds', None)
+    if kept is None or kept[0] != key or not all(
+            t.data_ptr() == alias.data_ptr() and t._version == version and t.dtype == alias.dtype
+            for t, (alias, version) in zip(tensors, kept[1])):
+        device = params[0].device.type
+        with torch.autocast(device, enabled=False) if device in ('cpu', 'cuda') else nullcontext():
+            folds = stacked_folds(decoders, stages)
+        kept = decoders[0]._kept_folds = (key, [(t.detach(), t._version) for t in tensors], folds)
+    return kept[2]

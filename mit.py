@@ -364,7 +364,8 @@ def backbone_of(state):
 
 # ---------------------------------------------------------------------------------------------
 # --- speed-up: dropout's random bits from numpy's PCG64 on the CPU (replaces F.dropout's
-# bernoulli_ in Dropout above; bench.py rows mcd and mcd-plain, timed in the same run)
+# bernoulli_ in Dropout above; bench.py rows mcd and mcd-plain, the latter with
+# heads.FAST_DROPOUT2D off too, timed in the same run; docs/results.md)
 
 def cpu_dropout(x, p):
     """Dropout of a CPU tensor x at rate p. torch's bernoulli_ draws one random number per

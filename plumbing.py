@@ -95,27 +95,25 @@ def entry_point(main):
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 
 
-def keep_freed_memory(keep=True):
+def keep_freed_memory():
     """Let the memory of freed tensors serve the next ones, where glibc allocates (Linux); elsewhere
     do nothing. Returns whether glibc took the setting.
 
     By itself glibc gives every block over 32 MiB a mapping of its own and unmaps it when it is
     freed (smaller ones too, until its threshold has grown). A full-resolution map of a
     prediction (40 classes at 480x640: 49 MB) then comes back as fresh pages, and the kernel
-    faults in and zeroes each 4 KiB page at its first touch: on a CPU one prediction spent more
-    time on that than on its upsampling (bench.py's row segdepthformer-plain-memory,
-    docs/results.md). keep=True serves every block from glibc's heap and never gives it back: the
-    process holds on to its peak memory and more, as PyTorch's 64-byte aligned blocks do not fit
-    exactly into a freed block of their own size and reuse freed memory only once the heap holds
-    free space around them (tests/test_plumbing.py; docs/results.md has a prediction's resident
-    memory both ways). keep=False puts back glibc's own mapping of the blocks over 32 MiB."""
+    faults in and zeroes each 4 KiB page at its first touch, at a cost that bench.py's row
+    segdepthformer-plain-memory measures (docs/results.md). Here every
+    block comes from glibc's heap, which never gives memory back: the process holds on to its
+    peak memory and more, as PyTorch's 64-byte aligned blocks do not fit exactly into a freed
+    block of their own size and reuse freed memory only once the heap holds free space around
+    them (tests/test_plumbing.py; docs/results.md has a prediction's resident memory both
+    ways)."""
     try:
         libc = ctypes.CDLL('libc.so.6')
     except OSError:  # not glibc
         return False
-    if keep:
-        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    return bool(libc.mallopt(M_MMAP_MAX, 65536) and libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20))
+    return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 # Numeric options are checked where they are parsed: these are argparse types, and argparse

@@ -603,9 +603,9 @@ def onnx_session(onnxruntime, source, threads=None, arena=True):
     """An onnxruntime CPU session of an exported file (`source`: a path, or its bytes), as predict.py and
     bench.py make it: every graph optimisation on (ORT_ENABLE_ALL: constant folding, node
     fusions, the CPU's own memory layouts), `threads` intra-op threads (None: onnxruntime's
-    choice, one per physical core), which sleep between runs instead of spinning on their cores
-    (onnxruntime's default), where they would slow whatever the process does next (reading the
-    next image; in bench.py the next row). arena=False gives up onnxruntime's memory cache
+    choice, one per physical core), which sleep whenever they have no work instead of spinning
+    on their cores for a while (onnxruntime's default), which would slow whatever the process
+    does after a run (reading the next image; in bench.py the next row). arena=False gives up onnxruntime's memory cache
     (bench.py's peak column, which is measured with nothing kept, cpu_peak_memory)."""
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL

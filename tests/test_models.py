@@ -661,12 +661,11 @@ def test_kept_folds_follow_every_change_of_the_weights():
     model = build_model('segdepthformer', 'b0', 5).eval()
     decoders = [model.decode_head, model.depth_head]
     x = torch.randn(1, 3, 64, 96)
-    fresh = lambda: [w.clone() for w in heads.stacked_folds(decoders)[0]] + [heads.stacked_folds(decoders)[1]]
-    kept = lambda: [*heads.kept_folds(decoders, 4)[0], heads.kept_folds(decoders, 4)[1]]
 
     def check():
         with torch.no_grad():
-            assert all(torch.equal(a, b) for a, b in zip(kept(), fresh()))
+            (kept, kept_bias), (fresh, fresh_bias) = heads.kept_folds(decoders, 4), heads.stacked_folds(decoders)
+            assert all(torch.equal(a, b) for a, b in zip([*kept, kept_bias], [*fresh, fresh_bias]))
     check()
     first = heads.kept_folds(decoders, 4)
     assert heads.kept_folds(decoders, 4) is first  # kept: the same tensors, not computed again
@@ -684,6 +683,9 @@ def test_kept_folds_follow_every_change_of_the_weights():
     check()
     model.depth_head.linear_pred.weight = nn.Parameter(torch.zeros_like(model.depth_head.linear_pred.weight))
     model.decode_head.linear_c1.proj.weight = nn.Parameter(torch.randn_like(model.decode_head.linear_c1.proj.weight))
+    check()
+    model.half()  # new memory for every weight (.data swapped), then back: the old memory may be free again
+    model.float()
     check()
     with torch.no_grad():  # and the model's output with them is the textbook decoder's
         assert torch.allclose(model(x)['seg_logits'], model(x, textbook=True)['seg_logits'], atol=1e-5)
