@@ -118,7 +118,8 @@ class AllMLPDecoder(nn.Module):
         file, dropped_pointwise, which reads the Dropout2d layer's rate and mode but does not
         call it (its forward hooks do not run)."""
         drop = self.dropout
-        if FAST_DROPOUT2D and drop.training and 0 < drop.p < 1 and x.device.type == 'cpu' and not torch.is_grad_enabled():
+        on = drop.training and 0 < drop.p < 1
+        if FAST_DROPOUT2D and on and x.device.type == 'cpu' and not torch.is_grad_enabled():
             return dropped_pointwise(x, self.linear_pred, drop.p)
         return pointwise(drop(x), self.linear_pred)
 
@@ -160,12 +161,12 @@ def stacked_folds(decoders, stages=4):
     return weights, sum(torch.cat([c for _, c in stage]) for stage in folds)
 
 
-# True: on a CPU, upsampling added into a map (FAST_UPSAMPLE) and, without gradients, a
-# decoder's Dropout2d that is on (FAST_DROPOUT2D) take the speed-ups at the end of this file,
-# and without gradients the folds are kept between calls on any device (FAST_FOLDS); bench.py's rows
-# segdepthformer-plain-upsample, mcd-decoder-plain and segdepthformer-plain-folds set each
-# False (segdepthformer-plain the first and the third, with uq's speed-up; mcd-plain the second,
-# with mit's), to time the plain forms
+# True: the speed-ups at the end of this file run. FAST_UPSAMPLE: upsampling added into a map
+# on a CPU; FAST_DROPOUT2D: a decoder's Dropout2d that is on, on a CPU without gradients;
+# FAST_FOLDS: the folds kept between calls without gradients, on any device. bench.py's rows
+# segdepthformer-plain-upsample, mcd-decoder-plain and segdepthformer-plain-folds set each False
+# to time the plain form (segdepthformer-plain the first and the third, with uq's speed-up;
+# mcd-plain the second, with mit's)
 FAST_UPSAMPLE = True
 FAST_DROPOUT2D = True
 FAST_FOLDS = True

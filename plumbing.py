@@ -103,12 +103,11 @@ def keep_freed_memory():
     freed (smaller ones too, until its threshold has grown). A full-resolution map of a
     prediction (40 classes at 480x640: 49 MB) then comes back as fresh pages, and the kernel
     faults in and zeroes each 4 KiB page at its first touch, at a cost that bench.py's row
-    segdepthformer-plain-memory measures (docs/results.md). Here every
-    block comes from glibc's heap, which never gives memory back: the process holds on to its
-    peak memory and more, as PyTorch's 64-byte aligned blocks do not fit exactly into a freed
-    block of their own size and reuse freed memory only once the heap holds free space around
-    them (tests/test_plumbing.py; docs/results.md has a prediction's resident memory both
-    ways)."""
+    segdepthformer-plain-memory measures (docs/results.md). Here every block comes from glibc's
+    heap, which never gives memory back: the process holds on to its peak memory and more, as
+    PyTorch's 64-byte aligned blocks do not fit exactly into a freed block of their own size
+    and reuse freed memory only once the heap holds free space around them
+    (tests/test_plumbing.py; docs/results.md has a prediction's resident memory both ways)."""
     try:
         libc = ctypes.CDLL('libc.so.6')
     except OSError:  # not glibc

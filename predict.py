@@ -605,8 +605,9 @@ def onnx_session(onnxruntime, source, threads=None, arena=True):
     fusions, the CPU's own memory layouts), `threads` intra-op threads (None: onnxruntime's
     choice, one per physical core), which sleep whenever they have no work instead of spinning
     on their cores for a while (onnxruntime's default), which would slow whatever the process
-    does after a run (reading the next image; in bench.py the next row). arena=False gives up onnxruntime's memory cache
-    (bench.py's peak column, which is measured with nothing kept, cpu_peak_memory)."""
+    does after a run (reading the next image; in bench.py the next row). arena=False gives up
+    onnxruntime's memory cache (bench.py's peak column, which is measured with nothing kept,
+    cpu_peak_memory)."""
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry('session.intra_op.allow_spinning', '0')

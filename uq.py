@@ -51,8 +51,7 @@ samples are computed together: the DSE's heads and the Deep Ensemble's members a
 1/4 resolution, brought to full size one at a time; MC Dropout runs its T passes as one batch
 of T x B images, so its T samples sit at full resolution together; the two cheap baselines
 compute one sample at a time on either device. Either way the Summary adds
-them up one by one and keeps only its running sums, and the first sample's logits until a
-second comes (bench.py's peak column measures memory).
+them up one by one and keeps only its running sums (bench.py's peak column measures memory).
 
 The same Prediction of a Deep Ensemble is the teacher's target for EMUFormer (log q for Eq. 8,
 sigma^2 for Eq. 9).
@@ -212,7 +211,8 @@ class Summary:
         pred = Prediction()
         if self.probs is not None:
             pred.probs = self.probs.div_(self.n)
-            pred.entropy = entropy(pred.probs)  # Eq. 3
+            # Eq. 3; of one sample it is that sample's entropy, already summed when decomposing
+            pred.entropy = self.entropies if self.decompose and self.n == 1 else entropy(pred.probs)
             if self.decompose:
                 pred.aleatoric_entropy = self.entropies / self.n
                 pred.mutual_information = pred.entropy - pred.aleatoric_entropy
