@@ -363,32 +363,32 @@ def backbone_of(state):
 
 
 # ---------------------------------------------------------------------------------------------
-# --- speed-up: dropout's random bits from numpy's SFC64 on the CPU (replaces F.dropout's
+# --- speed-up: dropout's random bits from numpy's PCG64 on the CPU (replaces F.dropout's
 # bernoulli_ in Dropout above; bench.py rows mcd and mcd-plain, the latter with
 # heads.FAST_DROPOUT2D off too, timed in the same run; docs/results.md)
 
 def cpu_dropout(x, p):
     """Dropout of a CPU tensor x at rate p. torch's bernoulli_ draws one random number per
     element, which is slow on a CPU when MC Dropout runs every dropout layer; here one random
-    64-bit word of numpy's SFC64 gives four 16-bit numbers u, uniform over -32768..32767, and an
-    element is kept iff u >= c = 32768 - k, the k largest of the 65536 values, with
-    k = round(65536 (1 - p)). The keep probability is then exactly k / 65536 (the rate p to
+    64-bit word of numpy's PCG64 gives four 16-bit numbers u, and an element is kept iff
+    u < k = round(65536 (1 - p)). The keep probability is then exactly k / 65536 (the rate p to
     within 2^-17: 0.2 becomes 0.199997), and the kept elements are scaled by 65536 / k, so the
     expectation is exactly x. The generator is seeded from torch's random stream, which
     torch.manual_seed and train.py's checkpoints govern as they govern every other mask. Where
     no gradient flows (MC Dropout at test time) x is masked in place: every input here is a
     fresh temporary of the layer before.
 
-    The mask is made with arithmetic on u, clamped to c - 1 (dropped) or c (kept), minus c - 1:
-    on a CPU, torch's comparisons (which write bools) and its products of floats with bools are
-    slower than an int16 clamp and a product with int16 (docs/results.md)."""
+    The mask is made by int16 arithmetic on u - 32768 (numpy's 16 bits read as int16), clamped
+    to the threshold c = k - 32769 (kept) or c + 1 (dropped), then c + 1 minus it: on a CPU,
+    torch's comparisons (which write bools) and its products of floats with bools are slower
+    than an int16 clamp and a product with int16 (docs/results.md)."""
     if p in (0, 1):
         return F.dropout(x, p, training=True)
     k = max(1, round(65536 * (1 - p)))
     if k == 65536:  # p < 2^-17: every element kept
         return x
-    bits = np.random.SFC64(int(torch.randint(2**62, ()))).random_raw((x.numel() + 3) // 4)
-    u = torch.from_numpy(bits.view(np.int16)[:x.numel()]).view(x.shape)  # uniform over -32768..32767
-    c = 32768 - k
-    keep = u.clamp_(c - 1, c).sub_(c - 1)  # 1 where u >= c (kept), 0 where not (dropped)
+    bits = np.random.PCG64(int(torch.randint(2**62, ()))).random_raw((x.numel() + 3) // 4)
+    u = torch.from_numpy(bits.view(np.int16)[:x.numel()]).view(x.shape)  # u - 32768: uniform over -32768..32767
+    c = k - 32769  # kept iff u - 32768 <= c
+    keep = u.clamp_(c, c + 1).sub_(c + 1).neg_()  # 1 where kept, 0 where dropped
     return (x.mul_(keep) if not x.requires_grad else x * keep).mul_(65536 / k)

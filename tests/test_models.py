@@ -570,17 +570,17 @@ def test_dropout_keeps_the_stated_fraction_and_the_expectation(p):
 
 @pytest.mark.parametrize('p', [0.2, 0.5, 0.9999])
 def test_dropout_mask_is_the_definition_on_the_generators_numbers(p):
-    # the docstring's rule, transcribed with numpy and a Python comparison: SFC64 seeded from
-    # torch's stream, four 16-bit numbers per 64-bit word, kept iff u + 32768 is one of the k largest
+    # the docstring's rule, transcribed with numpy and a Python comparison: PCG64 seeded from
+    # torch's stream, four 16-bit numbers u per 64-bit word, an element kept iff u < k
     n = 10_001  # not a multiple of four: the last word is used in part
     x = torch.randn(n, dtype=torch.float64)
     torch.manual_seed(3)
     got = mit.cpu_dropout(x.clone(), p)
     torch.manual_seed(3)
-    words = np.random.SFC64(int(torch.randint(2**62, ()))).random_raw((n + 3) // 4)
-    u = words.view(np.uint16)[:n].astype(np.int64) ^ 0x8000  # as unsigned 0..65535: int16 u + 32768
+    words = np.random.PCG64(int(torch.randint(2**62, ()))).random_raw((n + 3) // 4)
+    u = words.view(np.uint16)[:n].astype(np.int64) ^ 0x8000  # the 16 bits read as int16, plus 32768
     k = max(1, round(65536 * (1 - p)))
-    want = torch.tensor([xi * (65536 / k) if ui >= 65536 - k else 0.0 for xi, ui in zip(x.tolist(), u.tolist())],
+    want = torch.tensor([xi * (65536 / k) if ui < k else 0.0 for xi, ui in zip(x.tolist(), u.tolist())],
                         dtype=torch.float64)
     assert torch.equal(got, want)
 
