@@ -378,17 +378,17 @@ def cpu_dropout(x, p):
     no gradient flows (MC Dropout at test time) x is masked in place: every input here is a
     fresh temporary of the layer before.
 
-    The mask is made by int16 arithmetic on u - 32768 (numpy's 16 bits read as int16), clamped
-    to the threshold c = k - 32769 (kept) or c + 1 (dropped), then c + 1 minus it: on a CPU,
-    torch's comparisons (which write bools) and its products of floats with bools are slower
-    than an int16 clamp and a product with int16 (docs/results.md)."""
+    The mask is made by int16 arithmetic on v = u - 32768 (numpy's 16 bits read as int16): v
+    clamped to c = k - 32769 where kept or c + 1 where dropped, minus c + 1, negated, is 1 or 0.
+    On a CPU, torch's comparisons (which write bools) and its products of floats with bools are
+    slower than an int16 clamp and a product with int16 (docs/results.md)."""
     if p in (0, 1):
         return F.dropout(x, p, training=True)
     k = max(1, round(65536 * (1 - p)))
     if k == 65536:  # p < 2^-17: every element kept
         return x
     bits = np.random.PCG64(int(torch.randint(2**62, ()))).random_raw((x.numel() + 3) // 4)
-    u = torch.from_numpy(bits.view(np.int16)[:x.numel()]).view(x.shape)  # u - 32768: uniform over -32768..32767
-    c = k - 32769  # kept iff u - 32768 <= c
-    keep = u.clamp_(c, c + 1).sub_(c + 1).neg_()  # 1 where kept, 0 where dropped
+    v = torch.from_numpy(bits.view(np.int16)[:x.numel()]).view(x.shape)  # u - 32768: uniform over -32768..32767
+    c = k - 32769  # kept iff u < k, that is v <= c
+    keep = v.clamp_(c, c + 1).sub_(c + 1).neg_()  # 1 where kept, 0 where dropped
     return (x.mul_(keep) if not x.requires_grad else x * keep).mul_(65536 / k)
