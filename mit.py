@@ -370,7 +370,8 @@ def backbone_of(state):
 def cpu_dropout(x, p):
     """Dropout of a CPU tensor x at rate p. torch's bernoulli_ draws one random number per
     element, which is slow on a CPU when MC Dropout runs every dropout layer; here one random
-    64-bit word of numpy's PCG64 gives four 16-bit numbers u, and an element is kept iff
+    64-bit word of numpy's PCG64 gives four 16-bit numbers, which read as int16 are
+    `signed` = u - 32768 with u uniform over 0..65535, and an element is kept iff
     u < k = round(65536 (1 - p)). The keep probability is then exactly k / 65536 (the rate p to
     within 2^-17: 0.2 becomes 0.199997), and the kept elements are scaled by 65536 / k, so the
     expectation is exactly x. The generator is seeded from torch's random stream, which
@@ -378,17 +379,17 @@ def cpu_dropout(x, p):
     no gradient flows (MC Dropout at test time) x is masked in place: every input here is a
     fresh temporary of the layer before.
 
-    The mask is made by int16 arithmetic on v = u - 32768 (numpy's 16 bits read as int16): v
-    clamped to c = k - 32769 where kept or c + 1 where dropped, minus c + 1, negated, is 1 or 0.
-    On a CPU, torch's comparisons (which write bools) and its products of floats with bools are
-    slower than an int16 clamp and a product with int16 (docs/results.md)."""
+    The mask is made by int16 arithmetic: `signed` clamped to c = k - 32769 where kept or c + 1
+    where dropped, minus c + 1, negated, is 1 or 0. On a CPU, torch's comparisons (which write
+    bools) and its products of floats with bools are slower than these three int16 operations
+    and a product with int16 (docs/results.md)."""
     if p in (0, 1):
         return F.dropout(x, p, training=True)
     k = max(1, round(65536 * (1 - p)))
-    if k == 65536:  # p < 2^-17: every element kept
+    if k == 65536:  # p <= 2^-17 keeps every element (and c + 1 below would overflow int16)
         return x
     bits = np.random.PCG64(int(torch.randint(2**62, ()))).random_raw((x.numel() + 3) // 4)
-    v = torch.from_numpy(bits.view(np.int16)[:x.numel()]).view(x.shape)  # u - 32768: uniform over -32768..32767
-    c = k - 32769  # kept iff u < k, that is v <= c
-    keep = v.clamp_(c, c + 1).sub_(c + 1).neg_()  # 1 where kept, 0 where dropped
+    signed = torch.from_numpy(bits.view(np.int16)[:x.numel()]).view(x.shape)  # u - 32768
+    c = k - 32769  # kept iff u < k, that is signed <= c
+    keep = signed.clamp_(c, c + 1).sub_(c + 1).neg_()  # 1 where kept, 0 where dropped
     return (x.mul_(keep) if not x.requires_grad else x * keep).mul_(65536 / k)

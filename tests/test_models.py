@@ -565,23 +565,26 @@ def test_dropout_keeps_the_stated_fraction_and_the_expectation(p):
     out.sum().backward()
     assert torch.equal(x.grad, (out != 0) * torch.tensor(65536 / k)) and x.grad.shape == x.shape
     assert torch.equal(mit.cpu_dropout(torch.ones(100), 0.0), torch.ones(100))  # p = 0 keeps everything
-    assert torch.equal(mit.cpu_dropout(torch.ones(100), 1e-6), torch.ones(100))  # so does p < 2^-17 (k = 65536)
+    assert torch.equal(mit.cpu_dropout(torch.ones(100), 1e-6), torch.ones(100))  # so does p <= 2^-17 (k = 65536)
 
 
-@pytest.mark.parametrize('p', [0.2, 0.5, 0.9999])
-def test_dropout_mask_is_the_definition_on_the_generators_numbers(p):
+# k: the rates 0.2 and 0.5, the ends of int16's range (k = 1, 65535), and k on either side of
+# one of the drawn numbers (the test draws it first), so that a threshold off by one fails
+@pytest.mark.parametrize('k', [52429, 32768, 1, 65535, 'u0', 'u0+1'])
+def test_dropout_mask_is_the_definition_on_the_generators_numbers(k):
     # the docstring's rule, transcribed with numpy and a Python comparison: PCG64 seeded from
-    # torch's stream, four 16-bit numbers u per 64-bit word, an element kept iff u < k
+    # torch's stream, four 16-bit numbers per 64-bit word, read as int16 plus 32768 (u), an
+    # element kept iff u < k, and scaled by 65536 / k
     n = 10_001  # not a multiple of four: the last word is used in part
     x = torch.randn(n, dtype=torch.float64)
     torch.manual_seed(3)
-    got = mit.cpu_dropout(x.clone(), p)
-    torch.manual_seed(3)
     words = np.random.PCG64(int(torch.randint(2**62, ()))).random_raw((n + 3) // 4)
-    u = words.view(np.uint16)[:n].astype(np.int64) ^ 0x8000  # the 16 bits read as int16, plus 32768
-    k = max(1, round(65536 * (1 - p)))
-    want = torch.tensor([xi * (65536 / k) if ui < k else 0.0 for xi, ui in zip(x.tolist(), u.tolist())],
-                        dtype=torch.float64)
+    u = (words.view(np.int16)[:n].astype(np.int64) + 32768).tolist()
+    k = {'u0': u[0], 'u0+1': u[0] + 1}.get(k, k)  # u[0] itself dropped, or just kept
+    p = 1 - k / 65536  # exact in binary, so that round(65536 * (1 - p)) is k again
+    torch.manual_seed(3)
+    got = mit.cpu_dropout(x.clone(), p)
+    want = torch.tensor([xi * (65536 / k) if ui < k else 0.0 for xi, ui in zip(x.tolist(), u)], dtype=torch.float64)
     assert torch.equal(got, want)
 
 
