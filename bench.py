@@ -377,17 +377,29 @@ def fresh_process_latencies(key, args, device):
     time it as the other rows are, but alone -> its latencies in milliseconds."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    x = input_batch(args, device)
+    run = warmed_up(key, args, {}, device, x)
+    with torch.inference_mode():
+        return time_fn([run], x, args.iters, device)[0]
+
+
+def input_batch(args, device):
+    """The timed calls' input: --batch-size random images of --size on `device`."""
+    x = torch.randn(args.batch_size, 3, *args.size, device=device)
+    return x.to(memory_format=torch.channels_last) if args.channels_last else x
+
+
+def warmed_up(key, args, cache, device, x):
+    """Row `key` built on `device` (seeded, as every row is), prepared, and given its --warmup
+    untimed calls on x -> the step to time."""
     torch.manual_seed(0)
     with torch.device(device):
-        networks, step, _ = make_row(FRESH_PROCESS_ROWS[key], args, {}, device)
+        networks, step, _ = make_row(key, args, cache, device)
     run = prepare(networks, step, args, device)
-    x = torch.randn(args.batch_size, 3, *args.size, device=device)
-    if args.channels_last:
-        x = x.to(memory_format=torch.channels_last)
     with torch.inference_mode():
         for _ in range(args.warmup):
             run(x)
-        return time_fn([run], x, args.iters, device)[0]
+    return run
 
 
 def make_row(key, args, cache, device, for_peak=False):
@@ -504,9 +516,7 @@ def inference_rows(args, device):
     keys = [k for k in ROWS if k in args.rows or (args.hf and k in HF_ROWS) or (args.onnx and k in ONNX_ROWS)]
     B, (H, W) = args.batch_size, args.size
     meta_x = torch.empty(B, 3, H, W, device='meta')
-    x = torch.randn(B, 3, H, W, device=device)
-    if args.channels_last:
-        x = x.to(memory_format=torch.channels_last)
+    x = input_batch(args, device)
     rows, runs, meta_cache, cache = [], [], {}, {}
     for key in keys:
         # counted on the meta device: shapes only, no memory, no arithmetic
@@ -518,14 +528,9 @@ def inference_rows(args, device):
         if key in FRESH_PROCESS_ROWS:  # built and timed in a process of its own, after the others
             runs.append(None)
             continue
-        torch.manual_seed(0)
-        with torch.device(device):
-            networks, step, _ = make_row(key, args, cache, device)
-        runs.append(prepare(networks, step, args, device))
-        with torch.inference_mode():
-            for _ in range(args.warmup):
-                runs[-1](x)
-            if args.compile:
+        runs.append(warmed_up(key, args, cache, device, x))
+        if args.compile:
+            with torch.inference_mode():
                 rows[-1]['latencies_ms'] = time_fn(runs[-1:], x, args.iters, device)[0]
         print(f"  built {rows[-1]['name']}", flush=True)
     with torch.inference_mode():
