@@ -121,15 +121,17 @@ class AllMLPDecoder(nn.Module):
         on = drop.training and 0 < drop.p < 1
         if FAST_DROPOUT2D and on and x.device.type == 'cpu' and not torch.is_grad_enabled():
             return dropped_pointwise(x, self.linear_pred, drop.p)
-        return pointwise(drop(x), self.linear_pred)
+        return pointwise(drop(x), self.linear_pred.weight, self.linear_pred.bias)
 
 
-def pointwise(x, conv):
-    """A 1x1 conv (B, C, h, w) -> (B, C', h, w), written as the matmul over the channels that it
-    is: (B, h, w, C) @ (C, C'). A matmul reads a head's channel slice of fused_features' grouped
-    map where it lies; F.conv2d would copy it out first."""
-    weight = conv.weight.flatten(1)  # (C', C, 1, 1) -> (C', C)
-    return F.linear(x.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
+def pointwise(x, weight, bias=None):
+    """A 1x1 conv (B, C, h, w) -> (B, C', h, w) with `weight` (C', C) or (C', C, 1, 1), written
+    as the matmul over the channels that it is: (B, h, w, C) @ (C, C'). A matmul reads a head's
+    channel slice of fused_features' grouped map where it lies (F.conv2d would copy it out
+    first), and its output is channels_last, as upsample's faster form wants it. An ONNX export
+    gets it as a MatMul, which onnxruntime runs on the (B, h, w, C) layout as it comes, where a
+    Conv would be reordered into its blocked layout and back (bench.py's onnx row)."""
+    return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,10 +178,10 @@ def upsample(x, size, out=None):
     """Bilinear upsampling of x (B, C, h, w) to size (H, W), as F.interpolate(align_corners=
     False) computes it, or added into `out` (B, C, H, W) in place. Added on a CPU into a
     channels_last map (as folded_sum's), it takes the faster form at the end of this file
-    (upsample_by_matrices), which writes nothing as large as `out` on the way; an ONNX export
-    always gets F.interpolate."""
+    (upsample_by_matrices), which writes nothing as large as `out` on the way; so does an ONNX
+    export, whose graph then adds into a new map (onnxruntime's Resize is slower there)."""
     into_rows = out is not None and out.permute(0, 2, 3, 1).is_contiguous()  # channels_last: (B, H, W*C) rows
-    if FAST_UPSAMPLE and into_rows and x.device.type == 'cpu' and not torch.onnx.is_in_onnx_export():
+    if FAST_UPSAMPLE and into_rows and (x.device.type == 'cpu' or torch.onnx.is_in_onnx_export()):
         return upsample_by_matrices(x, size, out)
     up = F.interpolate(x, size, mode='bilinear', align_corners=False)
     return up if out is None else out.add_(up)
@@ -187,20 +189,19 @@ def upsample(x, size, out=None):
 
 def folded_sum(features, weights, bias):
     """z = sum_i up(M_i f_i) + c: the encoder's four maps [(B, C_i, h_i, w_i)], the stacked
-    matrices [(G*E, C_i)] and bias (G*E,) of stacked_folds -> (B, G*E, h_1, w_1).
+    matrices [(G*E, C_i)] and bias (G*E,) of stacked_folds -> (B, G*E, h_1, w_1), channels_last.
 
-    Stages 3 and 4 go to the fused width at their own resolution (a 1x1 conv) and are then
-    upsampled to 1/4 resolution, added in place into z. Stage 2 goes the other way round, as
-    up(M_2 f_2) = M_2 up(f_2) allows: its C_2 channels are far fewer than the G*E it would be
-    upsampled with otherwise, so upsampled first it joins stage 1 in one conv over C_1 + C_2
-    channels, which takes less time and memory for a few more multiply-adds (bench.py counts
-    them). The bias goes in once, with stage 4's small map (upsampling keeps a constant)."""
+    Stages 3 and 4 go to the fused width at their own resolution (a 1x1 conv, `pointwise`) and
+    are then upsampled to 1/4 resolution, added in place into z. Stage 2 goes the other way
+    round, as up(M_2 f_2) = M_2 up(f_2) allows: its C_2 channels are far fewer than the G*E it
+    would be upsampled with otherwise, so upsampled first it joins stage 1 in one 1x1 conv over
+    C_1 + C_2 channels, which takes less time and memory for a few more multiply-adds (bench.py
+    counts them). The bias goes in once, with stage 4's small map (upsampling keeps a
+    constant)."""
     size = features[0].shape[-2:]
-    conv = lambda f, weight, b=None: F.conv2d(f, weight[:, :, None, None], b)  # (G*E, C_i) as a 1x1 conv
-    z = conv(torch.cat([features[0], upsample(features[1], size)], dim=1), torch.cat(weights[:2], dim=1))
-    upsample(conv(features[2], weights[2]), size, out=z)  # added in place: z is the large tensor
-    upsample(conv(features[3], weights[3], bias), size, out=z)
-    return z
+    z = pointwise(torch.cat([features[0], upsample(features[1], size)], dim=1), torch.cat(weights[:2], dim=1))
+    z = upsample(pointwise(features[2], weights[2]), size, out=z)  # added in place: z is the large tensor
+    return upsample(pointwise(features[3], weights[3], bias), size, out=z)
 
 
 def fused_features(decoders, features):
@@ -442,13 +443,16 @@ def upsample_by_matrices(x, size, out):
     the width one batched product with U_W (W, w), then along the height one product with U_H
     (H, h) of rows of W * C numbers each, which adds into `out` in place (baddbmm): one pass over
     the large map, where F.interpolate writes a map as large and the add reads it back. The
-    numbers are F.interpolate's up to rounding (tests/test_models.py)."""
+    numbers are F.interpolate's up to rounding (tests/test_models.py). An ONNX export writes the
+    sum into a new map instead (a graph has no in-place writes), two MatMuls and an Add."""
     (h, w), (H, W) = x.shape[-2:], size
     B, C = x.shape[:2]
     rows = torch.matmul(interpolation_matrix(w, W, x.dtype), x.permute(0, 2, 3, 1))  # (W, w) @ (B, h, w, C)
-    U = interpolation_matrix(h, H, x.dtype).expand(B, H, h)  # (H, h), one per image
+    U = interpolation_matrix(h, H, x.dtype)  # (H, h)
+    if torch.onnx.is_in_onnx_export():
+        return out + torch.matmul(U, rows.reshape(B, h, W * C)).reshape(B, H, W, C).permute(0, 3, 1, 2)
     target = out.permute(0, 2, 3, 1).view(B, H, W * C)  # out's memory: (B, H, W, C) -> rows of W*C
-    target.baddbmm_(U, rows.view(B, h, W * C))  # (B, H, h) @ (B, h, W*C), added into out
+    target.baddbmm_(U.expand(B, H, h), rows.view(B, h, W * C))  # (B, H, h) @ (B, h, W*C), added into out
     return out
 
 
@@ -458,7 +462,7 @@ def upsample_by_matrices(x, size, out):
 # bench.py rows mcd-decoder and mcd-decoder-plain, timed in the same run; docs/results.md)
 
 def dropped_pointwise(x, conv, p):
-    """pointwise(F.dropout2d(x, p, training=True), conv), from the same random draw. Dropout2d
+    """pointwise(F.dropout2d(x, p, training=True), conv.weight, conv.bias), from the same draw. Dropout2d
     multiplies channel c of image b by m_bc (0, or 1 / (1 - p) with probability 1 - p), and the
     1x1 layer then sums over the channels: W (m_b * x) = (W diag(m_b)) x, so the mask can go on
     the (C', C) weights instead, one matrix per image, and the (B, C, h, w) map is not read and

@@ -447,10 +447,13 @@ class FoldedNetwork(nn.Module):
     constants:
 
         z = sum_i up(M_i f_i) + c      M_i: the heads' W_i L_i stacked, BatchNorm folded in
-        y = up(P ReLU(z))              each head's 1x1 prediction layer, to the input size
+        y = up(P ReLU(z))              P: the heads' 1x1 prediction layers, block-diagonal
         softmax and entropy (Eq. 1, 3), or ReLU and Softplus (Eq. 4, 5)
 
-    The decoder's dropout is an identity in eval mode and is left out."""
+    P holds each head's prediction layer on the diagonal block that reads its own E channels of
+    z: one product reads the whole of z where it lies, where a product per head would first
+    copy its channels out of z in the graph (a Slice). The 1/4-resolution outputs are then split
+    per head and upsampled. The decoder's dropout is an identity in eval mode and is left out."""
 
     def __init__(self, model):
         super().__init__()
@@ -462,16 +465,20 @@ class FoldedNetwork(nn.Module):
             for i, weight in enumerate(weights):  # (G*E, C_i)
                 self.register_buffer(f'stage{i + 1}', weight)
             self.register_buffer('bias', bias)  # (G*E,)
-        self.predictors = nn.ModuleList(d.linear_pred for d in decoders)
+            predictors = [d.linear_pred for d in decoders]
+            self.register_buffer('predictor', torch.block_diag(*(p.weight.flatten(1) for p in predictors)))  # (K_all, G*E)
+            self.register_buffer('predictor_bias', torch.cat([p.bias for p in predictors]))  # (K_all,)
+        self.widths = [p.out_channels for p in predictors]  # each head's share of the K_all outputs
         self.output_names = [name for t in self.tasks for name in OUTPUT_NAMES[t]]
 
     def forward(self, x):
         features = self.backbone(x)  # [(B, C_i, H / 2^(i+1), W / 2^(i+1))]
         weights = [getattr(self, f'stage{i + 1}') for i in range(4)]
         z = heads.folded_sum(features, weights, self.bias)  # (B, G*E, H/4, W/4)
+        low = heads.pointwise(F.relu(z), self.predictor, self.predictor_bias)  # (B, K_all, H/4, W/4)
         outputs = []
-        for task, predictor, fused in zip(self.tasks, self.predictors, F.relu(z).chunk(len(self.tasks), dim=1)):
-            y = F.interpolate(heads.pointwise(fused, predictor), x.shape[-2:], mode='bilinear', align_corners=False)
+        for task, y in zip(self.tasks, low.split(self.widths, dim=1)):
+            y = F.interpolate(y, x.shape[-2:], mode='bilinear', align_corners=False)
             outputs += softmax_and_entropy(y) if task == 'seg' else [F.relu(y[:, 0]), F.softplus(y[:, 1])]
         return tuple(outputs)
 

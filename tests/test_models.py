@@ -665,7 +665,7 @@ def test_dropped_pointwise_is_dropout2d_then_the_layer(p):
         conv.zero_grad()
         torch.manual_seed(1)
         if form == 'plain':
-            y = heads.pointwise(F.dropout2d(xi, p, training=True), conv)
+            y = heads.pointwise(F.dropout2d(xi, p, training=True), conv.weight, conv.bias)
         else:
             y = heads.dropped_pointwise(xi, conv, p)
         (y * g).sum().backward()

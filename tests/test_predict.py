@@ -251,6 +251,21 @@ def test_the_exported_graph_computes_the_softmax_once(ckpt):
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason='onnx and onnxruntime are optional extras')
+def test_the_exported_decoder_upsamples_by_matrices_and_slices_nothing(ckpt):
+    import onnx
+    graph = onnx.load_from_string(predict.onnx_bytes(predict.FoldedNetwork(load_model(ckpt['sdf'])), {})).graph
+    decoder = [node for node in graph.node if not node.name.startswith('/backbone/')]
+    resized = [node.input[0] for node in decoder if node.op_type == 'Resize']
+    # Resize runs on stage 2's features (upsampled before their product, heads.folded_sum) and
+    # on each head's outputs: stages 3 and 4 reach the fused map by matrices (upsample_by_matrices)
+    assert len(resized) == 3 and sum(name.startswith('/backbone/') for name in resized) == 1
+    assert 'Conv' not in [node.op_type for node in decoder]  # the 1x1 products are MatMuls (heads.pointwise)
+    shapes = {node.output[0] for node in graph.node if node.op_type == 'Shape'}
+    # the block-diagonal prediction layer reads the fused map whole: the only Slices are of shapes
+    assert all(node.input[0] in shapes for node in decoder if node.op_type == 'Slice')
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason='onnx and onnxruntime are optional extras')
 def test_onnx_export_matches_pytorch(ckpt, tmp_path, capsys):
     import onnxruntime
     path = tmp_path / 'sdf.onnx'
