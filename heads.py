@@ -129,8 +129,8 @@ def pointwise(x, weight, bias=None):
     as the matmul over the channels that it is: (B, h, w, C) @ (C, C'). A matmul reads a head's
     channel slice of fused_features' grouped map where it lies (F.conv2d would copy it out
     first), and its output is channels_last, as upsample's faster form wants it. An ONNX export
-    gets it as a MatMul, which onnxruntime runs on the (B, h, w, C) layout as it comes, where a
-    Conv would be reordered into its blocked layout and back (bench.py's onnx row)."""
+    gets it as a MatMul, which onnxruntime runs on the (B, h, w, C) layout as it comes, where it
+    reorders a Conv's input into its blocked layout and the output back (docs/results.md)."""
     return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
 
 
@@ -179,7 +179,8 @@ def upsample(x, size, out=None):
     False) computes it, or added into `out` (B, C, H, W) in place. Added on a CPU into a
     channels_last map (as folded_sum's), it takes the faster form at the end of this file
     (upsample_by_matrices), which writes nothing as large as `out` on the way; so does an ONNX
-    export, whose graph then adds into a new map (onnxruntime's Resize is slower there)."""
+    export, whose graph adds into a new map, faster in onnxruntime than a Resize and an Add
+    (docs/results.md)."""
     into_rows = out is not None and out.permute(0, 2, 3, 1).is_contiguous()  # channels_last: (B, H, W*C) rows
     if FAST_UPSAMPLE and into_rows and (x.device.type == 'cpu' or torch.onnx.is_in_onnx_export()):
         return upsample_by_matrices(x, size, out)
