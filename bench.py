@@ -47,7 +47,13 @@ except the encoder, 1/4-resolution, Hugging Face and onnxruntime rows, which say
     SegDepthFormer, onnxruntime (--onnx)    the SegDepthFormer row's network (the same random
                                             init) exported by predict.py, its whole prediction
                                             with uncertainty run by onnxruntime on the CPU (its
-                                            MACs: predict.FoldedNetwork's, fold matrices constant)
+                                            MACs: predict.FoldedNetwork's, fold matrices constant),
+                                            and exported with each of the export's speed-ups off
+                                            (PLAIN_EXPORT):
+      plain upsampling                      F.interpolate (a Resize) and an Add for the
+                                            matrix products into the decoders' map
+      plain prediction                      a product per head for the block-diagonal one
+                                            (predict.block_diagonal)
 
 The samples of MC Dropout, the DSE's heads and the DE's members go the way uq.predict chooses
 for the device: one pass at a time on a CPU, all at once on a GPU.
@@ -294,9 +300,11 @@ ROWS = {  # --rows key: the row's name in the table ({N}: members, {T}: samples)
     'hf': 'HF SegFormer',
     'hf-encoder': 'HF SegFormer encoder',
     'onnx': 'SegDepthFormer, onnxruntime',
+    'onnx-plain-upsample': 'SegDepthFormer, onnxruntime, plain upsampling',
+    'onnx-plain-prediction': 'SegDepthFormer, onnxruntime, plain prediction',
 }
 HF_ROWS = ('hf', 'hf-encoder')
-ONNX_ROWS = ('onnx',)
+ONNX_ROWS = ('onnx', 'onnx-plain-upsample', 'onnx-plain-prediction')
 
 
 class Textbook(nn.Module):
@@ -346,6 +354,8 @@ PLAIN_FORMS = {'segdepthformer-plain': [(heads, 'FAST_UPSAMPLE'), (heads, 'FAST_
                'segdepthformer-plain-upsample': [(heads, 'FAST_UPSAMPLE')],
                'segdepthformer-plain-folds': [(heads, 'FAST_FOLDS')],
                'segdepthformer-plain-softmax': [(uq, 'FAST_SOFTMAX')]}
+# the export's speed-ups switched off, likewise, while it is traced (the session runs the graph)
+PLAIN_EXPORT = {'onnx-plain-upsample': [(heads, 'FAST_UPSAMPLE')], 'onnx-plain-prediction': [(predict, 'FAST_PREDICTION')]}
 
 
 # the MC Dropout rows with dropout's speed-ups switched off, as PLAIN_FORMS
@@ -354,8 +364,8 @@ PLAIN_DROPOUT = {'mcd-plain': [(mit, 'FAST_DROPOUT'), (heads, 'FAST_DROPOUT2D')]
 
 
 def plain_forms(flags, fn, *args, **kwargs):
-    """fn(*args, **kwargs) with each (module, flag) of `flags` set False (a row of PLAIN_FORMS
-    or PLAIN_DROPOUT)."""
+    """fn(*args, **kwargs) with each (module, flag) of `flags` set False (a row of PLAIN_FORMS,
+    PLAIN_DROPOUT or PLAIN_EXPORT)."""
     saved = [getattr(module, flag) for module, flag in flags]
     for module, flag in flags:
         setattr(module, flag, False)
@@ -474,12 +484,12 @@ def make_row(key, args, cache, device, for_peak=False):
     if key == 'hf-encoder':
         model = hf_segformer(args.backbone, args.num_classes).segformer.eval()
         return [model], model, model
-    if key == 'onnx':
+    if key in ONNX_ROWS:
         model = build('segdepthformer')
         network = predict.FoldedNetwork(model)
         if next(model.parameters()).is_meta:  # counted, not run: the exported graph, in PyTorch
-            return [model], network, Textbook(model)
-        session = onnx_session(network, arena=not for_peak)
+            return [model], lambda x: plain_forms(PLAIN_EXPORT.get(key, []), network, x), Textbook(model)
+        session = plain_forms(PLAIN_EXPORT.get(key, []), onnx_session, network, arena=not for_peak)
         return [model], lambda x: session.run(None, {'image': x.contiguous().numpy()}), Textbook(model)
     raise ValueError(f"unknown row {key!r}: expected one of {', '.join(ROWS)}")
 
@@ -623,7 +633,7 @@ def latency_ratios(rows):
              ('mcd', 'mcd-plain'), ('mcd-decoder', 'segdepthformer'), ('mcd-decoder', 'mcd-decoder-plain'), ('drop-path', 'segdepthformer'),
              ('dse', 'segdepthformer'), ('de', 'segdepthformer'),
              ('de-batched', 'segdepthformer'), ('de-looped', 'segdepthformer'), ('de-batched', 'de-looped'),
-             ('onnx', 'segdepthformer')]
+             ('onnx', 'segdepthformer'), ('onnx', 'onnx-plain-upsample'), ('onnx', 'onnx-plain-prediction')]
     names = {r['key']: r['name'] for r in rows}
     return {f"{names[a]} / {names[b]}": latency[a] / latency[b]
             for a, b in pairs if a in latency and b in latency}

@@ -129,7 +129,7 @@ def pointwise(x, weight, bias=None):
     as the matmul over the channels that it is: (B, h, w, C) @ (C, C'). A matmul reads a head's
     channel slice of fused_features' grouped map where it lies (F.conv2d would copy it out
     first), and its output is channels_last, as upsample's faster form wants it. An ONNX export
-    gets it as a MatMul, which onnxruntime runs on the (B, h, w, C) layout as it comes, where it
+    gets it as a MatMul, which onnxruntime runs on the (B, h, w, C) layout as it comes, whereas it
     reorders a Conv's input into its blocked layout and the output back (docs/results.md)."""
     return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
 
@@ -163,12 +163,12 @@ def stacked_folds(decoders, stages=4):
     return weights, sum(torch.cat([c for _, c in stage]) for stage in folds)
 
 
-# True: the speed-ups at the end of this file run. FAST_UPSAMPLE: upsampling added into a map
-# on a CPU; FAST_DROPOUT2D: a decoder's Dropout2d that is on, on a CPU without gradients;
-# FAST_FOLDS: the folds kept between calls without gradients, on any device. bench.py's rows
-# segdepthformer-plain-upsample, mcd-decoder-plain and segdepthformer-plain-folds set each False
-# to time the plain form (segdepthformer-plain the first and the third, with uq's speed-up;
-# mcd-plain the second, with mit's)
+# True: the speed-ups at the end of this file run. FAST_UPSAMPLE: upsampling added into a map on
+# a CPU or in an ONNX export; FAST_DROPOUT2D: a decoder's Dropout2d that is on, on a CPU without
+# gradients; FAST_FOLDS: the folds kept between calls without gradients, on any device.
+# bench.py's rows segdepthformer-plain-upsample, mcd-decoder-plain and segdepthformer-plain-folds
+# set each False to time the plain form (segdepthformer-plain the first and the third, with uq's
+# speed-up; mcd-plain the second, with mit's; in an export, onnx-plain-upsample the first)
 FAST_UPSAMPLE = True
 FAST_DROPOUT2D = True
 FAST_FOLDS = True
@@ -176,11 +176,12 @@ FAST_FOLDS = True
 
 def upsample(x, size, out=None):
     """Bilinear upsampling of x (B, C, h, w) to size (H, W), as F.interpolate(align_corners=
-    False) computes it, or added into `out` (B, C, H, W) in place. Added on a CPU into a
-    channels_last map (as folded_sum's), it takes the faster form at the end of this file
-    (upsample_by_matrices), which writes nothing as large as `out` on the way; so does an ONNX
-    export, whose graph adds into a new map, faster in onnxruntime than a Resize and an Add
-    (docs/results.md)."""
+    False) computes it, or out + up(x) for a map `out` (B, C, H, W): added into `out` in place,
+    except in an ONNX export, which returns a new map (callers use the returned map). Added on
+    a CPU into a channels_last map (as folded_sum's), it takes the faster form at the end of
+    this file (upsample_by_matrices), which writes nothing as large as `out` on the way. An ONNX
+    export takes the matrix form too, out of place (two MatMuls and an Add), which onnxruntime
+    runs faster than a Resize and an Add (docs/results.md)."""
     into_rows = out is not None and out.permute(0, 2, 3, 1).is_contiguous()  # channels_last: (B, H, W*C) rows
     if FAST_UPSAMPLE and into_rows and (x.device.type == 'cpu' or torch.onnx.is_in_onnx_export()):
         return upsample_by_matrices(x, size, out)
@@ -193,15 +194,16 @@ def folded_sum(features, weights, bias):
     matrices [(G*E, C_i)] and bias (G*E,) of stacked_folds -> (B, G*E, h_1, w_1), channels_last.
 
     Stages 3 and 4 go to the fused width at their own resolution (a 1x1 conv, `pointwise`) and
-    are then upsampled to 1/4 resolution, added in place into z. Stage 2 goes the other way
-    round, as up(M_2 f_2) = M_2 up(f_2) allows: its C_2 channels are far fewer than the G*E it
-    would be upsampled with otherwise, so upsampled first it joins stage 1 in one 1x1 conv over
-    C_1 + C_2 channels, which takes less time and memory for a few more multiply-adds (bench.py
-    counts them). The bias goes in once, with stage 4's small map (upsampling keeps a
-    constant)."""
+    are then upsampled to 1/4 resolution, added into z (in place, except in an ONNX export:
+    upsample). Stage 2 goes the other way round, as up(M_2 f_2) = M_2 up(f_2) allows: its C_2
+    channels are far fewer than the G*E it would be upsampled with otherwise, so upsampled first
+    it joins stage 1 in one 1x1 conv over C_1 + C_2 channels, which takes less time and memory
+    for a few more multiply-adds (bench.py counts them). The bias goes in once, with stage 4's
+    small map (upsampling keeps a constant)."""
     size = features[0].shape[-2:]
     z = pointwise(torch.cat([features[0], upsample(features[1], size)], dim=1), torch.cat(weights[:2], dim=1))
-    z = upsample(pointwise(features[2], weights[2]), size, out=z)  # added in place: z is the large tensor
+    # upsample adds into z, the large map, in place (in an export it returns a new map)
+    z = upsample(pointwise(features[2], weights[2]), size, out=z)
     return upsample(pointwise(features[3], weights[3], bias), size, out=z)
 
 
@@ -426,8 +428,9 @@ def load_members(paths):
 
 # ---------------------------------------------------------------------------------------------
 # --- speed-up: bilinear upsampling as two matrix products (replaces F.interpolate in upsample
-# above on a CPU; bench.py rows segdepthformer and segdepthformer-plain-upsample, timed in the
-# same run; docs/results.md)
+# above on a CPU and in an ONNX export; bench.py rows segdepthformer and
+# segdepthformer-plain-upsample, onnx and onnx-plain-upsample, timed in the same run;
+# docs/results.md)
 
 def interpolation_matrix(n, N, dtype):
     """(N, n): row o holds the weights with which F.interpolate(mode='bilinear',
@@ -451,6 +454,7 @@ def upsample_by_matrices(x, size, out):
     rows = torch.matmul(interpolation_matrix(w, W, x.dtype), x.permute(0, 2, 3, 1))  # (W, w) @ (B, h, w, C)
     U = interpolation_matrix(h, H, x.dtype)  # (H, h)
     if torch.onnx.is_in_onnx_export():
+        # (H, h) @ (B, h, W*C) -> (B, H, W, C) -> (B, C, H, W), added into a new map
         return out + torch.matmul(U, rows.reshape(B, h, W * C)).reshape(B, H, W, C).permute(0, 3, 1, 2)
     target = out.permute(0, 2, 3, 1).view(B, H, W * C)  # out's memory: (B, H, W, C) -> rows of W*C
     target.baddbmm_(U.expand(B, H, h), rows.view(B, h, W * C))  # (B, H, h) @ (B, h, W*C), added into out
@@ -463,12 +467,12 @@ def upsample_by_matrices(x, size, out):
 # bench.py rows mcd-decoder and mcd-decoder-plain, timed in the same run; docs/results.md)
 
 def dropped_pointwise(x, conv, p):
-    """pointwise(F.dropout2d(x, p, training=True), conv.weight, conv.bias), from the same draw. Dropout2d
-    multiplies channel c of image b by m_bc (0, or 1 / (1 - p) with probability 1 - p), and the
-    1x1 layer then sums over the channels: W (m_b * x) = (W diag(m_b)) x, so the mask can go on
-    the (C', C) weights instead, one matrix per image, and the (B, C, h, w) map is not read and
-    written once more. The mask is drawn as torch's Dropout2d draws it: bernoulli_(1 - p) on a
-    tensor of B * C numbers, divided by 1 - p (tests/test_models.py)."""
+    """pointwise(F.dropout2d(x, p, training=True), conv.weight, conv.bias), from the same
+    draw. Dropout2d multiplies channel c of image b by m_bc (0, or 1 / (1 - p) with probability
+    1 - p), and the 1x1 layer then sums over the channels: W (m_b * x) = (W diag(m_b)) x, so the
+    mask can go on the (C', C) weights instead, one matrix per image, and the (B, C, h, w) map
+    is not read and written once more. The mask is drawn as torch's Dropout2d draws it:
+    bernoulli_(1 - p) on a tensor of B * C numbers, divided by 1 - p (tests/test_models.py)."""
     B, C = x.shape[:2]
     m = x.new_empty(B, 1, C).bernoulli_(1 - p).div_(1 - p)  # Dropout2d's (B, C, 1, 1) mask
     weight = conv.weight.flatten(1) * m  # (C', C) * (B, 1, C) -> (B, C', C)

@@ -440,6 +440,11 @@ NOT_EXPORTED = {
 OPSET = 17  # LayerNormalization is an ONNX operator from opset 17 on
 
 
+# True: FoldedNetwork's prediction layers run as one block-diagonal product (block_diagonal, at
+# the end of this file); bench.py's row onnx-plain-prediction sets it False to time the plain form
+FAST_PREDICTION = True
+
+
 class FoldedNetwork(nn.Module):
     """A SegFormer, DepthFormer or SegDepthFormer as it is exported: image in, the prediction
     with its uncertainty out (the module docstring's outputs, in that order), through the fold
@@ -447,37 +452,38 @@ class FoldedNetwork(nn.Module):
     constants:
 
         z = sum_i up(M_i f_i) + c      M_i: the heads' W_i L_i stacked, BatchNorm folded in
-        y = up(P ReLU(z))              P: the heads' 1x1 prediction layers, block-diagonal
+        y = up(P ReLU(z))              P: each head's 1x1 prediction layer on its E channels
         softmax and entropy (Eq. 1, 3), or ReLU and Softplus (Eq. 4, 5)
 
-    P holds each head's prediction layer on the diagonal block that reads its own E channels of
-    z: one product reads the whole of z where it lies, where a product per head would first
-    copy its channels out of z in the graph (a Slice). The 1/4-resolution outputs are then split
-    per head and upsampled. The decoder's dropout is an identity in eval mode and is left out."""
+    The decoder's dropout is an identity in eval mode and is left out."""
 
     def __init__(self, model):
         super().__init__()
         model.eval()  # fold() then folds BatchNorm's running statistics into the matrices
         self.backbone, self.tasks = model.backbone, model.tasks
         decoders = [model.decode_head if t == 'seg' else model.depth_head for t in self.tasks]
+        self.predictors = nn.ModuleList(d.linear_pred for d in decoders)
         with torch.no_grad():
             weights, bias = heads.stacked_folds(decoders)
             for i, weight in enumerate(weights):  # (G*E, C_i)
                 self.register_buffer(f'stage{i + 1}', weight)
             self.register_buffer('bias', bias)  # (G*E,)
-            predictors = [d.linear_pred for d in decoders]
-            self.register_buffer('predictor', torch.block_diag(*(p.weight.flatten(1) for p in predictors)))  # (K_all, G*E)
-            self.register_buffer('predictor_bias', torch.cat([p.bias for p in predictors]))  # (K_all,)
-        self.widths = [p.out_channels for p in predictors]  # each head's share of the K_all outputs
+            prediction, prediction_bias = block_diagonal(self.predictors)
+            self.register_buffer('prediction', prediction)  # (K_all, G*E)
+            self.register_buffer('prediction_bias', prediction_bias)  # (K_all,)
         self.output_names = [name for t in self.tasks for name in OUTPUT_NAMES[t]]
 
     def forward(self, x):
         features = self.backbone(x)  # [(B, C_i, H / 2^(i+1), W / 2^(i+1))]
         weights = [getattr(self, f'stage{i + 1}') for i in range(4)]
-        z = heads.folded_sum(features, weights, self.bias)  # (B, G*E, H/4, W/4)
-        low = heads.pointwise(F.relu(z), self.predictor, self.predictor_bias)  # (B, K_all, H/4, W/4)
+        z = F.relu(heads.folded_sum(features, weights, self.bias))  # (B, G*E, H/4, W/4)
+        if FAST_PREDICTION:  # the speed-up at the end of this file: one product, then split
+            widths = [p.out_channels for p in self.predictors]
+            low = heads.pointwise(z, self.prediction, self.prediction_bias).split(widths, dim=1)
+        else:  # each head's prediction layer on its own E channels of z
+            low = [heads.pointwise(z_g, p.weight, p.bias) for p, z_g in zip(self.predictors, z.chunk(len(self.tasks), dim=1))]
         outputs = []
-        for task, y in zip(self.tasks, low.split(self.widths, dim=1)):
+        for task, y in zip(self.tasks, low):  # y: (B, K_t, H/4, W/4)
             y = F.interpolate(y, x.shape[-2:], mode='bilinear', align_corners=False)
             outputs += softmax_and_entropy(y) if task == 'seg' else [F.relu(y[:, 0]), F.softplus(y[:, 1])]
         return tuple(outputs)
@@ -622,6 +628,20 @@ def onnx_session(onnxruntime, source, threads=None, arena=True):
         options.intra_op_num_threads = threads
     options.enable_cpu_mem_arena = arena
     return onnxruntime.InferenceSession(source, options, providers=['CPUExecutionProvider'])
+
+
+# ---------------------------------------------------------------------------------------------
+# --- speed-up: the heads' prediction layers as one product (replaces a product per head in
+# FoldedNetwork.forward; bench.py rows onnx and onnx-plain-prediction, timed in the same run;
+# docs/results.md)
+
+def block_diagonal(predictors):
+    """The G heads' 1x1 prediction layers (K_t outputs from E channels each) -> P (K_all, G*E),
+    each head's (K_t, E) weights on the diagonal block that reads its own E channels of z, and
+    the biases (K_all,), where K_all = sum_t K_t. One product with P reads z whole where it
+    lies; in the graph, a product per head first copies its channels out of z (a Slice)."""
+    return (torch.block_diag(*(p.weight.flatten(1) for p in predictors)),
+            torch.cat([p.bias for p in predictors]))
 
 
 if __name__ == '__main__':

@@ -250,10 +250,25 @@ def test_the_exported_graph_computes_the_softmax_once(ckpt):
     assert softmax_axes == [-1] * 8
 
 
+def test_block_diagonal_prediction_is_each_heads_layer(ckpt, monkeypatch):
+    network = predict.FoldedNetwork(load_model(ckpt['sdf']))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        fast = network(x)
+        monkeypatch.setattr(predict, 'FAST_PREDICTION', False)  # a product per head
+        plain = network(x)
+    for name, a, b in zip(network.output_names, fast, plain):
+        # the same products over each head's channels, plus products with exact zeros; the sums
+        # may be split differently, which changes only float32 rounding (about 1e-7 relative)
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+
+
 @pytest.mark.skipif(not HAS_ONNX, reason='onnx and onnxruntime are optional extras')
-def test_the_exported_decoder_upsamples_by_matrices_and_slices_nothing(ckpt):
+def test_the_exported_decoder_upsamples_by_matrices_and_slices_no_map(ckpt):
     import onnx
     graph = onnx.load_from_string(predict.onnx_bytes(predict.FoldedNetwork(load_model(ckpt['sdf'])), {})).graph
+    # the TorchScript-based exporter names each node by the module that made it: /backbone/...
     decoder = [node for node in graph.node if not node.name.startswith('/backbone/')]
     resized = [node.input[0] for node in decoder if node.op_type == 'Resize']
     # Resize runs on stage 2's features (upsampled before their product, heads.folded_sum) and
@@ -299,6 +314,7 @@ def test_bench_onnx_row():
     tiny = ['--backbone', 'b0', '--size', '64', '96', '--num-classes', '5', '--warmup', '1', '--iters', '2',
             '--device', 'cpu', '--threads', '1']
     rows = {r['key']: r for r in bench.main(tiny + ['--rows', 'segdepthformer', '--onnx'])}
-    assert list(rows) == ['segdepthformer', 'onnx']
-    assert rows['onnx']['params'] == rows['segdepthformer']['params']
-    assert rows['onnx']['latency_ms_median'] > 0 and rows['onnx']['peak_bytes'] > 0
+    assert list(rows) == ['segdepthformer', 'onnx', 'onnx-plain-upsample', 'onnx-plain-prediction']
+    for key in ('onnx', 'onnx-plain-upsample', 'onnx-plain-prediction'):
+        assert rows[key]['params'] == rows['segdepthformer']['params']
+        assert rows[key]['latency_ms_median'] > 0 and rows[key]['peak_bytes'] > 0
