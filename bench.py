@@ -48,10 +48,8 @@ except the encoder, 1/4-resolution, Hugging Face and onnxruntime rows, which say
                                             init) exported by predict.py, its whole prediction
                                             with uncertainty run by onnxruntime on the CPU (its
                                             MACs: predict.FoldedNetwork's, fold matrices constant),
-                                            and exported with each of the export's speed-ups off
+                                            and exported with the export's speed-up off
                                             (PLAIN_EXPORT):
-      plain upsampling                      F.interpolate (a Resize) and an Add for the
-                                            matrix products into the decoders' map
       plain prediction                      a product per head for the block-diagonal one
                                             (predict.block_diagonal)
 
@@ -300,11 +298,10 @@ ROWS = {  # --rows key: the row's name in the table ({N}: members, {T}: samples)
     'hf': 'HF SegFormer',
     'hf-encoder': 'HF SegFormer encoder',
     'onnx': 'SegDepthFormer, onnxruntime',
-    'onnx-plain-upsample': 'SegDepthFormer, onnxruntime, plain upsampling',
     'onnx-plain-prediction': 'SegDepthFormer, onnxruntime, plain prediction',
 }
 HF_ROWS = ('hf', 'hf-encoder')
-ONNX_ROWS = ('onnx', 'onnx-plain-upsample', 'onnx-plain-prediction')
+ONNX_ROWS = ('onnx', 'onnx-plain-prediction')
 
 
 class Textbook(nn.Module):
@@ -354,8 +351,8 @@ PLAIN_FORMS = {'segdepthformer-plain': [(heads, 'FAST_UPSAMPLE'), (heads, 'FAST_
                'segdepthformer-plain-upsample': [(heads, 'FAST_UPSAMPLE')],
                'segdepthformer-plain-folds': [(heads, 'FAST_FOLDS')],
                'segdepthformer-plain-softmax': [(uq, 'FAST_SOFTMAX')]}
-# the export's speed-ups switched off, likewise, while it is traced (the session runs the graph)
-PLAIN_EXPORT = {'onnx-plain-upsample': [(heads, 'FAST_UPSAMPLE')], 'onnx-plain-prediction': [(predict, 'FAST_PREDICTION')]}
+# the export's speed-up switched off, likewise, while it is traced (the session runs the graph)
+PLAIN_EXPORT = {'onnx-plain-prediction': [(predict, 'FAST_PREDICTION')]}
 
 
 # the MC Dropout rows with dropout's speed-ups switched off, as PLAIN_FORMS
@@ -633,7 +630,7 @@ def latency_ratios(rows):
              ('mcd', 'mcd-plain'), ('mcd-decoder', 'segdepthformer'), ('mcd-decoder', 'mcd-decoder-plain'), ('drop-path', 'segdepthformer'),
              ('dse', 'segdepthformer'), ('de', 'segdepthformer'),
              ('de-batched', 'segdepthformer'), ('de-looped', 'segdepthformer'), ('de-batched', 'de-looped'),
-             ('onnx', 'segdepthformer'), ('onnx', 'onnx-plain-upsample'), ('onnx', 'onnx-plain-prediction')]
+             ('onnx', 'segdepthformer'), ('onnx', 'onnx-plain-prediction')]
     names = {r['key']: r['name'] for r in rows}
     return {f"{names[a]} / {names[b]}": latency[a] / latency[b]
             for a, b in pairs if a in latency and b in latency}

@@ -163,12 +163,12 @@ def stacked_folds(decoders, stages=4):
     return weights, sum(torch.cat([c for _, c in stage]) for stage in folds)
 
 
-# True: the speed-ups at the end of this file run. FAST_UPSAMPLE: upsampling added into a map on
-# a CPU or in an ONNX export; FAST_DROPOUT2D: a decoder's Dropout2d that is on, on a CPU without
-# gradients; FAST_FOLDS: the folds kept between calls without gradients, on any device.
-# bench.py's rows segdepthformer-plain-upsample, mcd-decoder-plain and segdepthformer-plain-folds
-# set each False to time the plain form (segdepthformer-plain the first and the third, with uq's
-# speed-up; mcd-plain the second, with mit's; in an export, onnx-plain-upsample the first)
+# True: the speed-ups at the end of this file run. FAST_UPSAMPLE: upsampling added into a map
+# on a CPU; FAST_DROPOUT2D: a decoder's Dropout2d that is on, on a CPU without gradients;
+# FAST_FOLDS: the folds kept between calls without gradients, on any device. bench.py's rows
+# segdepthformer-plain-upsample, mcd-decoder-plain and segdepthformer-plain-folds set each False
+# to time the plain form (segdepthformer-plain the first and the third, with uq's speed-up;
+# mcd-plain the second, with mit's)
 FAST_UPSAMPLE = True
 FAST_DROPOUT2D = True
 FAST_FOLDS = True
@@ -176,14 +176,12 @@ FAST_FOLDS = True
 
 def upsample(x, size, out=None):
     """Bilinear upsampling of x (B, C, h, w) to size (H, W), as F.interpolate(align_corners=
-    False) computes it, or out + up(x) for a map `out` (B, C, H, W): added into `out` in place,
-    except in an ONNX export, which returns a new map (callers use the returned map). Added on
-    a CPU into a channels_last map (as folded_sum's), it takes the faster form at the end of
-    this file (upsample_by_matrices), which writes nothing as large as `out` on the way. An ONNX
-    export takes the matrix form too, out of place (two MatMuls and an Add), which onnxruntime
-    runs faster than a Resize and an Add (docs/results.md)."""
+    False) computes it, or added into `out` (B, C, H, W) in place. Added on a CPU into a
+    channels_last map (as folded_sum's), it takes the faster form at the end of this file
+    (upsample_by_matrices), which writes nothing as large as `out` on the way; an ONNX export
+    always gets F.interpolate (in onnxruntime the matrices were no faster: docs/results.md)."""
     into_rows = out is not None and out.permute(0, 2, 3, 1).is_contiguous()  # channels_last: (B, H, W*C) rows
-    if FAST_UPSAMPLE and into_rows and (x.device.type == 'cpu' or torch.onnx.is_in_onnx_export()):
+    if FAST_UPSAMPLE and into_rows and x.device.type == 'cpu' and not torch.onnx.is_in_onnx_export():
         return upsample_by_matrices(x, size, out)
     up = F.interpolate(x, size, mode='bilinear', align_corners=False)
     return up if out is None else out.add_(up)
@@ -194,17 +192,16 @@ def folded_sum(features, weights, bias):
     matrices [(G*E, C_i)] and bias (G*E,) of stacked_folds -> (B, G*E, h_1, w_1), channels_last.
 
     Stages 3 and 4 go to the fused width at their own resolution (a 1x1 conv, `pointwise`) and
-    are then upsampled to 1/4 resolution, added into z (in place, except in an ONNX export:
-    upsample). Stage 2 goes the other way round, as up(M_2 f_2) = M_2 up(f_2) allows: its C_2
-    channels are far fewer than the G*E it would be upsampled with otherwise, so upsampled first
-    it joins stage 1 in one 1x1 conv over C_1 + C_2 channels, which takes less time and memory
-    for a few more multiply-adds (bench.py counts them). The bias goes in once, with stage 4's
-    small map (upsampling keeps a constant)."""
+    are then upsampled to 1/4 resolution, added in place into z. Stage 2 goes the other way
+    round, as up(M_2 f_2) = M_2 up(f_2) allows: its C_2 channels are far fewer than the G*E it
+    would be upsampled with otherwise, so upsampled first it joins stage 1 in one 1x1 conv over
+    C_1 + C_2 channels, which takes less time and memory for a few more multiply-adds (bench.py
+    counts them). The bias goes in once, with stage 4's small map (upsampling keeps a constant)."""
     size = features[0].shape[-2:]
     z = pointwise(torch.cat([features[0], upsample(features[1], size)], dim=1), torch.cat(weights[:2], dim=1))
-    # upsample adds into z, the large map, in place (in an export it returns a new map)
-    z = upsample(pointwise(features[2], weights[2]), size, out=z)
-    return upsample(pointwise(features[3], weights[3], bias), size, out=z)
+    upsample(pointwise(features[2], weights[2]), size, out=z)  # added in place: z is the large tensor
+    upsample(pointwise(features[3], weights[3], bias), size, out=z)
+    return z
 
 
 def fused_features(decoders, features):
@@ -428,9 +425,8 @@ def load_members(paths):
 
 # ---------------------------------------------------------------------------------------------
 # --- speed-up: bilinear upsampling as two matrix products (replaces F.interpolate in upsample
-# above on a CPU and in an ONNX export; bench.py rows segdepthformer and
-# segdepthformer-plain-upsample, onnx and onnx-plain-upsample, timed in the same run;
-# docs/results.md)
+# above on a CPU; bench.py rows segdepthformer and segdepthformer-plain-upsample, timed in the
+# same run; docs/results.md)
 
 def interpolation_matrix(n, N, dtype):
     """(N, n): row o holds the weights with which F.interpolate(mode='bilinear',
@@ -447,17 +443,13 @@ def upsample_by_matrices(x, size, out):
     the width one batched product with U_W (W, w), then along the height one product with U_H
     (H, h) of rows of W * C numbers each, which adds into `out` in place (baddbmm): one pass over
     the large map, where F.interpolate writes a map as large and the add reads it back. The
-    numbers are F.interpolate's up to rounding (tests/test_models.py). An ONNX export writes the
-    sum into a new map instead (a graph has no in-place writes), two MatMuls and an Add."""
+    numbers are F.interpolate's up to rounding (tests/test_models.py)."""
     (h, w), (H, W) = x.shape[-2:], size
     B, C = x.shape[:2]
     rows = torch.matmul(interpolation_matrix(w, W, x.dtype), x.permute(0, 2, 3, 1))  # (W, w) @ (B, h, w, C)
-    U = interpolation_matrix(h, H, x.dtype)  # (H, h)
-    if torch.onnx.is_in_onnx_export():
-        # (H, h) @ (B, h, W*C) -> (B, H, W, C) -> (B, C, H, W), added into a new map
-        return out + torch.matmul(U, rows.reshape(B, h, W * C)).reshape(B, H, W, C).permute(0, 3, 1, 2)
+    U = interpolation_matrix(h, H, x.dtype).expand(B, H, h)  # (H, h), one per image
     target = out.permute(0, 2, 3, 1).view(B, H, W * C)  # out's memory: (B, H, W, C) -> rows of W*C
-    target.baddbmm_(U.expand(B, H, h), rows.view(B, h, W * C))  # (B, H, h) @ (B, h, W*C), added into out
+    target.baddbmm_(U, rows.view(B, h, W * C))  # (B, H, h) @ (B, h, W*C), added into out
     return out
 
 

@@ -265,15 +265,11 @@ def test_block_diagonal_prediction_is_each_heads_layer(ckpt, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_ONNX, reason='onnx and onnxruntime are optional extras')
-def test_the_exported_decoder_upsamples_by_matrices_and_slices_no_map(ckpt):
+def test_the_exported_decoder_has_no_conv_and_slices_no_map(ckpt):
     import onnx
     graph = onnx.load_from_string(predict.onnx_bytes(predict.FoldedNetwork(load_model(ckpt['sdf'])), {})).graph
     # the TorchScript-based exporter names each node by the module that made it: /backbone/...
     decoder = [node for node in graph.node if not node.name.startswith('/backbone/')]
-    resized = [node.input[0] for node in decoder if node.op_type == 'Resize']
-    # Resize runs on stage 2's features (upsampled before their product, heads.folded_sum) and
-    # on each head's outputs: stages 3 and 4 reach the fused map by matrices (upsample_by_matrices)
-    assert len(resized) == 3 and sum(name.startswith('/backbone/') for name in resized) == 1
     assert 'Conv' not in [node.op_type for node in decoder]  # the 1x1 products are MatMuls (heads.pointwise)
     shapes = {node.output[0] for node in graph.node if node.op_type == 'Shape'}
     # the block-diagonal prediction layer reads the fused map whole: the only Slices are of shapes
@@ -314,7 +310,7 @@ def test_bench_onnx_row():
     tiny = ['--backbone', 'b0', '--size', '64', '96', '--num-classes', '5', '--warmup', '1', '--iters', '2',
             '--device', 'cpu', '--threads', '1']
     rows = {r['key']: r for r in bench.main(tiny + ['--rows', 'segdepthformer', '--onnx'])}
-    assert list(rows) == ['segdepthformer', 'onnx', 'onnx-plain-upsample', 'onnx-plain-prediction']
-    for key in ('onnx', 'onnx-plain-upsample', 'onnx-plain-prediction'):
+    assert list(rows) == ['segdepthformer', 'onnx', 'onnx-plain-prediction']
+    for key in ('onnx', 'onnx-plain-prediction'):
         assert rows[key]['params'] == rows['segdepthformer']['params']
         assert rows[key]['latency_ms_median'] > 0 and rows[key]['peak_bytes'] > 0
