@@ -268,8 +268,9 @@ class DeepEnsemble:
             return
         member = lambda params, buffers, x: functional_call(self.base, (params, buffers), (x,), {'full': False})
         with warnings.catch_warnings():
-            # PyTorch has no vmap rule for the CPU flash-attention kernel and loops over the
-            # members for that one op; the result is the same, so the warning is only noise
+            # PyTorch has no vmap rule for the CPU flash-attention kernel, nor for the in-place
+            # baddbmm_ of heads.upsample_by_matrices, and loops over the members for those ops;
+            # the result is the same, so the warning is only noise
             warnings.filterwarnings('ignore', message='There is a performance drop')
             low = vmap(member, in_dims=(0, 0, None))(self.params, self.buffers, images)  # {task: (N, B, ...)}
         for n in range(len(self)):
