@@ -238,7 +238,16 @@ def load_file(path):
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
     except Exception as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({load_failure(e)})") from e
+
+
+def load_failure(e):
+    """The reason torch.load gave for refusing a file, as one line: its first sentence. torch's
+    unpickler for weights only (tensors and plain Python) puts its reason after 'WeightsUnpickler
+    error:', behind advice to load with weights_only=False, which would run any code the file
+    holds; only the reason is kept."""
+    reason = str(e).split('WeightsUnpickler error:')[-1].strip()
+    return reason.split('\n')[0].split('. ')[0].rstrip('.') or f'{type(e).__name__}: an empty or cut-off file'
 
 
 def read_state_dict(path):

@@ -123,6 +123,17 @@ def test_load_file_names_the_file(tmp_path):
     (tmp_path / 'half.pt').write_bytes(b'PK\x03\x04 truncated zip')
     with pytest.raises(ValueError, match='half.pt: not a readable PyTorch checkpoint'):
         plumbing.load_file(tmp_path / 'half.pt')
+    # one line each, with torch's reason and without its advice to load with weights_only=False
+    (tmp_path / 'notes.txt').write_text('not a checkpoint\n')
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    torch.save(torch.nn.Linear(2, 2), tmp_path / 'module.pt')  # a pickled module, not a state dict
+    reasons = {'notes.txt': 'Unsupported operand', 'empty.pt': 'EOFError', 'module.pt': 'Unsupported global'}
+    for name, reason in reasons.items():
+        with pytest.raises(ValueError) as error:
+            plumbing.load_file(tmp_path / name)
+        message = str(error.value)
+        assert message.startswith(f'{tmp_path / name}: not a readable PyTorch checkpoint (') and reason in message
+        assert '\n' not in message and 'weights_only' not in message
 
 
 def test_precision_flag():
