@@ -387,11 +387,13 @@ def main(argv=None):
         raise ValueError(f'--dropout {args.dropout}: must be in [0, 1)')
     models = heads.load_members(checkpoints)  # before --out is made: a bad checkpoint leaves no folder
     method = evaluate.resolve_method(args.method, models, checkpoints)
-    plumbing.check_output(args.out, '--out', args.overwrite, folder=True)
     files, missing = list_inputs(inputs)
+    if not files:
+        raise ValueError('; '.join(why for _, why in missing) or f'no files in {", ".join(inputs)}')
+    check_stems(files)
+    plumbing.check_output(args.out, '--out', args.overwrite, folder=True)
     for _, why in missing:
         print(f'error: {why}', file=sys.stderr)
-    check_stems(files)
 
     first = models[0]
     classes, palette = class_names(first, checkpoints[0]) if 'seg' in first.tasks else (None, None)
@@ -406,12 +408,15 @@ def main(argv=None):
     writer = Writer(Path(args.out), name, formats, classes, palette)
     written, skipped = predict_files(model, method, files, args, writer, device)
     skipped = missing + skipped
-    plumbing.write_json({
-        'name': name, 'method': method, 'checkpoints': checkpoints, 'settings': settings(args, method),
-        'tasks': list(first.tasks), 'classes': classes, 'palette': None if palette is None else palette.tolist(),
-        'files': formats, 'images': written,
-        'skipped': [{'input': path, 'error': why} for path, why in skipped]}, Path(args.out) / 'predict.json')
-    print(f'wrote the outputs of {len(written)} image(s) to {args.out}', flush=True)
+    if written:
+        plumbing.write_json({
+            'name': name, 'method': method, 'checkpoints': checkpoints, 'settings': settings(args, method),
+            'tasks': list(first.tasks), 'classes': classes, 'palette': None if palette is None else palette.tolist(),
+            'files': formats, 'images': written,
+            'skipped': [{'input': path, 'error': why} for path, why in skipped]}, Path(args.out) / 'predict.json')
+        print(f'wrote the outputs of {len(written)} image(s) to {args.out}', flush=True)
+    else:  # no predict.json either: --out stays empty, free for the next run
+        print(f'wrote nothing to {args.out}: no input could be read', file=sys.stderr)
     if skipped:
         print(f'skipped {len(skipped)}:\n' + '\n'.join(f'  {why}' for _, why in skipped), file=sys.stderr)
     return 1 if skipped else 0

@@ -184,6 +184,22 @@ def test_a_missing_checkpoint_is_one_error_and_leaves_no_folder(images, tmp_path
     assert not (tmp_path / 'x').exists()
 
 
+def test_a_run_that_reads_no_input_leaves_out_free(ckpt, images, tmp_path, capsys):
+    out = tmp_path / 'out'
+    with pytest.raises(ValueError, match='nope.png: no such file'):  # no input at all: before any folder
+        predict.main([ckpt['sdf'], str(tmp_path / 'nope.png'), '--out', str(out)])
+    assert not out.exists()
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError, match='no files in'):
+        predict.main([ckpt['sdf'], str(tmp_path / 'empty'), '--out', str(out)])
+    assert not out.exists()
+    # inputs that are all unreadable: skipped, nothing written, and the same --out takes the next run
+    assert predict.main([ckpt['sdf'], str(images / 'notes.txt'), str(images / 'broken.png'), '--out', str(out)]) == 1
+    assert 'wrote nothing' in capsys.readouterr().err and not any(out.iterdir())
+    assert predict.main([ckpt['sdf'], str(images / 'a.png'), '--out', str(out)]) == 0
+    assert [m['input'] for m in json.loads((out / 'predict.json').read_text())['images']] == [str(images / 'a.png')]
+
+
 def test_export_lands_under_the_ignored_out_folder():
     # out/ is in .gitignore: the default never writes into the repository's root
     assert predict.export_path('runs/emuformer/best.pt') == 'out/emuformer_best.onnx'
