@@ -356,14 +356,14 @@ def run_steps(steps, states, out):
     return time.perf_counter() - start
 
 
-def summary(steps, states, out, seconds):
+def summary(steps, states, out, seconds, script):
     """What each step made and where, which were run now and which reused, and the time."""
     times = read_times(os.path.join(out, 'times.json'))
     for step, status in zip(steps, states):
         took = plumbing.format_duration(times[step.label]['seconds']) if step.label in times else '?'
         print(f'  {step.label:<40} {"reused" if status == "done" else "made":<6} {took:>7}  {step.made}')
     ran = sum(status != 'done' for status in states)
-    print(f'demo.py: done in {plumbing.format_duration(seconds)}: {ran} step(s) run, {len(steps) - ran} reused',
+    print(f'{script}: done in {plumbing.format_duration(seconds)}: {ran} step(s) run, {len(steps) - ran} reused',
           flush=True)
 
 
@@ -505,12 +505,14 @@ def write_section(doc, text, figures):
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
+def main(argv=None, script='demo.py'):
+    """The demo's steps; `script` names the command in its messages (distill.py runs stage
+    emuformer through here)."""
     args = get_parser().parse_args(argv)
     check_args(args)
     steps = plan(args)
     states = [state(step) for step in steps]
-    print(f'demo.py, stage {args.stage}: {len(steps)} steps, {states.count("done")} done already; '
+    print(f'{script}, stage {args.stage}: {len(steps)} steps, {states.count("done")} done already; '
           f'models in {args.runs}, results in {args.out}', flush=True)
     seconds = run_steps(steps, states, args.out)
     if args.stage == 'all':
@@ -521,7 +523,7 @@ def main(argv=None):
             'that it writes the same numbers and says so here.')
         write_section(args.doc, section(steps, times, note), [os.path.join(args.out, name) for name in FIGURES])
         print(f'wrote the demo section of {args.doc}, and beside it {" and ".join(FIGURES)}')
-    summary(steps, states, args.out, seconds)
+    summary(steps, states, args.out, seconds, script)
 
 
 if __name__ == '__main__':

@@ -151,7 +151,7 @@ def distill(args, proc, command):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv:  # the whole method on the synthetic scenes, each step its own command
-        return demo.main(['--stage', 'emuformer'])
+        return demo.main(['--stage', 'emuformer'], script='distill.py')
     args = get_parser().parse_args(argv)
     if not args.teacher:
         raise ValueError("--teacher is needed: the Deep Ensemble members' checkpoints (train.py runs with "
