@@ -482,7 +482,7 @@ class Cityscapes(Dataset):
         self.transform = transform
         self.has_ood = (self.root / 'ood' / split).is_dir()  # an anomaly benchmark's masks (README)
         self.images = sorted((self.root / 'leftImg8bit' / split).glob('*/*_leftImg8bit.png'))
-        missing = [str(self.root / d / split) for d in ('gtFine', 'disparity', 'camera')
+        missing = [str(self.root / d / split) for d in ('leftImg8bit', 'gtFine', 'disparity', 'camera')
                    if not (self.root / d / split).is_dir()]
         if missing or not self.images:
             problem = (f'missing {", ".join(missing)}' if missing else
