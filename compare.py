@@ -14,6 +14,9 @@ plot for corruption sweeps), for a README or a paper. Each file is read for what
                          figure with a line per sweep, whose path is printed
     anything else        refused, naming the file (a calibration, predict.py's predict.json)
 
+A row is named as its result is (evaluate.py --name). Beside clean results, a result with an
+'ood' block is named 'NAME, OOD data'; two evaluations that would share a row name are refused.
+
 --cost-plot draws the paper's claim in one figure: each evaluation's cost, its time per image
 over that of the single network (the uncalibrated result of method none) among the results of
 its kind, on a log scale, against its uncertainty quality: seg ECE, seg failure AUROC, depth
@@ -52,21 +55,42 @@ def markdown(headers, rows):
     return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in rows])
 
 
+def row_names(results):
+    """Each evaluation's row name: its name, and where the results mix clean data with data that
+    holds OOD objects (an 'ood' block), ', OOD data' after the latter's, so that one model's two
+    rows tell which is which."""
+    mixed = len({bool(r.get('ood')) for r in results}) > 1
+    return [f"{r['name']}, OOD data" if mixed and r.get('ood') else r['name'] for r in results]
+
+
 def evaluation_tables(results):
     """The paper's columns, the second block's, and the operating points' (evaluate.OPERATING_COLUMNS),
     one row per result."""
+    names = row_names(results)
     paper = markdown(['', *[f'{t} {h}' for t, _, h in evaluate.COLUMNS], 'ms/image'],
-                     [[r['name'], *[_cell((r[t] or {}).get(k)) for t, k, _ in evaluate.COLUMNS],
-                       _cell(r['time_ms']['mean'], 1)] for r in results])
+                     [[name, *[_cell((r[t] or {}).get(k)) for t, k, _ in evaluate.COLUMNS],
+                       _cell(r['time_ms']['mean'], 1)] for name, r in zip(names, results)])
     tables = [paper]
     for task in ('seg', 'depth'):
         columns = evaluate.UNCERTAINTY_COLUMNS[task]
         tables.append(markdown(['', *[f'{task} {h}' for _, h in columns]],
-                               [[r['name'], *[_cell((r[task] or {}).get(k)) for k, _ in columns]] for r in results]))
+                               [[name, *[_cell((r[task] or {}).get(k)) for k, _ in columns]]
+                                for name, r in zip(names, results)]))
     tables.append(markdown(['', *[h for *_, h in evaluate.OPERATING_COLUMNS]],
-                           [[r['name'], *[_cell((r[t] or {}).get(k)) for t, k, _ in evaluate.OPERATING_COLUMNS]]
-                            for r in results]))
+                           [[name, *[_cell((r[t] or {}).get(k)) for t, k, _ in evaluate.OPERATING_COLUMNS]]
+                            for name, r in zip(names, results)]))
     return tables
+
+
+def check_names(paths, results):
+    """Refuse two evaluations that would get the same row name: their rows could not be told
+    apart."""
+    names = row_names(results)
+    for name in names:
+        if names.count(name) > 1:
+            same = [path for path, n in zip(paths, names) if n == name]
+            raise ValueError(f"{' and '.join(same)} are both named {name!r}: give one another name "
+                             "(evaluate.py --name), or compare them apart")
 
 
 def ood_table(results):
@@ -154,6 +178,7 @@ def main(argv=None):
     loaded = [read_result(path) for path in args.results]
     sweeps = [r for r, kind in loaded if kind == 'sweep']
     evaluations = [r for r, kind in loaded if kind == 'evaluation']
+    check_names([path for path, (_, kind) in zip(args.results, loaded) if kind == 'evaluation'], evaluations)
     if args.plot and not sweeps:
         raise ValueError('--plot draws corruption sweeps (evaluate.py --corruption all), and none of the files is one')
     if args.cost_plot and not evaluations:

@@ -161,6 +161,20 @@ def evaluation(name, method, ms, batch_size=1, ood=False, calibration=None, ece=
             'ood': {'entropy': {'auroc': 0.9}, 'depth_var': {'auroc': 0.7}, 'mutual_information': None} if ood else None}
 
 
+def test_a_models_clean_and_ood_rows_are_told_apart(tmp_path):
+    results = [evaluation('B0', 'none', 10.0), evaluation('B0', 'none', 20.0, ood=True)]
+    paths = [tmp_path / 'clean.json', tmp_path / 'ood.json']
+    for path, r in zip(paths, results):
+        path.write_text(json.dumps(r))
+    paper = compare.main(list(map(str, paths)))[0]
+    assert [line.split(' | ')[0] for line in paper.splitlines()[2:]] == ['| B0', '| B0, OOD data']
+    assert compare.row_names(results[1:]) == ['B0']  # no clean result beside it: no mark
+    # two results of one kind under one name: refused, naming both files
+    (tmp_path / 'again.json').write_text(json.dumps(results[0]))
+    with pytest.raises(ValueError, match=f"{paths[0]} and {tmp_path / 'again.json'} are both named 'B0'"):
+        compare.main([str(paths[0]), str(tmp_path / 'again.json')])
+
+
 def test_cost_plot_puts_each_result_at_its_time_over_one_networks(tmp_path, monkeypatch, capsys):
     results = [evaluation('B0', 'none', 10.0), evaluation('B0, calibrated', 'none', 11.0, calibration='ab12'),
                evaluation('DE x3', 'de', 60.0, batch_size=2, ece=0.05),
