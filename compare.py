@@ -103,9 +103,9 @@ def ood_table(results):
 
 def sweep_table(reports):
     """A caption, then each metric at severity 0 (the clean images) and at severities 1..5 (the
-    mean over the corruptions), one row per sweep and severity; '-' where a sweep of an older
-    version lacks a metric."""
-    headers = [header for *_, header in evaluate.SWEEP_METRICS]
+    mean over the corruptions), one row per sweep and severity, a column per metric that some
+    sweep measured (evaluate.measured); '-' where a sweep lacks it."""
+    headers = evaluate.measured(reports)
     caption = (f'Corruption sweeps: severity 0 is the clean images, 1..5 the mean over the '
                f'{len(corrupt.CORRUPTIONS)} corruptions at that severity')
     return caption + '\n\n' + markdown(['', 'severity', *headers],

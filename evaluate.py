@@ -615,8 +615,9 @@ def sweep(args, model, method, name, num_classes, rank, world_size, device):
         if rank == 0:
             plumbing.write_json(results[corruption, severity], os.path.join(cells_dir, f'{corruption}_{severity}.json'))
             each = (time.perf_counter() - start) / done
+            values = [(h, (row[task] or {}).get(key)) for task, key, h in SWEEP_METRICS]
             print(f'cell {sweep_cells().index((corruption, severity)) + 1}/{len(sweep_cells())} {corruption} {severity}: '
-                  + '  '.join(f'{h} {_number((row[task] or {}).get(key))}' for task, key, h in SWEEP_METRICS)
+                  + '  '.join(f'{h} {_number(v)}' for h, v in values if v is not None and not math.isnan(v))
                   + f' | {done}/{len(todo)} evaluated, {each:.1f} s each, eta {plumbing.format_duration(each * (len(todo) - done))}',
                   flush=True)
     report = plumbing.json_safe({'name': name, 'method': method, 'checkpoints': list(args.checkpoints),
@@ -644,9 +645,15 @@ def sweep_summary(results):
     return summary
 
 
+def measured(reports):
+    """The headers of SWEEP_METRICS that some report has a value of: a metric that no sweep
+    measured (the depth interval's, without --calibration) gets no column and no panel."""
+    return [h for *_, h in SWEEP_METRICS if any(v is not None for r in reports for v in r['summary'].get(h, []))]
+
+
 def format_sweep(report):
-    """The summary as a table: one line per severity (0 = clean), one column per metric."""
-    headers = list(report['summary'])
+    """The summary as a table: one line per severity (0 = clean), one column per metric it has."""
+    headers = measured([report])
     widths = [max(11, len(h) + 2) for h in headers]
     lines = [f"{report['name']}: the mean over {len(corrupt.CORRUPTIONS)} corruptions at each severity",
              f"{'severity':>9}" + ''.join(f'{h:>{w}}' for h, w in zip(headers, widths))]
@@ -661,11 +668,11 @@ SWEEP_UNITS = {'entropy': 'nats', 'RMSE': 'm', 'AUSE rmse': 'm', 'depth NLL': 'n
 
 
 def sweep_plot(path, reports):
-    """Every metric of SWEEP_METRICS against severity, one panel each, one line per report (no
-    points where a sweep of an older version lacks the metric)."""
+    """Every metric of SWEEP_METRICS that a report has (measured) against severity, one panel
+    each, one line per report (no points where a sweep lacks the metric)."""
     panels = [(header, 'severity (0: clean)', f'{header} ({SWEEP_UNITS[header]})' if header in SWEEP_UNITS else header,
                [(r['name'], list(range(6)), r['summary'].get(header, [None] * 6)) for r in reports])
-              for _, _, header in SWEEP_METRICS]
+              for header in measured(reports)]
     figures.line_plots(path, panels, 'the mean over the corruptions of ImageNet-C at each severity')
 
 

@@ -519,7 +519,9 @@ def test_overwrite_starts_a_sweep_over(ckpt, tmp_path, one_corruption, capsys):
     (cells / 'stale.json').write_text('{}')  # whatever else is there goes too
     capsys.readouterr()
     result = evaluate.main([*sweep, '--overwrite', '--max-depth', '5'])
-    assert capsys.readouterr().out.count('cell ') == 6  # every cell evaluated again, none reused
+    out = capsys.readouterr().out
+    assert out.count('cell ') == 6  # every cell evaluated again, none reused
+    assert 'interval' not in out  # no --calibration: no interval in the cells' lines or the table
     assert sorted(p.name for p in cells.iterdir()) == sorted(f'{c}_{s}.json' for c, s in evaluate.sweep_cells())
     assert all(strict_json(p)['determined_by']['max_depth'] == 5.0 for p in cells.iterdir())
     assert result['determined_by']['max_depth'] == 5.0
@@ -570,6 +572,24 @@ def test_the_cheap_baselines_are_rows_with_their_own_settings(ckpt, method, name
     determined = evaluate.sweep_settings(evaluate.get_parser().parse_args(argv), method, torch.device('cpu'), 1)
     assert {k: determined[k] for k in ('samples', 'dropout') if k in determined} == options
     assert result['seg']['mutual_information_mean'] >= 0 and result['depth']['epistemic_var_mean'] >= 0
+
+
+def test_a_metric_no_sweep_measured_gets_no_panel_or_column(monkeypatch, tmp_path):
+    import compare
+    drawn = {}
+    monkeypatch.setattr(figures, 'line_plots', lambda path, panels, title: drawn.update(
+        titles=[title for title, *_ in panels]))
+    plain = {'name': 'a', 'summary': {h: [None if h.startswith('interval') else 0.1] * 6
+                                      for *_, h in evaluate.SWEEP_METRICS}}
+    calibrated = {'name': 'b', 'summary': {h: [0.2] * 6 for *_, h in evaluate.SWEEP_METRICS}}
+    evaluate.sweep_plot(tmp_path / 'sweep.png', [plain])
+    assert drawn['titles'] == [h for *_, h in evaluate.SWEEP_METRICS if not h.startswith('interval')]
+    assert 'interval' not in evaluate.format_sweep(plain) and 'nan' not in evaluate.format_sweep(plain)
+    evaluate.sweep_plot(tmp_path / 'sweep.png', [plain, calibrated])  # one sweep has it: its panel is back
+    assert drawn['titles'] == [h for *_, h in evaluate.SWEEP_METRICS]
+    table = compare.sweep_table([plain, calibrated])
+    assert table.splitlines()[2].endswith('| interval coverage | interval width |')
+    assert table.splitlines()[4].endswith('| - | - |') and table.splitlines()[-1].endswith('| 0.200 | 0.200 |')
 
 
 def test_the_sweep_plot_names_its_units(monkeypatch, tmp_path):
