@@ -648,13 +648,14 @@ def print_inference(rows, ratios, header):
           "median in this run; peak: memory of one call beyond the "
           "weights (see peak_memory)")
     single = next((r['latency_ms_median'] for r in rows if r['key'] == 'segdepthformer'), None)
-    print(f"{'row':<34}{'params (M)':>11}{'MACs paper (G)':>16}{'MACs exec (G)':>15}"
+    width = max([34] + [len(r['name']) + 2 for r in rows])  # the rows' names, in one column
+    print(f"{'row':<{width}}{'params (M)':>11}{'MACs paper (G)':>16}{'MACs exec (G)':>15}"
           f"{'latency (ms)':>28}{'x single':>10}{'FPS':>9}{'peak (MiB)':>12}")
     for r in rows:
         latency = f"{r['latency_ms_median']:.1f} ({r['latency_ms_mean']:.1f} +- {r['latency_ms_std']:.1f})"
         times = f"{r['latency_ms_median'] / single:.2f}" if single else '-'
         peak = '-' if r['peak_bytes'] is None else f"{r['peak_bytes'] / 2**20:.0f}"
-        print(f"{r['name']:<34}{r['params'] / 1e6:>11.2f}{r['macs_paper'] / 1e9:>16.2f}"
+        print(f"{r['name']:<{width}}{r['params'] / 1e6:>11.2f}{r['macs_paper'] / 1e9:>16.2f}"
               f"{r['macs_executed'] / 1e9:>15.2f}{latency:>28}{times:>10}{r['fps']:>9.2f}{peak:>12}")
     for name, ratio in ratios.items():
         print(f"latency {name}: {ratio:.3f} ({1 / ratio:.2f}x the speed)")
@@ -704,8 +705,8 @@ def get_parser():
                    help="add the rows hf and hf-encoder: Hugging Face transformers' SegFormer "
                         "(an optional package)")
     p.add_argument('--onnx', action='store_true',
-                   help="add the row onnx: SegDepthFormer exported to ONNX, run by onnxruntime on the CPU "
-                        "(optional packages onnx, onnxruntime)")
+                   help="add the rows onnx and onnx-plain-prediction: SegDepthFormer exported to ONNX, run "
+                        "by onnxruntime on the CPU (optional packages onnx, onnxruntime)")
     p.add_argument('--train', action='store_true',
                    help="time training steps of SegDepthFormer (folded vs textbook) instead of the table")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',

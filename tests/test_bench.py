@@ -118,6 +118,11 @@ def test_tiny_run_reports_every_row(tmp_path, capsys):
         assert r['name'] in out
     for column in ('params (M)', 'MACs paper (G)', 'MACs exec (G)', 'latency (ms)', 'FPS'):
         assert column in out
+    # one column of names, however long, so that every line of the table ends where the header does
+    lines = out.splitlines()
+    table = [line for line in lines if line.startswith('row ')] + [
+        next(line for line in lines if line.startswith(r['name'] + '  ')) for r in report['rows']]
+    assert max(len(r['name']) for r in report['rows']) > 34 and len({len(line) for line in table}) == 1
     assert 'latency SegDepthFormer / SegDepthFormer, textbook decoder' in out
     assert report['settings']['backbone'] == 'b0' and report['latency_ratios']
     assert report['settings']['precision'] == 'fp32'  # auto, the default, means fp32 on a CPU
