@@ -115,8 +115,9 @@ def sweep_table(reports):
 
 
 def costs(results):
-    """Each result's time per image over that of the single network of its kind (with or without
-    an 'ood' block): the uncalibrated result of method none, the first where there are several."""
+    """Each result's (time per image over that of the single network of its kind, with or without
+    an 'ood' block; that network's name): the uncalibrated result of method none, the first where
+    there are several."""
     out = []
     for r in results:
         kind = bool(r.get('ood'))
@@ -125,7 +126,7 @@ def costs(results):
         if not single:
             raise ValueError(f"--cost-plot measures cost against one network: give the result of method none, "
                              f"uncalibrated, {'with' if kind else 'without'} --synthetic-ood, beside {r['name']}")
-        out.append(time_per_image(r) / time_per_image(single[0]))
+        out.append((time_per_image(r) / time_per_image(single[0]), single[0]['name']))
     return out
 
 
@@ -139,13 +140,14 @@ def cost_plot(path, results):
     x = costs(results)
     panels = []
     for title, ylabel, block, key in COST_PANELS:
-        series = []
-        for r, cost in zip(results, x):
+        series, single = [], 'one network'
+        for r, (cost, single_name) in zip(results, x):
             if bool(r.get('ood')) != (block == 'ood') or not r.get(block):
                 continue
             value = (r['ood'][key[0]] or {}).get(key[1]) if block == 'ood' else r[block].get(key)
             series.append((r['name'], [cost], [value]))
-        panels.append((title, 'time per image / one network', ylabel, series))
+            single = single_name  # the same for every result of the panel: they are of one kind
+        panels.append((title, f"time per image / {single}'s", ylabel, series))
     figures.line_plots(path, panels, 'cost and uncertainty quality of each method', columns=3, log_x=True)
 
 

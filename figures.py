@@ -207,9 +207,9 @@ def bar_ticks(low, high, width, unit):
     carries the unit, each label lies within the bar and none overlaps the next (one that would
     is left out, from the right end's side)."""
     values = [v for v in _ticks(low, high, 4) if low <= v <= high] or [low]
-    ticks = []
-    for k, v in enumerate(reversed(values)):  # from the right: the unit's label is always kept
-        text = f'{v:.3g}' + (f' {unit}' if k == 0 else '')
+    labelled, ticks = list(zip(values, tick_texts(values))), []
+    for k, (v, text) in enumerate(labelled[::-1]):  # from the right: the unit's label is always kept
+        text = f'{text} {unit}' if k == 0 else text
         x = (v - low) / (high - low) * (width - 1) if high > low else 0.0
         left = min(max(x - FONT.getlength(text) / 2, 0), width - FONT.getlength(text))
         if not ticks or left + FONT.getlength(text) + 6 <= ticks[-1][2]:
@@ -383,10 +383,21 @@ def _marker(draw, x, y, marker, colour):
 
 def log_ticks(low, high):
     """Tick values 1, 2, 5 times the powers of ten within [low, high] (both > 0), for a log axis;
-    the two ends where fewer than two fall inside."""
+    where fewer than two fall inside (a range of less than a factor of 2.5), about three round
+    values of one step (_ticks)."""
     ticks = [m * 10 ** e for e in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
              for m in (1, 2, 5) if low <= m * 10 ** e <= high]
-    return ticks if len(ticks) >= 2 else [low, high]
+    return ticks if len(ticks) >= 2 else _ticks(low, high, 3)
+
+
+def tick_texts(values):
+    """The ticks' labels: 3 significant digits, or as many more (up to 6) as it takes for every
+    label to read as its value (ticks 0.8535 and 0.85375 would both read 0.854)."""
+    for digits in range(3, 7):
+        texts = [f'{v:.{digits}g}' for v in values]
+        if all(abs(float(t) - v) <= 1e-9 * max(1.0, abs(v)) for t, v in zip(texts, values)):
+            break
+    return texts
 
 
 def line_plots(path, panels, title, columns=4, log_x=False):
@@ -416,12 +427,14 @@ def line_plots(path, panels, title, columns=4, log_x=False):
         px = lambda v: x0 + (at(v) - at(xl)) / (at(xh) - at(xl)) * pw
         py = lambda v: y0 + (1 - (v - yl) / (yh - yl)) * ph
         draw.text((x0, y0 - 16), panel_title, fill='black', font=FONT)
-        for v in _ticks(yl, yh):
+        yticks = _ticks(yl, yh)
+        for v, text in zip(yticks, tick_texts(yticks)):
             draw.line([x0, py(v), x0 + pw, py(v)], fill=(230, 230, 230))
-            draw.text((x0 - 6 - FONT.getlength(f'{v:.3g}'), py(v) - 7), f'{v:.3g}', fill='black', font=FONT)
-        for v in (log_ticks(xl, xh) if log_x else _ticks(xl, xh)):
+            draw.text((x0 - 6 - FONT.getlength(text), py(v) - 7), text, fill='black', font=FONT)
+        xticks = log_ticks(xl, xh) if log_x else _ticks(xl, xh)
+        for v, text in zip(xticks, tick_texts(xticks)):
             draw.line([px(v), y0 + ph, px(v), y0 + ph + 4], fill='black')
-            draw.text((px(v) - FONT.getlength(f'{v:.3g}') / 2, y0 + ph + 6), f'{v:.3g}', fill='black', font=FONT)
+            draw.text((px(v) - FONT.getlength(text) / 2, y0 + ph + 6), text, fill='black', font=FONT)
         draw.rectangle([x0, y0, x0 + pw, y0 + ph], outline='black')
         draw.text((x0 + pw / 2 - FONT.getlength(xlabel) / 2, y0 + ph + 22), xlabel, fill='black', font=FONT)
         _vertical_text(canvas, ylabel, x0 - left + 4, y0 + ph / 2)

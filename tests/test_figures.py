@@ -150,7 +150,16 @@ def test_compare_plot_without_a_sweep_is_refused_before_anything_is_written(tmp_
 
 def test_log_ticks_are_one_two_five_times_the_powers_of_ten():
     assert figures.log_ticks(0.8, 12) == [1, 2, 5, 10]
-    assert figures.log_ticks(1.1, 1.5) == [1.1, 1.5]  # no round value inside: the ends
+    # fewer than two inside: round values of one step, 1 among them where it lies inside
+    assert figures.log_ticks(1.1, 1.5) == pytest.approx([1.2, 1.4])
+    assert figures.log_ticks(0.766, 1.26) == pytest.approx([0.8, 1.0, 1.2])
+
+
+def test_tick_labels_are_told_apart():
+    assert figures.tick_texts([0.2, 0.4, 1.0]) == ['0.2', '0.4', '1']
+    # ticks 0.00025 apart: 3 significant digits would read 0.854 three times
+    assert figures.tick_texts([0.8535, 0.85375, 0.854, 0.85425]) == ['0.8535', '0.85375', '0.854', '0.85425']
+    assert figures.tick_texts([0.1 + 0.2]) == ['0.3']  # a float's last bits are no digit to show
 
 
 def evaluation(name, method, ms, batch_size=1, ood=False, calibration=None, ece=0.1):
@@ -185,10 +194,12 @@ def test_cost_plot_puts_each_result_at_its_time_over_one_networks(tmp_path, monk
         paths[-1].write_text(json.dumps(r))
     drawn = {}
     monkeypatch.setattr(figures, 'line_plots', lambda path, panels, title, columns, log_x: drawn.update(
-        panels={title: series for title, _, _, series in panels}, log_x=log_x))
+        panels={title: series for title, _, _, series in panels}, log_x=log_x,
+        x_labels={title: x_label for title, x_label, _, _ in panels}))
     compare.main([*map(str, paths), '--cost-plot', str(tmp_path / 'cost.png')])
     # clean results against the clean single network (10 ms), the DE's 60 ms for a batch of 2;
     # results with an 'ood' block against the OOD single network (20 ms), in the OOD panels only
+    assert drawn['x_labels']['seg ECE'] == "time per image / B0's"  # the single network it is measured against
     assert drawn['log_x'] and drawn['panels']['seg ECE'] == [('B0', [1.0], [0.1]), ('B0, calibrated', [1.1], [0.1]),
                                                              ('DE x3', [3.0], [0.05])]
     assert drawn['panels']['OOD AUROC by depth variance'] == [('B0', [1.0], [0.7]), ('DE x3', [2.5], [0.7])]
