@@ -698,7 +698,7 @@ def get_parser():
     p.add_argument('--batch-size', type=plumbing.positive_int, default=1, help="images per step (FPS = batch size / latency)")
     p.add_argument('--rows', nargs='+', default=[k for k in ROWS if k not in HF_ROWS + ONNX_ROWS],
                    choices=list(ROWS), metavar='ROW',
-                   help=f"rows to run, of: {', '.join(ROWS)} (default: all but hf* and onnx)")
+                   help=f"rows to run, of: {', '.join(ROWS)} (default: all but hf* and onnx*)")
     p.add_argument('--members', type=plumbing.positive_int, default=10, help="N: Deep Ensemble members, DSE heads per task")
     p.add_argument('--samples', type=plumbing.positive_int, default=10, help="T: samples of mcd, mcd-decoder and drop-path (their passes)")
     p.add_argument('--hf', action='store_true',
@@ -736,7 +736,7 @@ def parse_args(argv):
         p.error("--iters must be at least 2 (the std needs two timings)")
     if args.train and args.hf:
         p.error("--hf compares inference; --train times SegDepthFormer only")
-    if 'onnx' in args.rows or args.onnx:
+    if args.onnx or any(k in ONNX_ROWS for k in args.rows):
         if args.train or args.device != 'cpu' or args.precision != 'fp32' or args.compile:
             p.error("the onnx row times onnxruntime's fp32 CPU inference: use it with --device cpu, "
                     "fp32, without --compile or --train")

@@ -63,10 +63,9 @@ def row_names(results):
     return [f"{r['name']}, OOD data" if mixed and r.get('ood') else r['name'] for r in results]
 
 
-def evaluation_tables(results):
+def evaluation_tables(results, names):
     """The paper's columns, the second block's, and the operating points' (evaluate.OPERATING_COLUMNS),
-    one row per result."""
-    names = row_names(results)
+    one row per result, named `names` (row_names)."""
     paper = markdown(['', *[f'{t} {h}' for t, _, h in evaluate.COLUMNS], 'ms/image'],
                      [[name, *[_cell((r[t] or {}).get(k)) for t, k, _ in evaluate.COLUMNS],
                        _cell(r['time_ms']['mean'], 1)] for name, r in zip(names, results)])
@@ -82,23 +81,22 @@ def evaluation_tables(results):
     return tables
 
 
-def check_names(paths, results):
-    """Refuse two evaluations that would get the same row name: their rows could not be told
-    apart."""
-    names = row_names(results)
+def check_names(paths, names):
+    """Refuse evaluations (from `paths`) whose row names (row_names) are the same: their rows
+    could not be told apart."""
     for name in names:
-        if names.count(name) > 1:
-            same = [path for path, n in zip(paths, names) if n == name]
-            raise ValueError(f"{' and '.join(same)} are both named {name!r}: give one another name "
+        same = [path for path, n in zip(paths, names) if n == name]
+        if len(same) > 1:
+            raise ValueError(f"{', '.join(same)} share the row name {name!r}: give each its own "
                              "(evaluate.py --name), or compare them apart")
 
 
-def ood_table(results):
-    """AUROC / AUPR / FPR95 of each score, one row per result."""
+def ood_table(results, names):
+    """AUROC / AUPR / FPR95 of each score, one row per result, named `names` (row_names)."""
     scores = ('entropy', 'mutual_information', 'depth_var')
     headers = ['', *[f'{s} {m}' for s in scores for m in ('AUROC', 'AUPR', 'FPR95')]]
-    return markdown(headers, [[r['name'], *[_cell((r['ood'][s] or {}).get(m)) for s in scores
-                                             for m in ('auroc', 'aupr', 'fpr95')]] for r in results])
+    return markdown(headers, [[name, *[_cell((r['ood'][s] or {}).get(m)) for s in scores
+                                        for m in ('auroc', 'aupr', 'fpr95')]] for name, r in zip(names, results)])
 
 
 def sweep_table(reports):
@@ -114,19 +112,23 @@ def sweep_table(reports):
                                          for r in reports for s in range(6)])
 
 
+def single_network(results, ood):
+    """The result that --cost-plot measures the cost of the results of one kind against (with an
+    'ood' block if `ood`, else without): the uncalibrated result of method none, the first where
+    there are several; None where there is none."""
+    return next((s for s in results if bool(s.get('ood')) == ood and s['method'] == 'none'
+                 and not s['settings'].get('calibration')), None)
+
+
 def costs(results):
-    """Each result's (time per image over that of the single network of its kind, with or without
-    an 'ood' block; that network's name): the uncalibrated result of method none, the first where
-    there are several."""
+    """Each result's time per image over that of the single network of its kind."""
     out = []
     for r in results:
-        kind = bool(r.get('ood'))
-        single = [s for s in results if bool(s.get('ood')) == kind and s['method'] == 'none'
-                  and not s['settings'].get('calibration')]
-        if not single:
+        single = single_network(results, bool(r.get('ood')))
+        if single is None:
             raise ValueError(f"--cost-plot measures cost against one network: give the result of method none, "
-                             f"uncalibrated, {'with' if kind else 'without'} --synthetic-ood, beside {r['name']}")
-        out.append((time_per_image(r) / time_per_image(single[0]), single[0]['name']))
+                             f"uncalibrated, {'with' if r.get('ood') else 'without'} --synthetic-ood, beside {r['name']}")
+        out.append(time_per_image(r) / time_per_image(single))
     return out
 
 
@@ -140,14 +142,14 @@ def cost_plot(path, results):
     x = costs(results)
     panels = []
     for title, ylabel, block, key in COST_PANELS:
-        series, single = [], 'one network'
-        for r, (cost, single_name) in zip(results, x):
+        series = []
+        for r, cost in zip(results, x):
             if bool(r.get('ood')) != (block == 'ood') or not r.get(block):
                 continue
             value = (r['ood'][key[0]] or {}).get(key[1]) if block == 'ood' else r[block].get(key)
             series.append((r['name'], [cost], [value]))
-            single = single_name  # the same for every result of the panel: they are of one kind
-        panels.append((title, f"time per image / {single}'s", ylabel, series))
+        single = single_network(results, block == 'ood')  # None only where the panel has no point
+        panels.append((title, f"time per image / {single['name']}'s" if single else 'time per image', ylabel, series))
     figures.line_plots(path, panels, 'cost and uncertainty quality of each method', columns=3, log_x=True)
 
 
@@ -180,7 +182,8 @@ def main(argv=None):
     loaded = [read_result(path) for path in args.results]
     sweeps = [r for r, kind in loaded if kind == 'sweep']
     evaluations = [r for r, kind in loaded if kind == 'evaluation']
-    check_names([path for path, (_, kind) in zip(args.results, loaded) if kind == 'evaluation'], evaluations)
+    names = row_names(evaluations)
+    check_names([path for path, (_, kind) in zip(args.results, loaded) if kind == 'evaluation'], names)
     if args.plot and not sweeps:
         raise ValueError('--plot draws corruption sweeps (evaluate.py --corruption all), and none of the files is one')
     if args.cost_plot and not evaluations:
@@ -191,9 +194,10 @@ def main(argv=None):
             plumbing.check_output(path, option, args.overwrite)
     if args.cost_plot:
         costs(evaluations)  # refused before anything is written when the single network is missing
-    tables = evaluation_tables(evaluations) if evaluations else []
-    if any(r.get('ood') for r in evaluations):
-        tables.append(ood_table([r for r in evaluations if r.get('ood')]))
+    tables = evaluation_tables(evaluations, names) if evaluations else []
+    ood = [k for k, r in enumerate(evaluations) if r.get('ood')]
+    if ood:
+        tables.append(ood_table([evaluations[k] for k in ood], [names[k] for k in ood]))
     if sweeps:
         tables.append(sweep_table(sweeps))
     print('\n\n'.join(tables))

@@ -482,14 +482,13 @@ class Cityscapes(Dataset):
         self.transform = transform
         self.has_ood = (self.root / 'ood' / split).is_dir()  # an anomaly benchmark's masks (README)
         self.images = sorted((self.root / 'leftImg8bit' / split).glob('*/*_leftImg8bit.png'))
-        missing = [str(self.root / d / split) for d in ('leftImg8bit', 'gtFine', 'disparity', 'camera')
-                   if not (self.root / d / split).is_dir()]
+        folders = {'leftImg8bit': 'leftImg8bit.png', 'gtFine': 'gtFine_labelIds.png', 'disparity': 'disparity.png',
+                   'camera': 'camera.json'}  # the four folders, each with its files' suffix
+        missing = [str(self.root / d / split) for d in folders if not (self.root / d / split).is_dir()]
         if missing or not self.images:
             problem = (f'missing {", ".join(missing)}' if missing else
                        f'no {self.root}/leftImg8bit/{split}/<city>/*_leftImg8bit.png')
-            layout = [f'{kind}/{split}/<city>/<city>_<seq>_<frame>_{suffix}' for kind, suffix in (
-                ('leftImg8bit', 'leftImg8bit.png'), ('gtFine', 'gtFine_labelIds.png'),
-                ('disparity', 'disparity.png'), ('camera', 'camera.json'))]
+            layout = [f'{kind}/{split}/<city>/<city>_<seq>_<frame>_{suffix}' for kind, suffix in folders.items()]
             raise FileNotFoundError(_layout_error(f'Cityscapes {split}', self.root, problem, 'the official layout', layout))
 
     def __len__(self):

@@ -513,11 +513,11 @@ def evaluate_and_report(args, model, method, name, num_classes, rank, world_size
 # the corruption sweep: clean, then every corruption at every severity
 
 # what the sweep follows against severity: accuracy, calibration, failure detection, uncertainty,
-# and the conformal depth interval (of a model evaluated with --calibration)
+# and the conformal depth interval (of a model evaluated with --calibration only)
+INTERVAL_METRICS = [('depth', 'interval_coverage', 'interval coverage'), ('depth', 'interval_width', 'interval width')]
 SWEEP_METRICS = [('seg', 'miou', 'mIoU'), ('seg', 'ece', 'ECE'), ('seg', 'auroc_failure', 'AUROC fail'),
                  ('seg', 'entropy_mean', 'entropy'), ('depth', 'rmse', 'RMSE'), ('depth', 'ause_rmse', 'AUSE rmse'),
-                 ('depth', 'nll', 'depth NLL'), ('depth', 'variance_mean', 'depth var'),
-                 ('depth', 'interval_coverage', 'interval coverage'), ('depth', 'interval_width', 'interval width')]
+                 ('depth', 'nll', 'depth NLL'), ('depth', 'variance_mean', 'depth var'), *INTERVAL_METRICS]
 
 
 def sweep_cells():
@@ -592,9 +592,10 @@ def sweep(args, model, method, name, num_classes, rank, world_size, device):
     <corruption>_<severity>.json with the settings that determine it (sweep_settings), so that a
     killed sweep, run again with the same command, goes on where it stopped; cells of other
     settings are refused, and --overwrite deletes them first. One line per evaluated cell with
-    the sweep's progress and ETA (the mean time of the cells evaluated so far, times the cells
-    left). Then the summary: every metric of SWEEP_METRICS per severity, averaged over the
-    corruptions, as JSON (--json), a table and a plot (<json without .json>.png)."""
+    its metrics (the interval's only with --calibration), the sweep's progress and ETA (the mean
+    time of the cells evaluated so far, times the cells left). Then the summary: every metric of
+    SWEEP_METRICS per severity, averaged over the corruptions, as JSON (--json), and those it
+    measured (measured) as a table and a plot (<json without .json>.png)."""
     cells_dir, plot = os.path.splitext(args.json)[0] + '.cells', os.path.splitext(args.json)[0] + '.png'
     if args.overwrite and rank == 0 and os.path.isdir(cells_dir):
         shutil.rmtree(cells_dir)
@@ -615,9 +616,9 @@ def sweep(args, model, method, name, num_classes, rank, world_size, device):
         if rank == 0:
             plumbing.write_json(results[corruption, severity], os.path.join(cells_dir, f'{corruption}_{severity}.json'))
             each = (time.perf_counter() - start) / done
-            values = [(h, (row[task] or {}).get(key)) for task, key, h in SWEEP_METRICS]
+            shown = [m for m in SWEEP_METRICS if args.calibration or m not in INTERVAL_METRICS]
             print(f'cell {sweep_cells().index((corruption, severity)) + 1}/{len(sweep_cells())} {corruption} {severity}: '
-                  + '  '.join(f'{h} {_number(v)}' for h, v in values if v is not None and not math.isnan(v))
+                  + '  '.join(f'{h} {_number((row[task] or {}).get(key))}' for task, key, h in shown)
                   + f' | {done}/{len(todo)} evaluated, {each:.1f} s each, eta {plumbing.format_duration(each * (len(todo) - done))}',
                   flush=True)
     report = plumbing.json_safe({'name': name, 'method': method, 'checkpoints': list(args.checkpoints),

@@ -304,12 +304,12 @@ def _axes(canvas, draw, px, py, xlabel, ylabel, xticks=(0, 0.2, 0.4, 0.6, 0.8, 1
     """A box with ticks and labels; px/py map plot coordinates in [0, 1] to pixels, to_x/to_y
     map a tick's value to plot coordinates."""
     draw.rectangle([px(0), py(1), px(1), py(0)], outline='black')
-    for v in xticks:
+    for v, text in zip(xticks, tick_texts(xticks)):
         draw.line([px(to_x(v)), py(0), px(to_x(v)), py(0) + 4], fill='black')
-        draw.text((px(to_x(v)) - 8, py(0) + 6), f'{v:.3g}', fill='black', font=FONT)
-    for v in yticks:
+        draw.text((px(to_x(v)) - 8, py(0) + 6), text, fill='black', font=FONT)
+    for v, text in zip(yticks, tick_texts(yticks)):
         draw.line([px(0) - 4, py(to_y(v)), px(0), py(to_y(v))], fill='black')
-        draw.text((px(0) - 8 - FONT.getlength(f'{v:.3g}'), py(to_y(v)) - 7), f'{v:.3g}', fill='black', font=FONT)
+        draw.text((px(0) - 8 - FONT.getlength(text), py(to_y(v)) - 7), text, fill='black', font=FONT)
     draw.text((px(0.5) - FONT.getlength(xlabel) / 2, py(0) + 40), xlabel, fill='black', font=FONT)
     _vertical_text(canvas, ylabel, 4, py(0.5))
 
@@ -383,8 +383,7 @@ def _marker(draw, x, y, marker, colour):
 
 def log_ticks(low, high):
     """Tick values 1, 2, 5 times the powers of ten within [low, high] (both > 0), for a log axis;
-    where fewer than two fall inside (a range of less than a factor of 2.5), about three round
-    values of one step (_ticks)."""
+    where fewer than two fall inside, about three round values of one step (_ticks)."""
     ticks = [m * 10 ** e for e in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
              for m in (1, 2, 5) if low <= m * 10 ** e <= high]
     return ticks if len(ticks) >= 2 else _ticks(low, high, 3)

@@ -242,12 +242,13 @@ def load_file(path):
 
 
 def load_failure(e):
-    """The reason torch.load gave for refusing a file, as one line: its first sentence. torch's
-    unpickler for weights only (tensors and plain Python) puts its reason after 'WeightsUnpickler
-    error:', behind advice to load with weights_only=False, which would run any code the file
-    holds; only the reason is kept."""
+    """The reason torch.load gave for refusing a file, as one line: its first sentence, or the
+    exception's name where it gave none (an empty file's EOFError). torch's unpickler for weights
+    only (tensors and plain Python) puts its reason after 'WeightsUnpickler error:', behind
+    advice to load with weights_only=False, which would run any code the file holds; only the
+    reason is kept."""
     reason = str(e).split('WeightsUnpickler error:')[-1].strip()
-    return reason.split('\n')[0].split('. ')[0].rstrip('.') or f'{type(e).__name__}: an empty or cut-off file'
+    return reason.split('\n')[0].split('. ')[0].rstrip('.') or type(e).__name__
 
 
 def read_state_dict(path):

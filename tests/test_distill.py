@@ -151,9 +151,9 @@ def test_killed_distillation_resumes_exactly(members, tmp_path):
 def test_no_arguments_run_the_demo_and_a_data_set_needs_its_teacher(monkeypatch, tmp_path):
     import demo
     called = []
-    monkeypatch.setattr(demo, 'main', lambda argv: called.append(argv))
+    monkeypatch.setattr(demo, 'main', lambda argv, script: called.append((argv, script)))
     distill.main([])
-    assert called == [['--stage', 'emuformer']]
+    assert called == [(['--stage', 'emuformer'], 'distill.py')]  # which it names in what it prints
     refused = subprocess.run([sys.executable, 'distill.py', '--data', 'nyuv2', '--root', str(tmp_path),
                               '--out', str(tmp_path / 'run')], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1

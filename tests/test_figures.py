@@ -157,7 +157,7 @@ def test_log_ticks_are_one_two_five_times_the_powers_of_ten():
 
 def test_tick_labels_are_told_apart():
     assert figures.tick_texts([0.2, 0.4, 1.0]) == ['0.2', '0.4', '1']
-    # ticks 0.00025 apart: 3 significant digits would read 0.854 three times
+    # ticks 0.00025 apart: with 3 significant digits all four would read 0.854
     assert figures.tick_texts([0.8535, 0.85375, 0.854, 0.85425]) == ['0.8535', '0.85375', '0.854', '0.85425']
     assert figures.tick_texts([0.1 + 0.2]) == ['0.3']  # a float's last bits are no digit to show
 
@@ -175,19 +175,20 @@ def test_a_models_clean_and_ood_rows_are_told_apart(tmp_path):
     paths = [tmp_path / 'clean.json', tmp_path / 'ood.json']
     for path, r in zip(paths, results):
         path.write_text(json.dumps(r))
-    paper = compare.main(list(map(str, paths)))[0]
-    assert [line.split(' | ')[0] for line in paper.splitlines()[2:]] == ['| B0', '| B0, OOD data']
+    tables = compare.main(list(map(str, paths)))
+    assert [line.split(' | ')[0] for line in tables[0].splitlines()[2:]] == ['| B0', '| B0, OOD data']
+    assert tables[-1].splitlines()[2].startswith('| B0, OOD data | ')  # the OOD table names it alike
     assert compare.row_names(results[1:]) == ['B0']  # no clean result beside it: no mark
     # two results of one kind under one name: refused, naming both files
     (tmp_path / 'again.json').write_text(json.dumps(results[0]))
-    with pytest.raises(ValueError, match=f"{paths[0]} and {tmp_path / 'again.json'} are both named 'B0'"):
+    with pytest.raises(ValueError, match=f"{paths[0]}, {tmp_path / 'again.json'} share the row name 'B0'"):
         compare.main([str(paths[0]), str(tmp_path / 'again.json')])
 
 
 def test_cost_plot_puts_each_result_at_its_time_over_one_networks(tmp_path, monkeypatch, capsys):
     results = [evaluation('B0', 'none', 10.0), evaluation('B0, calibrated', 'none', 11.0, calibration='ab12'),
                evaluation('DE x3', 'de', 60.0, batch_size=2, ece=0.05),
-               evaluation('B0', 'none', 20.0, ood=True), evaluation('DE x3', 'de', 50.0, ood=True)]
+               evaluation('B0 on OOD', 'none', 20.0, ood=True), evaluation('DE x3 on OOD', 'de', 50.0, ood=True)]
     paths = []
     for k, r in enumerate(results):
         paths.append(tmp_path / f'{k}.json')
@@ -199,10 +200,12 @@ def test_cost_plot_puts_each_result_at_its_time_over_one_networks(tmp_path, monk
     compare.main([*map(str, paths), '--cost-plot', str(tmp_path / 'cost.png')])
     # clean results against the clean single network (10 ms), the DE's 60 ms for a batch of 2;
     # results with an 'ood' block against the OOD single network (20 ms), in the OOD panels only
-    assert drawn['x_labels']['seg ECE'] == "time per image / B0's"  # the single network it is measured against
+    # each panel names the single network it is measured against: the clean one, or the OOD one
+    assert drawn['x_labels']['seg ECE'] == "time per image / B0's"
+    assert drawn['x_labels']['OOD AUROC by entropy'] == "time per image / B0 on OOD's"
     assert drawn['log_x'] and drawn['panels']['seg ECE'] == [('B0', [1.0], [0.1]), ('B0, calibrated', [1.1], [0.1]),
                                                              ('DE x3', [3.0], [0.05])]
-    assert drawn['panels']['OOD AUROC by depth variance'] == [('B0', [1.0], [0.7]), ('DE x3', [2.5], [0.7])]
+    assert drawn['panels']['OOD AUROC by depth variance'] == [('B0 on OOD', [1.0], [0.7]), ('DE x3 on OOD', [2.5], [0.7])]
     assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path / 'cost.png'}"
     # without the single network of a kind there is nothing to measure cost against
     with pytest.raises(ValueError, match='give the result of method none, uncalibrated, without --synthetic-ood'):
