@@ -608,6 +608,7 @@ def sweep(args, model, method, name, num_classes, rank, world_size, device):
     if rank == 0:
         print(f'sweep of {name}: {len(sweep_cells())} cells (clean, then {len(corrupt.CORRUPTIONS)} corruptions x 5 '
               f'severities), {len(results)} already in {cells_dir}, {len(todo)} to evaluate', flush=True)
+    shown = [m for m in SWEEP_METRICS if args.calibration or m not in INTERVAL_METRICS]  # in each cell's line
     start = time.perf_counter()
     for done, (corruption, severity) in enumerate(todo, 1):
         cell = None if corruption == 'clean' else (corruption, severity)
@@ -616,7 +617,6 @@ def sweep(args, model, method, name, num_classes, rank, world_size, device):
         if rank == 0:
             plumbing.write_json(results[corruption, severity], os.path.join(cells_dir, f'{corruption}_{severity}.json'))
             each = (time.perf_counter() - start) / done
-            shown = [m for m in SWEEP_METRICS if args.calibration or m not in INTERVAL_METRICS]
             print(f'cell {sweep_cells().index((corruption, severity)) + 1}/{len(sweep_cells())} {corruption} {severity}: '
                   + '  '.join(f'{h} {_number((row[task] or {}).get(key))}' for task, key, h in shown)
                   + f' | {done}/{len(todo)} evaluated, {each:.1f} s each, eta {plumbing.format_duration(each * (len(todo) - done))}',
