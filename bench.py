@@ -27,7 +27,8 @@ except the encoder, 1/4-resolution, Hugging Face and onnxruntime rows, which say
     MC Dropout (T), plain dropout           the same with torch's own dropout in every layer
                                             (PLAIN_DROPOUT): what mit.cpu_dropout and
                                             heads.dropped_pointwise buy on a CPU (on a GPU
-                                            both rows run torch's)
+                                            both rows run torch's; the header says whether
+                                            numba compiles cpu_dropout's masks)
     decoder MC Dropout (T)                  SegDepthFormer, method 'mcd-decoder': the encoder
                                             once, T passes of the decoders with dropout on
     decoder MC Dropout (T), plain dropout   the same with torch's own Dropout2d: what
@@ -111,6 +112,7 @@ Run (single process; a benchmark has nothing to gain from torchrun):
 
 import argparse
 import ctypes
+import importlib.metadata
 import json
 import multiprocessing
 import os
@@ -745,6 +747,14 @@ def parse_args(argv):
     return args
 
 
+def installed_version(package):
+    """The installed version of `package`, or None, read without importing it."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def main(argv=None):
     """Run the benchmark; returns the rows (a list of dicts, as written to --json)."""
     args = parse_args(argv)
@@ -753,14 +763,16 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     (H, W), dtype = args.size, args.precision
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+    numba = installed_version('numba')  # whether MC Dropout's masks are compiled on a CPU (mit.cpu_dropout)
     header = (f"{name} ({torch.get_num_threads()} CPU threads), {dtype}"
               f"{', channels_last' if args.channels_last else ''}"
               f"{f', compiled ({args.compile_mode})' if args.compile else ', eager'}, "
               f"MiT-{args.backbone.upper()}, {H}x{W}, batch {args.batch_size}, {args.num_classes} classes, "
-              f"torch {torch.__version__}; {'CUDA events' if device.type == 'cuda' else 'wall clock'}, "
+              f"torch {torch.__version__}, {f'numba {numba}' if numba else 'without numba'}; "
+              f"{'CUDA events' if device.type == 'cuda' else 'wall clock'}, "
               f"{args.warmup} warm-up + {args.iters} timed iterations")
     settings = {**vars(args), 'device_name': name, 'threads': torch.get_num_threads(),
-                'torch': torch.__version__}
+                'torch': torch.__version__, 'numba': numba}
     if args.train:
         rows = train_rows(args, device)
         ratios = throughput_ratios(rows)

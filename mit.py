@@ -37,9 +37,11 @@ the two for the convolutions is a free view, not a copy (`tokens_to_map`, `map_t
 
 The dropout layers (attention probabilities, projections, Mix-FFN) are off by default, as in
 the official models; MC Dropout (uq.mc_dropout) switches them on at test time. On a CPU their
-random bits come from a faster generator (cpu_dropout, in the speed-up section at the end).
+masks come from a faster generator, compiled by numba where it is installed (cpu_dropout, in
+the speed-up section at the end).
 """
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,14 +109,14 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(map_to_tokens(x)), H, W
 
 
-# True: on a CPU, dropout's random bits come from the speed-up at the end of this file; bench.py's
+# True: on a CPU, dropout's masks come from the speed-up at the end of this file; bench.py's
 # row mcd-plain sets it False (with heads.FAST_DROPOUT2D) to time torch's own dropout
 FAST_DROPOUT = True
 
 
 class Dropout(nn.Dropout):
     """nn.Dropout (in training mode, and under MC Dropout: zero each element with probability p,
-    scale the rest by 1 / (1 - p)). On a CPU the random bits come from cpu_dropout (the speed-up
+    scale the rest by 1 / (1 - p)). On a CPU the masks come from cpu_dropout (the speed-up
     section at the end of this file)."""
 
     def forward(self, x):
@@ -363,33 +365,88 @@ def backbone_of(state):
 
 
 # ---------------------------------------------------------------------------------------------
-# --- speed-up: dropout's random bits from numpy's PCG64 on the CPU (replaces F.dropout's
-# bernoulli_ in Dropout above; bench.py rows mcd and mcd-plain, the latter with
-# heads.FAST_DROPOUT2D off too, timed in the same run; docs/results.md)
+# --- speed-up: dropout's masks on a CPU from a counter-based generator, computed in one compiled
+# pass by numba where it is installed (replaces F.dropout's bernoulli_ in Dropout above; bench.py
+# rows mcd and mcd-plain, the latter with heads.FAST_DROPOUT2D off too, timed in the same run;
+# docs/results.md)
+
+# SplitMix64 (Steele, Lea and Flood, 2014): the step of its counter (2^64 divided by the golden
+# ratio) and the multipliers of its output mix; the shifts too are uint64, so that numpy and
+# numba compute every step in uint64, modulo 2^64
+GOLDEN, MIX1, MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+S27, S30, S31 = np.uint64(27), np.uint64(30), np.uint64(31)
+BLOCK = 16384  # elements of x per block of the compiled pass: its words stay in the core's cache
+
+
+def splitmix64(seed, j):
+    """Word j of SplitMix64 started at `seed` (uint64; j a uint64 or an array of them): a hash of
+    seed + (j + 1) * GOLDEN, so that any stretch of the stream is computed without the words
+    before it. numpy runs it on arrays, and numba compiles it into dropout_kernel."""
+    z = seed + (j + np.uint64(1)) * GOLDEN
+    z = (z ^ (z >> S30)) * MIX1
+    z = (z ^ (z >> S27)) * MIX2
+    return z ^ (z >> S31)
+
 
 def cpu_dropout(x, p):
     """Dropout of a CPU tensor x at rate p. torch's bernoulli_ draws one random number per
-    element, which is slow on a CPU when MC Dropout runs every dropout layer; here one random
-    64-bit word of numpy's PCG64 gives four 16-bit numbers, which read as int16 are
-    `signed` = u - 32768 with u uniform over 0..65535, and an element is kept iff
-    u < k = round(65536 (1 - p)). The keep probability is then exactly k / 65536 (the rate p to
-    within 2^-17: 0.2 becomes 0.199997), and the kept elements are scaled by 65536 / k, so the
-    expectation is exactly x. The generator is seeded from torch's random stream, which
-    torch.manual_seed and train.py's checkpoints govern as they govern every other mask. Where
-    no gradient flows (MC Dropout at test time) x is masked in place: every input here is a
-    fresh temporary of the layer before.
+    element, which is slow on a CPU when MC Dropout runs every dropout layer; here each 64-bit
+    word of SplitMix64, seeded from torch's random stream, gives four 16-bit numbers. Read as
+    int16 they are `signed` = u - 32768 with u uniform over 0..65535, and an element is kept iff
+    u < k = round(65536 (1 - p)), that is signed <= k - 32769. The keep probability is then
+    exactly k / 65536 (the rate p to within 2^-17: 0.2 becomes 0.199997), and the kept elements
+    are scaled by 65536 / k, so the expectation is exactly x. torch.manual_seed and train.py's
+    checkpoints govern the seed as they govern every other mask.
 
-    The mask is made by int16 arithmetic: `signed` clamped to c = k - 32769 where kept or c + 1
-    where dropped, minus c + 1, negated, is 1 or 0. On a CPU, torch's comparisons (which write
-    bools) and its products of floats with bools are slower than these three int16 operations
-    and a product with int16 (docs/results.md)."""
+    Where numba is installed, dropout_kernel computes the words, the masks and the products in
+    one pass over x, in parallel blocks (docs/results.md has what it buys). Without it numpy
+    and torch compute the same numbers below, so that no result depends on whether numba is
+    installed. Where no gradient flows (MC Dropout at test time) x is masked in place: every
+    input here is a fresh temporary of the layer before."""
     if p in (0, 1):
         return F.dropout(x, p, training=True)
     k = max(1, round(65536 * (1 - p)))
-    if k == 65536:  # p <= 2^-17 keeps every element (and c + 1 below would overflow int16)
+    if k == 65536:  # p <= 2^-17 keeps every element (and k - 32769 would not fit in int16)
         return x
-    bits = np.random.PCG64(int(torch.randint(2**62, ()))).random_raw((x.numel() + 3) // 4)
-    signed = torch.from_numpy(bits.view(np.int16)[:x.numel()]).view(x.shape)  # u - 32768
-    c = k - 32769  # kept iff u < k, that is signed <= c
-    keep = signed.clamp_(c, c + 1).sub_(c + 1).neg_()  # 1 where kept, 0 where dropped
-    return (x.mul_(keep) if not x.requires_grad else x * keep).mul_(65536 / k)
+    seed, c, scale = np.uint64(int(torch.randint(2**62, ()))), k - 32769, 65536 / k
+    kernel = dropout_kernel()
+    if kernel is not None and x.dtype in (torch.float32, torch.float64):
+        # with gradients the mask (0 or the scale) is made on ones, and x multiplied out of place
+        out = torch.ones(x.shape, dtype=x.dtype) if x.requires_grad else x.contiguous()
+        flat = out.view(-1).numpy()
+        kernel(flat, seed, np.int16(c), flat.dtype.type(scale), torch.get_num_threads())
+        return x * out if x.requires_grad else out
+    words = splitmix64(seed, np.arange((x.numel() + 3) // 4, dtype=np.uint64))
+    keep = torch.from_numpy(words.view(np.int16)[:x.numel()]).view(x.shape) <= c
+    return (x.mul_(keep) if not x.requires_grad else x * keep).mul_(scale)
+
+
+@functools.cache
+def dropout_kernel():
+    """cpu_dropout's words, masks and products in one pass, compiled by numba (on the first call,
+    in about a second), or None where numba is not installed. kernel(x, seed, c, scale, threads)
+    scales the elements of the flat array x in place by `scale` where kept and by 0 where
+    dropped, which are cpu_dropout's numbers bit for bit (x * 1 * scale and x * 0 * scale are
+    x * scale and x * 0). Each block of BLOCK elements computes its own words, so the blocks
+    run in parallel, on as many threads as torch uses."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    word = numba.njit(splitmix64)
+
+    @numba.njit(parallel=True, boundscheck=False)
+    def kernel(x, seed, c, scale, threads):
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        zero = x.dtype.type(0)  # of x's type, as scale is: the products stay in it
+        for block in numba.prange((x.size + BLOCK - 1) // BLOCK):
+            start = block * BLOCK
+            part = x[start:start + BLOCK]  # a slice, which the compiler vectorises (x[start + i] it does not)
+            words = np.empty(BLOCK // 4, np.uint64)
+            for j in range((part.size + 3) // 4):  # the words of elements start .. start + BLOCK - 1
+                words[j] = word(seed, np.uint64(start // 4 + j))
+            signed = words.view(np.int16)
+            for i in range(part.size):
+                part[i] *= scale if signed[i] <= c else zero
+
+    return kernel

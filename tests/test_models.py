@@ -568,24 +568,72 @@ def test_dropout_keeps_the_stated_fraction_and_the_expectation(p):
     assert torch.equal(mit.cpu_dropout(torch.ones(100), 1e-6), torch.ones(100))  # so does p <= 2^-17 (k = 65536)
 
 
+def splitmix64_reference(seed, j):
+    """Word j of SplitMix64 started at seed, in Python's integers (Steele, Lea and Flood 2014:
+    state seed + (j + 1) * gamma, then the output mix), reduced modulo 2^64 at every step."""
+    z = (seed + (j + 1) * 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
+
+
+def test_splitmix64_is_the_published_generator():
+    # the first five outputs of SplitMix64 seeded with 1234567, as Rosetta Code's task
+    # "Pseudo-random numbers/Splitmix64" publishes them (the seed is the state; each call adds
+    # gamma, then mixes)
+    want = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431,
+            16408922859458223821]
+    assert [splitmix64_reference(1234567, j) for j in range(5)] == want
+    got = mit.splitmix64(np.uint64(1234567), np.arange(5, dtype=np.uint64))
+    assert got.dtype == np.uint64 and got.tolist() == want
+
+
 # k: the rates 0.2 and 0.5, the ends of int16's range (k = 1, 65535), and k on either side of
-# one of the drawn numbers (the test draws it first), so that a threshold off by one fails
+# one of the drawn numbers (the test draws it first), so that a threshold off by one fails;
+# each with numba's compiled pass and without it (numpy's)
+@pytest.mark.parametrize('compiled', [True, False])
 @pytest.mark.parametrize('k', [52429, 32768, 1, 65535, 'u0', 'u0+1'])
-def test_dropout_mask_is_the_definition_on_the_generators_numbers(k):
-    # the docstring's rule, transcribed with numpy and a Python comparison: PCG64 seeded from
-    # torch's stream, four 16-bit numbers per 64-bit word, read as int16 plus 32768 (u), an
-    # element kept iff u < k, and scaled by 65536 / k
-    n = 10_001  # not a multiple of four: the last word is used in part
+def test_dropout_mask_is_the_definition_on_the_generators_numbers(k, compiled, monkeypatch):
+    # the docstring's rule, transcribed with Python's integers: SplitMix64 seeded from torch's
+    # stream, four 16-bit numbers per 64-bit word (the low 16 bits first), read as int16 plus
+    # 32768 (u), an element kept iff u < k, and scaled by 65536 / k
+    if compiled and mit.dropout_kernel() is None:
+        pytest.skip('numba is not installed')
+    if not compiled:
+        monkeypatch.setattr(mit, 'dropout_kernel', lambda: None)
+    n = 40_001  # more than two of the compiled pass's blocks, and not a multiple of four
     x = torch.randn(n, dtype=torch.float64)
     torch.manual_seed(3)
-    words = np.random.PCG64(int(torch.randint(2**62, ()))).random_raw((n + 3) // 4)
-    u = (words.view(np.int16)[:n].astype(np.int64) + 32768).tolist()
+    seed = int(torch.randint(2**62, ()))
+    numbers = [(splitmix64_reference(seed, i // 4) >> (16 * (i % 4))) & 0xFFFF for i in range(n)]
+    u = [v - 65536 + 32768 if v >= 32768 else v + 32768 for v in numbers]  # int16 reading, plus 32768
     k = {'u0': u[0], 'u0+1': u[0] + 1}.get(k, k)  # u[0] itself dropped, or just kept
     p = 1 - k / 65536  # exact in binary, so that round(65536 * (1 - p)) is k again
     torch.manual_seed(3)
     got = mit.cpu_dropout(x.clone(), p)
     want = torch.tensor([xi * (65536 / k) if ui < k else 0.0 for xi, ui in zip(x.tolist(), u)], dtype=torch.float64)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize('shape', [(1,), (3,), (2, 16384), (5, 16385), (1, 2, 300, 77)])
+def test_dropout_compiled_and_numpy_forms_agree_bit_for_bit(shape, monkeypatch):
+    # the same masks and products whether numba is installed or not: float32 and float64,
+    # in place and with gradients (then the gradient is the mask times the scale)
+    if mit.dropout_kernel() is None:
+        pytest.skip('numba is not installed')
+    for dtype, grad in [(torch.float32, False), (torch.float64, False), (torch.float32, True)]:
+        x = torch.randn(shape, dtype=dtype, requires_grad=grad)
+        results = []
+        for kernel in (mit.dropout_kernel, lambda: None):
+            monkeypatch.setattr(mit, 'dropout_kernel', kernel)
+            torch.manual_seed(5)
+            y = mit.cpu_dropout(x.clone() if not grad else x, 0.2)
+            if grad:
+                x.grad = None
+                y.sum().backward()
+                y = torch.cat([y.detach().flatten(), x.grad.flatten()])
+            results.append(y)
+        assert torch.equal(*results)
 
 
 def test_plain_dropout_is_torchs_and_both_forms_keep_the_rate(monkeypatch):
