@@ -410,25 +410,26 @@ def cpu_dropout(x, p):
         return x
     seed, c, scale = np.uint64(int(torch.randint(2**62, ()))), k - 32769, 65536 / k
     kernel = dropout_kernel()
-    if kernel is not None and x.dtype in (torch.float32, torch.float64):
-        # with gradients the mask (0 or the scale) is made on ones, and x multiplied out of place
-        out = torch.ones(x.shape, dtype=x.dtype) if x.requires_grad else x.contiguous()
-        flat = out.view(-1).numpy()
-        kernel(flat, seed, np.int16(c), flat.dtype.type(scale), torch.get_num_threads())
-        return x * out if x.requires_grad else out
-    words = splitmix64(seed, np.arange((x.numel() + 3) // 4, dtype=np.uint64))
-    keep = torch.from_numpy(words.view(np.int16)[:x.numel()]).view(x.shape) <= c
-    return (x.mul_(keep) if not x.requires_grad else x * keep).mul_(scale)
+    if kernel is None or x.dtype not in (torch.float32, torch.float64):
+        words = splitmix64(seed, np.arange((x.numel() + 3) // 4, dtype=np.uint64))
+        keep = torch.from_numpy(words.view(np.int16)[:x.numel()]).view(x.shape) <= c
+        return (x.mul_(keep) if not x.requires_grad else x * keep).mul_(scale)
+    # the same in numba's one pass; with gradients it makes the mask (0 or the scale) from ones,
+    # and x is multiplied by it out of place
+    out = torch.ones(x.shape, dtype=x.dtype) if x.requires_grad else x.contiguous()
+    flat = out.view(-1).numpy()
+    kernel(flat, seed, np.int16(c), flat.dtype.type(scale), torch.get_num_threads())
+    return x * out if x.requires_grad else out
 
 
 @functools.cache
 def dropout_kernel():
-    """cpu_dropout's words, masks and products in one pass, compiled by numba (on the first call,
-    in about a second), or None where numba is not installed. kernel(x, seed, c, scale, threads)
-    scales the elements of the flat array x in place by `scale` where kept and by 0 where
-    dropped, which are cpu_dropout's numbers bit for bit (x * 1 * scale and x * 0 * scale are
-    x * scale and x * 0). Each block of BLOCK elements computes its own words, so the blocks
-    run in parallel, on as many threads as torch uses."""
+    """cpu_dropout's words, masks and products in one pass, compiled by numba on the first call,
+    or None where numba is not installed. kernel(x, seed, c, scale, threads) scales the elements
+    of the flat array x in place, by `scale` where kept and by 0 where dropped: cpu_dropout's
+    numbers bit for bit (x * 1 * scale and x * 0 * scale are x * scale and x * 0). Each block
+    of BLOCK elements computes its own words, so the blocks run in parallel, on as many threads
+    as torch uses."""
     try:
         import numba
     except ImportError:
@@ -441,7 +442,7 @@ def dropout_kernel():
         zero = x.dtype.type(0)  # of x's type, as scale is: the products stay in it
         for block in numba.prange((x.size + BLOCK - 1) // BLOCK):
             start = block * BLOCK
-            part = x[start:start + BLOCK]  # a slice, which the compiler vectorises (x[start + i] it does not)
+            part = x[start:start + BLOCK]  # a slice: the compiler vectorises its loop, not one over x[start + i]
             words = np.empty(BLOCK // 4, np.uint64)
             for j in range((part.size + 3) // 4):  # the words of elements start .. start + BLOCK - 1
                 words[j] = word(seed, np.uint64(start // 4 + j))
