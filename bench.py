@@ -27,8 +27,10 @@ except the encoder, 1/4-resolution, Hugging Face and onnxruntime rows, which say
     MC Dropout (T), plain dropout           the same with torch's own dropout in every layer
                                             (PLAIN_DROPOUT): what mit.cpu_dropout and
                                             heads.dropped_pointwise buy on a CPU (on a GPU
-                                            both rows run torch's; the header says whether
-                                            numba compiles cpu_dropout's masks)
+                                            both rows run torch's)
+    MC Dropout (T), numpy's masks           the same with mit.cpu_dropout's masks made by
+                                            numpy and torch, as without numba: what numba's
+                                            kernel buys (the header says whether it runs)
     decoder MC Dropout (T)                  SegDepthFormer, method 'mcd-decoder': the encoder
                                             once, T passes of the decoders with dropout on
     decoder MC Dropout (T), plain dropout   the same with torch's own Dropout2d: what
@@ -288,6 +290,7 @@ ROWS = {  # --rows key: the row's name in the table ({N}: members, {T}: samples)
     'textbook': 'SegDepthFormer, textbook decoder',
     'mcd': 'MC Dropout (T={T})',
     'mcd-plain': 'MC Dropout (T={T}), plain dropout',
+    'mcd-numpy': "MC Dropout (T={T}), numpy's masks",
     'mcd-decoder': 'decoder MC Dropout (T={T})',
     'mcd-decoder-plain': 'decoder MC Dropout (T={T}), plain dropout',
     'drop-path': 'test-time drop-path (T={T})',
@@ -359,6 +362,7 @@ PLAIN_EXPORT = {'onnx-plain-prediction': [(predict, 'FAST_PREDICTION')]}
 
 # the MC Dropout rows with dropout's speed-ups switched off, as PLAIN_FORMS
 PLAIN_DROPOUT = {'mcd-plain': [(mit, 'FAST_DROPOUT'), (heads, 'FAST_DROPOUT2D')],
+                 'mcd-numpy': [(mit, 'NUMBA_DROPOUT')],
                  'mcd-decoder-plain': [(heads, 'FAST_DROPOUT2D')]}
 
 
@@ -435,7 +439,7 @@ def make_row(key, args, cache, device, for_peak=False):
     if key == 'textbook':
         model = Textbook(build('segdepthformer'))
         return [model], lambda x: uq.predict(model, x, 'none'), model
-    if key in ('mcd', 'mcd-plain'):
+    if key in ('mcd', 'mcd-plain', 'mcd-numpy'):
         model = build('segdepthformer')
         # textbook passes have no per-call work, so T passes cost one batch of T images
         paper = lambda x: model(x.repeat(T, 1, 1, 1), textbook=True)
@@ -629,7 +633,7 @@ def latency_ratios(rows):
              ('segdepthformer', 'segdepthformer-quarter'), *[('segdepthformer', key) for key in [*PLAIN_FORMS, *FRESH_PROCESS_ROWS]],
              ('segdepthformer', 'textbook'), ('segformer', 'hf'),
              ('segdepthformer', 'hf'), ('encoder', 'hf-encoder'), ('mcd', 'segdepthformer'),
-             ('mcd', 'mcd-plain'), ('mcd-decoder', 'segdepthformer'), ('mcd-decoder', 'mcd-decoder-plain'), ('drop-path', 'segdepthformer'),
+             ('mcd', 'mcd-plain'), ('mcd', 'mcd-numpy'), ('mcd-decoder', 'segdepthformer'), ('mcd-decoder', 'mcd-decoder-plain'), ('drop-path', 'segdepthformer'),
              ('dse', 'segdepthformer'), ('de', 'segdepthformer'),
              ('de-batched', 'segdepthformer'), ('de-looped', 'segdepthformer'), ('de-batched', 'de-looped'),
              ('onnx', 'segdepthformer'), ('onnx', 'onnx-plain-prediction')]
@@ -747,14 +751,6 @@ def parse_args(argv):
     return args
 
 
-def installed_version(package):
-    """The installed version of `package`, or None, read without importing it."""
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def main(argv=None):
     """Run the benchmark; returns the rows (a list of dicts, as written to --json)."""
     args = parse_args(argv)
@@ -763,16 +759,17 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     (H, W), dtype = args.size, args.precision
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
-    numba = installed_version('numba')  # whether MC Dropout's masks are compiled on a CPU (mit.cpu_dropout)
+    # numba's version where its kernel makes MC Dropout's masks on a CPU (mit.dropout_kernel)
+    numba_version = importlib.metadata.version('numba') if mit.dropout_kernel() else None
     header = (f"{name} ({torch.get_num_threads()} CPU threads), {dtype}"
               f"{', channels_last' if args.channels_last else ''}"
               f"{f', compiled ({args.compile_mode})' if args.compile else ', eager'}, "
               f"MiT-{args.backbone.upper()}, {H}x{W}, batch {args.batch_size}, {args.num_classes} classes, "
-              f"torch {torch.__version__}, {f'numba {numba}' if numba else 'without numba'}; "
+              f"torch {torch.__version__}, {f'numba {numba_version}' if numba_version else 'without numba'}; "
               f"{'CUDA events' if device.type == 'cuda' else 'wall clock'}, "
               f"{args.warmup} warm-up + {args.iters} timed iterations")
     settings = {**vars(args), 'device_name': name, 'threads': torch.get_num_threads(),
-                'torch': torch.__version__, 'numba': numba}
+                'torch': torch.__version__, 'numba': numba_version}
     if args.train:
         rows = train_rows(args, device)
         ratios = throughput_ratios(rows)

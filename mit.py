@@ -112,6 +112,9 @@ class OverlapPatchEmbed(nn.Module):
 # True: on a CPU, dropout's masks come from the speed-up at the end of this file; bench.py's
 # row mcd-plain sets it False (with heads.FAST_DROPOUT2D) to time torch's own dropout
 FAST_DROPOUT = True
+# True: there, numba's kernel makes them where numba is installed; bench.py's row mcd-numpy sets
+# it False to time numpy's form of the same masks
+NUMBA_DROPOUT = True
 
 
 class Dropout(nn.Dropout):
@@ -365,23 +368,23 @@ def backbone_of(state):
 
 
 # ---------------------------------------------------------------------------------------------
-# --- speed-up: dropout's masks on a CPU from a counter-based generator, computed in one compiled
-# pass by numba where it is installed (replaces F.dropout's bernoulli_ in Dropout above; bench.py
-# rows mcd and mcd-plain, the latter with heads.FAST_DROPOUT2D off too, timed in the same run;
-# docs/results.md)
+# --- speed-up: dropout's masks on a CPU from a counter-based generator, made by numba's kernel in
+# one sweep over each tensor where numba is installed (replaces F.dropout's bernoulli_ in Dropout
+# above; bench.py rows mcd, mcd-plain (with heads.FAST_DROPOUT2D off too) and mcd-numpy, timed in
+# the same run; docs/results.md)
 
 # SplitMix64 (Steele, Lea and Flood, 2014): the step of its counter (2^64 divided by the golden
 # ratio) and the multipliers of its output mix; the shifts too are uint64, so that numpy and
 # numba compute every step in uint64, modulo 2^64
 GOLDEN, MIX1, MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 S27, S30, S31 = np.uint64(27), np.uint64(30), np.uint64(31)
-BLOCK = 16384  # elements of x per block of the compiled pass: its words stay in the core's cache
+CHUNK = 16384  # elements of x per chunk of the kernel's sweep, meant to keep its words in a core's cache
 
 
 def splitmix64(seed, j):
-    """Word j of SplitMix64 started at `seed` (uint64; j a uint64 or an array of them): a hash of
-    seed + (j + 1) * GOLDEN, so that any stretch of the stream is computed without the words
-    before it. numpy runs it on arrays, and numba compiles it into dropout_kernel."""
+    """Word j of SplitMix64 started at `seed` (uint64; j an array of uint64 in numpy, one uint64
+    in numba's kernel): a hash of seed + (j + 1) * GOLDEN, so that any stretch of the stream is
+    computed without the words before it."""
     z = seed + (j + np.uint64(1)) * GOLDEN
     z = (z ^ (z >> S30)) * MIX1
     z = (z ^ (z >> S27)) * MIX2
@@ -391,31 +394,33 @@ def splitmix64(seed, j):
 def cpu_dropout(x, p):
     """Dropout of a CPU tensor x at rate p. torch's bernoulli_ draws one random number per
     element, which is slow on a CPU when MC Dropout runs every dropout layer; here each 64-bit
-    word of SplitMix64, seeded from torch's random stream, gives four 16-bit numbers. Read as
-    int16 they are `signed` = u - 32768 with u uniform over 0..65535, and an element is kept iff
+    word of SplitMix64, seeded from torch's random stream, gives four 16-bit numbers (its low 16
+    bits first, as numpy's little-endian view reads them) for four elements. Read as int16 they
+    are `signed` = u - 32768 with u uniform over 0..65535, and an element is kept iff
     u < k = round(65536 (1 - p)), that is signed <= k - 32769. The keep probability is then
     exactly k / 65536 (the rate p to within 2^-17: 0.2 becomes 0.199997), and the kept elements
     are scaled by 65536 / k, so the expectation is exactly x. torch.manual_seed and train.py's
     checkpoints govern the seed as they govern every other mask.
 
-    Where numba is installed, dropout_kernel computes the words, the masks and the products in
-    one pass over x, in parallel blocks (docs/results.md has what it buys). Without it numpy
-    and torch compute the same numbers below, so that no result depends on whether numba is
-    installed. Where no gradient flows (MC Dropout at test time) x is masked in place: every
-    input here is a fresh temporary of the layer before."""
+    numpy and torch compute these numbers first below. Where numba is installed, its kernel
+    (dropout_kernel) computes the same numbers for float32 and float64 in one sweep over x, in
+    parallel chunks (docs/results.md has what it buys), so that no result depends on whether
+    numba is installed. Without gradients (MC Dropout at test time) a contiguous x is masked in
+    place, as every input here is a fresh temporary of the layer before; otherwise the result is
+    a new tensor."""
     if p in (0, 1):
         return F.dropout(x, p, training=True)
     k = max(1, round(65536 * (1 - p)))
     if k == 65536:  # p <= 2^-17 keeps every element (and k - 32769 would not fit in int16)
         return x
     seed, c, scale = np.uint64(int(torch.randint(2**62, ()))), k - 32769, 65536 / k
-    kernel = dropout_kernel()
+    kernel = dropout_kernel() if NUMBA_DROPOUT else None
     if kernel is None or x.dtype not in (torch.float32, torch.float64):
         words = splitmix64(seed, np.arange((x.numel() + 3) // 4, dtype=np.uint64))
         keep = torch.from_numpy(words.view(np.int16)[:x.numel()]).view(x.shape) <= c
         return (x.mul_(keep) if not x.requires_grad else x * keep).mul_(scale)
-    # the same in numba's one pass; with gradients it makes the mask (0 or the scale) from ones,
-    # and x is multiplied by it out of place
+    # the same by numba's kernel; with gradients it makes the mask (0 or the scale) from ones, and
+    # x is multiplied by it out of place
     out = torch.ones(x.shape, dtype=x.dtype) if x.requires_grad else x.contiguous()
     flat = out.view(-1).numpy()
     kernel(flat, seed, np.int16(c), flat.dtype.type(scale), torch.get_num_threads())
@@ -424,27 +429,29 @@ def cpu_dropout(x, p):
 
 @functools.cache
 def dropout_kernel():
-    """cpu_dropout's words, masks and products in one pass, compiled by numba on the first call,
-    or None where numba is not installed. kernel(x, seed, c, scale, threads) scales the elements
-    of the flat array x in place, by `scale` where kept and by 0 where dropped: cpu_dropout's
-    numbers bit for bit (x * 1 * scale and x * 0 * scale are x * scale and x * 0). Each block
-    of BLOCK elements computes its own words, so the blocks run in parallel, on as many threads
-    as torch uses."""
+    """cpu_dropout's words, masks and products in one sweep: numba's kernel, or None where numba
+    is not installed (numba compiles it for each dtype on its first call with it).
+    kernel(x, seed, c, scale, threads) scales the elements of the flat array x in place, by
+    `scale` where kept and by 0 where dropped: cpu_dropout's numbers bit for bit (x * 1 * scale
+    and x * 0 * scale are x * scale and x * 0). Each chunk of CHUNK elements computes its own
+    words, so the chunks run in parallel, on as many threads as torch uses."""
     try:
         import numba
-    except ImportError:
+    except ModuleNotFoundError as error:
+        if error.name != 'numba':  # numba is there but cannot be imported: say so
+            raise
         return None
     word = numba.njit(splitmix64)
 
-    @numba.njit(parallel=True, boundscheck=False)
+    @numba.njit(parallel=True)
     def kernel(x, seed, c, scale, threads):
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         zero = x.dtype.type(0)  # of x's type, as scale is: the products stay in it
-        for block in numba.prange((x.size + BLOCK - 1) // BLOCK):
-            start = block * BLOCK
-            part = x[start:start + BLOCK]  # a slice: the compiler vectorises its loop, not one over x[start + i]
-            words = np.empty(BLOCK // 4, np.uint64)
-            for j in range((part.size + 3) // 4):  # the words of elements start .. start + BLOCK - 1
+        for chunk in numba.prange((x.size + CHUNK - 1) // CHUNK):
+            start = chunk * CHUNK
+            part = x[start:start + CHUNK]  # a slice, so that the compiler can vectorise the loop over it
+            words = np.empty(CHUNK // 4, np.uint64)
+            for j in range((part.size + 3) // 4):  # the words of elements start .. start + part.size - 1
                 words[j] = word(seed, np.uint64(start // 4 + j))
             signed = words.view(np.int16)
             for i in range(part.size):

@@ -590,19 +590,20 @@ def test_splitmix64_is_the_published_generator():
 
 # k: the rates 0.2 and 0.5, the ends of int16's range (k = 1, 65535), and k on either side of
 # one of the drawn numbers (the test draws it first), so that a threshold off by one fails;
-# each with numba's compiled pass and without it (numpy's)
-@pytest.mark.parametrize('compiled', [True, False])
+# each by numba's kernel and without it (numpy's form), in float64 and float32
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('numba_kernel', [True, False])
 @pytest.mark.parametrize('k', [52429, 32768, 1, 65535, 'u0', 'u0+1'])
-def test_dropout_mask_is_the_definition_on_the_generators_numbers(k, compiled, monkeypatch):
+def test_dropout_mask_is_the_definition_on_the_generators_numbers(k, numba_kernel, dtype, monkeypatch):
     # the docstring's rule, transcribed with Python's integers: SplitMix64 seeded from torch's
     # stream, four 16-bit numbers per 64-bit word (the low 16 bits first), read as int16 plus
-    # 32768 (u), an element kept iff u < k, and scaled by 65536 / k
-    if compiled and mit.dropout_kernel() is None:
+    # 32768 (u), an element kept iff u < k, and scaled by 65536 / k (in float32, the scale
+    # rounded to float32 first, as torch rounds a Python number it multiplies a float32 tensor by)
+    if numba_kernel and mit.dropout_kernel() is None:
         pytest.skip('numba is not installed')
-    if not compiled:
-        monkeypatch.setattr(mit, 'dropout_kernel', lambda: None)
-    n = 40_001  # more than two of the compiled pass's blocks, and not a multiple of four
-    x = torch.randn(n, dtype=torch.float64)
+    monkeypatch.setattr(mit, 'NUMBA_DROPOUT', numba_kernel)
+    n = 40_001  # more than two of the kernel's chunks, and not a multiple of four
+    x = torch.randn(n, dtype=dtype)
     torch.manual_seed(3)
     seed = int(torch.randint(2**62, ()))
     numbers = [(splitmix64_reference(seed, i // 4) >> (16 * (i % 4))) & 0xFFFF for i in range(n)]
@@ -611,29 +612,35 @@ def test_dropout_mask_is_the_definition_on_the_generators_numbers(k, compiled, m
     p = 1 - k / 65536  # exact in binary, so that round(65536 * (1 - p)) is k again
     torch.manual_seed(3)
     got = mit.cpu_dropout(x.clone(), p)
-    want = torch.tensor([xi * (65536 / k) if ui < k else 0.0 for xi, ui in zip(x.tolist(), u)], dtype=torch.float64)
+    scale = torch.tensor(65536 / k, dtype=dtype)
+    want = torch.stack([xi * scale if ui < k else torch.zeros((), dtype=dtype) for xi, ui in zip(x, u)])
     assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize('shape', [(1,), (3,), (2, 16384), (5, 16385), (1, 2, 300, 77)])
-def test_dropout_compiled_and_numpy_forms_agree_bit_for_bit(shape, monkeypatch):
-    # the same masks and products whether numba is installed or not: float32 and float64,
-    # in place and with gradients (then the gradient is the mask times the scale)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('grad', [False, True])
+def test_dropout_numba_kernel_and_numpys_form_agree_bit_for_bit(shape, dtype, grad, monkeypatch):
+    # the same masks and products whether numba is installed or not; without gradients both
+    # mask x in place, with them the gradient is the mask times the scale
     if mit.dropout_kernel() is None:
         pytest.skip('numba is not installed')
-    for dtype, grad in [(torch.float32, False), (torch.float64, False), (torch.float32, True)]:
-        x = torch.randn(shape, dtype=dtype, requires_grad=grad)
-        results = []
-        for kernel in (mit.dropout_kernel, lambda: None):
-            monkeypatch.setattr(mit, 'dropout_kernel', kernel)
-            torch.manual_seed(5)
-            y = mit.cpu_dropout(x.clone() if not grad else x, 0.2)
-            if grad:
-                x.grad = None
-                y.sum().backward()
-                y = torch.cat([y.detach().flatten(), x.grad.flatten()])
+    x = torch.randn(shape, dtype=dtype, requires_grad=grad)
+    results = []
+    for numba_kernel in (True, False):
+        monkeypatch.setattr(mit, 'NUMBA_DROPOUT', numba_kernel)
+        torch.manual_seed(5)
+        if grad:
+            x.grad = None
+            y = mit.cpu_dropout(x, 0.2)
+            y.sum().backward()
+            results.append(torch.cat([y.detach().flatten(), x.grad.flatten()]))
+        else:
+            copy = x.clone()
+            y = mit.cpu_dropout(copy, 0.2)
+            assert y.data_ptr() == copy.data_ptr() and torch.equal(y, copy)  # in place
             results.append(y)
-        assert torch.equal(*results)
+    assert torch.equal(*results)
 
 
 def test_plain_dropout_is_torchs_and_both_forms_keep_the_rate(monkeypatch):
