@@ -30,7 +30,8 @@ except the encoder, 1/4-resolution, Hugging Face and onnxruntime rows, which say
                                             both rows run torch's)
     MC Dropout (T), numpy's masks           the same with mit.cpu_dropout's masks made by
                                             numpy and torch, as without numba: what numba's
-                                            kernel buys (the header says whether it runs)
+                                            kernel buys (the header says whether it runs; on
+                                            a GPU, torch's dropout in both rows)
     decoder MC Dropout (T)                  SegDepthFormer, method 'mcd-decoder': the encoder
                                             once, T passes of the decoders with dropout on
     decoder MC Dropout (T), plain dropout   the same with torch's own Dropout2d: what
