@@ -760,13 +760,15 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     (H, W), dtype = args.size, args.precision
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
-    # numba's version where its kernel makes MC Dropout's masks on a CPU (mit.dropout_kernel)
-    numba_version = importlib.metadata.version('numba') if mit.dropout_kernel() else None
+    # numba's version where its kernel makes MC Dropout's masks (mit.dropout_kernel), asked on a
+    # CPU only: on a GPU torch makes them, and the run does not import numba
+    numba_version = importlib.metadata.version('numba') if device.type == 'cpu' and mit.dropout_kernel() else None
+    masks = '' if device.type == 'cuda' else f', numba {numba_version}' if numba_version else ', without numba'
     header = (f"{name} ({torch.get_num_threads()} CPU threads), {dtype}"
               f"{', channels_last' if args.channels_last else ''}"
               f"{f', compiled ({args.compile_mode})' if args.compile else ', eager'}, "
               f"MiT-{args.backbone.upper()}, {H}x{W}, batch {args.batch_size}, {args.num_classes} classes, "
-              f"torch {torch.__version__}, {f'numba {numba_version}' if numba_version else 'without numba'}; "
+              f"torch {torch.__version__}{masks}; "
               f"{'CUDA events' if device.type == 'cuda' else 'wall clock'}, "
               f"{args.warmup} warm-up + {args.iters} timed iterations")
     settings = {**vars(args), 'device_name': name, 'threads': torch.get_num_threads(),
