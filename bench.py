@@ -52,10 +52,16 @@ except the encoder, 1/4-resolution, Hugging Face and onnxruntime rows, which say
                                             init) exported by predict.py, its whole prediction
                                             with uncertainty run by onnxruntime on the CPU (its
                                             MACs: predict.FoldedNetwork's, fold matrices constant),
-                                            and exported with the export's speed-up off
-                                            (PLAIN_EXPORT):
+                                            and exported or run with one of the export's
+                                            speed-ups off (PLAIN_EXPORT):
       plain prediction                      a product per head for the block-diagonal one
                                             (predict.block_diagonal)
+      plain outputs                         the softmax and entropy over dim 1 of the logits
+                                            (predict.softmax_and_entropy) for the pixel rows
+      plain flatten                         the exporter's own flatten, which reads each conv
+                                            output's shape (for predict.onnx_flatten)
+      sleeping threads                      onnxruntime's threads sleep between operators
+                                            instead of spinning (predict.SPIN_THREADS)
 
 The samples of MC Dropout, the DSE's heads and the DE's members go the way uq.predict chooses
 for the device: one pass at a time on a CPU, all at once on a GPU.
@@ -305,9 +311,12 @@ ROWS = {  # --rows key: the row's name in the table ({N}: members, {T}: samples)
     'hf-encoder': 'HF SegFormer encoder',
     'onnx': 'SegDepthFormer, onnxruntime',
     'onnx-plain-prediction': 'SegDepthFormer, onnxruntime, plain prediction',
+    'onnx-plain-outputs': 'SegDepthFormer, onnxruntime, plain outputs',
+    'onnx-plain-flatten': 'SegDepthFormer, onnxruntime, plain flatten',
+    'onnx-plain-threads': 'SegDepthFormer, onnxruntime, sleeping threads',
 }
 HF_ROWS = ('hf', 'hf-encoder')
-ONNX_ROWS = ('onnx', 'onnx-plain-prediction')
+ONNX_ROWS = ('onnx', 'onnx-plain-prediction', 'onnx-plain-outputs', 'onnx-plain-flatten', 'onnx-plain-threads')
 
 
 class Textbook(nn.Module):
@@ -357,8 +366,11 @@ PLAIN_FORMS = {'segdepthformer-plain': [(heads, 'FAST_UPSAMPLE'), (heads, 'FAST_
                'segdepthformer-plain-upsample': [(heads, 'FAST_UPSAMPLE')],
                'segdepthformer-plain-folds': [(heads, 'FAST_FOLDS')],
                'segdepthformer-plain-softmax': [(uq, 'FAST_SOFTMAX')]}
-# the export's speed-up switched off, likewise, while it is traced (the session runs the graph)
-PLAIN_EXPORT = {'onnx-plain-prediction': [(predict, 'FAST_PREDICTION')]}
+# the export's speed-ups switched off, likewise, while the network is traced and its session made
+PLAIN_EXPORT = {'onnx-plain-prediction': [(predict, 'FAST_PREDICTION')],
+                'onnx-plain-outputs': [(predict, 'FAST_OUTPUTS')],
+                'onnx-plain-flatten': [(predict, 'FAST_FLATTEN')],
+                'onnx-plain-threads': [(predict, 'SPIN_THREADS')]}
 
 
 # the MC Dropout rows with dropout's speed-ups switched off, as PLAIN_FORMS
@@ -637,7 +649,7 @@ def latency_ratios(rows):
              ('mcd', 'mcd-plain'), ('mcd', 'mcd-numpy'), ('mcd-decoder', 'segdepthformer'), ('mcd-decoder', 'mcd-decoder-plain'), ('drop-path', 'segdepthformer'),
              ('dse', 'segdepthformer'), ('de', 'segdepthformer'),
              ('de-batched', 'segdepthformer'), ('de-looped', 'segdepthformer'), ('de-batched', 'de-looped'),
-             ('onnx', 'segdepthformer'), ('onnx', 'onnx-plain-prediction')]
+             ('onnx', 'segdepthformer'), *[('onnx', key) for key in PLAIN_EXPORT]]
     names = {r['key']: r['name'] for r in rows}
     return {f"{names[a]} / {names[b]}": latency[a] / latency[b]
             for a, b in pairs if a in latency and b in latency}
@@ -712,8 +724,9 @@ def get_parser():
                    help="add the rows hf and hf-encoder: Hugging Face transformers' SegFormer "
                         "(an optional package)")
     p.add_argument('--onnx', action='store_true',
-                   help="add the rows onnx and onnx-plain-prediction: SegDepthFormer exported to ONNX, run "
-                        "by onnxruntime on the CPU (optional packages onnx, onnxruntime)")
+                   help=f"add the rows {', '.join(ONNX_ROWS)}: SegDepthFormer exported to ONNX, run "
+                        "by onnxruntime on the CPU, and with each of the export's speed-ups off "
+                        "(optional packages onnx, onnxruntime)")
     p.add_argument('--train', action='store_true',
                    help="time training steps of SegDepthFormer (folded vs textbook) instead of the table")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',

@@ -448,6 +448,15 @@ OPSET = 17  # LayerNormalization is an ONNX operator from opset 17 on
 # True: FoldedNetwork's prediction layers run as one block-diagonal product (block_diagonal, at
 # the end of this file); bench.py's row onnx-plain-prediction sets it False to time the plain form
 FAST_PREDICTION = True
+# True: the softmax and entropy go over the classes of pixel rows (softmax_and_entropy_rows, at
+# the end of this file); bench.py's row onnx-plain-outputs sets it False to time the plain form
+FAST_OUTPUTS = True
+# True: onnx_bytes writes each flatten's target shape as constants (onnx_flatten, at the end of
+# this file); bench.py's row onnx-plain-flatten sets it False to time the exporter's own
+FAST_FLATTEN = True
+# True: onnx_session's threads spin between the operators of a run, and stop when it returns;
+# bench.py's row onnx-plain-threads sets it False: they sleep whenever they have no work
+SPIN_THREADS = True
 
 
 class FoldedNetwork(nn.Module):
@@ -490,7 +499,12 @@ class FoldedNetwork(nn.Module):
         outputs = []
         for task, y in zip(self.tasks, low):  # y: (B, K_t, H/4, W/4)
             y = F.interpolate(y, x.shape[-2:], mode='bilinear', align_corners=False)
-            outputs += softmax_and_entropy(y) if task == 'seg' else [F.relu(y[:, 0]), F.softplus(y[:, 1])]
+            if task == 'depth':
+                outputs += [F.relu(y[:, 0]), F.softplus(y[:, 1])]
+            elif FAST_OUTPUTS:  # the speed-up at the end of this file: the same, over pixel rows
+                outputs += softmax_and_entropy_rows(y)
+            else:
+                outputs += softmax_and_entropy(y)
         return tuple(outputs)
 
 
@@ -540,7 +554,11 @@ def onnx_bytes(network, metadata):
     for name in network.output_names:
         dynamic[name] = {0: 'batch', 2: 'height', 3: 'width'} if name == 'seg_probs' else {0: 'batch', 1: 'height', 2: 'width'}
     buffer = io.BytesIO()
-    torch.onnx.register_custom_op_symbolic('aten::unflatten', onnx_unflatten, OPSET)
+    symbolics = {'aten::unflatten': onnx_unflatten}
+    if FAST_FLATTEN:  # the speed-up at the end of this file
+        symbolics['aten::flatten'] = onnx_flatten
+    for op, symbolic in symbolics.items():
+        torch.onnx.register_custom_op_symbolic(op, symbolic, OPSET)
     try:
         with warnings.catch_warnings():
             # tracing records the encoder's size check as a constant (the graph keeps no Python
@@ -551,7 +569,8 @@ def onnx_bytes(network, metadata):
                               output_names=network.output_names, dynamic_axes=dynamic, opset_version=OPSET,
                               **TORCHSCRIPT_EXPORTER)
     finally:
-        torch.onnx.unregister_custom_op_symbolic('aten::unflatten', OPSET)
+        for op in symbolics:
+            torch.onnx.unregister_custom_op_symbolic(op, OPSET)
     model = onnx.load_from_string(buffer.getvalue())
     onnx.helper.set_model_props(model, metadata)
     onnx.checker.check_model(model)
@@ -620,15 +639,18 @@ def parity(path, model, sizes=((96, 128), (77, 101))):
 def onnx_session(onnxruntime, source, threads=None, arena=True):
     """An onnxruntime CPU session of an exported file (`source`: a path, or its bytes), as predict.py and
     bench.py make it: every graph optimisation on (ORT_ENABLE_ALL: constant folding, node
-    fusions, the CPU's own memory layouts), `threads` intra-op threads (None: onnxruntime's
-    choice, one per physical core), which sleep whenever they have no work instead of spinning
-    on their cores for a while (onnxruntime's default), which would slow whatever the process
-    does after a run (reading the next image; in bench.py the next row). arena=False gives up
-    onnxruntime's memory cache (bench.py's peak column, which is measured with nothing kept,
-    cpu_peak_memory)."""
+    fusions, the CPU's own memory layouts) and `threads` intra-op threads (None: onnxruntime's
+    choice, one per physical core). Between two operators of a run the threads spin on their
+    cores (onnxruntime's default), which saves waking them for each of the graph's operators;
+    when the run returns they stop (session.force_spinning_stop; by default they spin on for
+    a while, which would slow whatever the process does next: reading the next image, in
+    bench.py the next row). With SPIN_THREADS off they sleep whenever they have no work
+    (bench.py's row onnx-plain-threads). arena=False gives up onnxruntime's memory cache
+    (bench.py's peak column, which is measured with nothing kept, cpu_peak_memory)."""
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    options.add_session_config_entry('session.intra_op.allow_spinning', '1' if SPIN_THREADS else '0')
+    options.add_session_config_entry('session.force_spinning_stop', '1')
     if threads:
         options.intra_op_num_threads = threads
     options.enable_cpu_mem_arena = arena
@@ -647,6 +669,54 @@ def block_diagonal(predictors):
     lies; in the graph, a product per head first copies its channels out of z (a Slice)."""
     return (torch.block_diag(*(p.weight.flatten(1) for p in predictors)),
             torch.cat([p.bias for p in predictors]))
+
+
+
+# ---------------------------------------------------------------------------------------------
+# --- speed-up: the softmax and entropy over pixel rows (replaces softmax_and_entropy in
+# FoldedNetwork.forward; bench.py rows onnx and onnx-plain-outputs, timed in the same run;
+# docs/results.md)
+
+def softmax_and_entropy_rows(y):
+    """softmax_and_entropy(y) computed on the (B, H*W, K) rows of pixels, each row a pixel's K
+    logits next to each other: the same arithmetic, in the layout the heads' products leave
+    (channels last). onnxruntime reduces over a last axis several times faster than over the
+    second one of (B, K, H, W), and it upsamples a channels-last map faster too. Its layout
+    optimiser would otherwise move the layout change from the probabilities back in front of
+    the upsampling, where it moves fewer values but leaves the slow forms; the Reshape to rows
+    is an operator it does not move layout changes through. The entropy comes from e and d
+    (H = log s - sum_c e_c d_c / s), so that the probabilities are only divided and turned into
+    the (B, K, H, W) output once."""
+    H, W = y.shape[-2:]
+    rows = y.permute(0, 2, 3, 1).flatten(1, 2)  # (B, H*W, K)
+    d = rows - rows.amax(dim=-1, keepdim=True)
+    e = d.exp()
+    s = e.sum(dim=-1)
+    entropy = s.log() - (e * d).sum(dim=-1) / s
+    p = e / s.unsqueeze(-1)
+    return [p.unflatten(1, (H, W)).permute(0, 3, 1, 2), entropy.unflatten(1, (H, W))]
+
+
+# ---------------------------------------------------------------------------------------------
+# --- speed-up: flatten with a constant target shape (replaces the exporter's own translation
+# in onnx_bytes; bench.py rows onnx and onnx-plain-flatten, timed in the same run; docs/results.md)
+
+def onnx_flatten(g, x, start_dim, end_dim):
+    """x.flatten(start_dim, end_dim) in ONNX: a Reshape to [0, .., 0, -1, sizes after end_dim],
+    where 0 keeps that dimension of x (ONNX's Reshape) and the sizes after end_dim are the
+    constants the exporter knows them to be (mit.map_to_tokens: the channels). PyTorch's own
+    translation reads x's shape in the graph. After each of the encoder's convs that x is the
+    conv's output, and onnxruntime keeps a conv's output in its blocked layout, so it copies
+    the whole map back out of that layout only to read its shape. Where a size after end_dim
+    is not known as a constant, the target shape is read from x as PyTorch does."""
+    sizes = x.type().varyingSizes()  # None where a size is not a constant
+    start, end = (int(dim.node().t('value')) % len(sizes) for dim in (start_dim, end_dim))
+    const = lambda v: g.op('Constant', value_t=torch.tensor(v, dtype=torch.int64))
+    if all(isinstance(size, int) for size in sizes[end + 1:]):
+        return g.op('Reshape', x, const([0] * start + [-1] + sizes[end + 1:]))
+    shape = g.op('Shape', x)
+    head = [g.op('Slice', shape, const([0]), const([start]))] if start else []
+    return g.op('Reshape', x, g.op('Concat', *head, const([-1]), g.op('Slice', shape, const([end + 1]), const([2**62])), axis_i=0))
 
 
 if __name__ == '__main__':

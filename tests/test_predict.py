@@ -239,11 +239,13 @@ def test_export_refuses_mc_dropout_and_ensembles(ckpt, tmp_path):
         predict.main([*ckpt['members'], '--export', 'onnx', '--out', out])
 
 
-def test_softmax_and_entropy_is_the_definition():
+@pytest.mark.parametrize('softmax_and_entropy', [predict.softmax_and_entropy, predict.softmax_and_entropy_rows])
+def test_softmax_and_entropy_is_the_definition(softmax_and_entropy):
     torch.manual_seed(0)
     y = torch.randn(2, 5, 3, 4) * 10
     y[0, :, 0, 0] = torch.tensor([0.0, -200.0, 0.0, 0.0, 0.0])  # a class whose softmax underflows to 0 in fp32
-    p, h = predict.softmax_and_entropy(y)
+    p, h = softmax_and_entropy(y)
+    assert p.shape == y.shape and h.shape == (2, 3, 4)
     y64 = y.double()
     p64 = torch.exp(y64 - torch.logsumexp(y64, dim=1, keepdim=True))
     h64 = -(p64 * torch.log(p64).nan_to_num(neginf=0.0)).sum(dim=1)  # 0 log 0 = 0
@@ -292,6 +294,52 @@ def test_the_exported_decoder_has_no_conv_and_slices_no_map(ckpt):
     assert all(node.input[0] in shapes for node in decoder if node.op_type == 'Slice')
 
 
+class Flattens(torch.nn.Module):
+    def forward(self, x):  # x (B, C, H, W)
+        return (x.permute(0, 2, 3, 1).flatten(1, 2),  # the sizes after the flattened ones are constants: (C,)
+                x.flatten(2), x.flatten(0, 1),        # none after them, or from the first on
+                x.flatten(1, 2))                      # the width after them is dynamic: read from x
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason='onnx and onnxruntime are optional extras')
+@pytest.mark.parametrize('fast', [True, False])
+def test_flatten_in_the_export_is_torchs(fast, monkeypatch):
+    import onnxruntime
+    monkeypatch.setattr(predict, 'FAST_FLATTEN', fast)
+    module = Flattens()
+    module.output_names = ['a', 'b', 'c', 'd']
+    session = onnxruntime.InferenceSession(predict.onnx_bytes(module, {}), providers=['CPUExecutionProvider'])
+    for size in ((1, 3, 5, 7), (2, 3, 4, 9)):  # the second: another batch, height and width than traced
+        x = torch.randn(*size)
+        for ours, theirs in zip(module(x), session.run(None, {'image': x.numpy()})):
+            assert theirs.shape == tuple(ours.shape) and np.array_equal(theirs, ours.numpy())
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason='onnx and onnxruntime are optional extras')
+@pytest.mark.parametrize('fast', [True, False])
+def test_the_exported_graph_reads_the_shape_of_no_conv_but_the_patch_embeddings(ckpt, fast, monkeypatch):
+    import onnx
+    monkeypatch.setattr(predict, 'FAST_FLATTEN', fast)
+    graph = onnx.load_from_string(predict.onnx_bytes(predict.FoldedNetwork(load_model(ckpt['sdf'])), {})).graph
+    made_by = {output: node for node in graph.node for output in node.output}
+    read = set()  # the convs whose output, or a transpose of it, a Shape node reads
+    for node in graph.node:
+        source = made_by.get(node.input[0]) if node.op_type == 'Shape' else None  # None: a graph input
+        if source is not None and source.op_type == 'Transpose':
+            source = made_by.get(source.input[0])
+        if source is not None and source.op_type == 'Conv':
+            read.add(source.name)
+    patch_embeddings = {node.name for node in graph.node if node.op_type == 'Conv' and '/patch_embed' in node.name}
+    assert len(patch_embeddings) == 4
+    # each patch embedding's output size is the encoder's h, w (mit.OverlapPatchEmbed); with the
+    # speed-up no other conv's shape is read, so onnxruntime need not copy those maps out of
+    # its blocked layout; the exporter's own flatten reads every conv's
+    if fast:
+        assert read == patch_embeddings
+    else:
+        assert read > patch_embeddings
+
+
 @pytest.mark.skipif(not HAS_ONNX, reason='onnx and onnxruntime are optional extras')
 def test_onnx_export_matches_pytorch(ckpt, tmp_path, capsys):
     import onnxruntime
@@ -326,7 +374,8 @@ def test_bench_onnx_row():
     tiny = ['--backbone', 'b0', '--size', '64', '96', '--num-classes', '5', '--warmup', '1', '--iters', '2',
             '--device', 'cpu', '--threads', '1']
     rows = {r['key']: r for r in bench.main(tiny + ['--rows', 'segdepthformer', '--onnx'])}
-    assert list(rows) == ['segdepthformer', 'onnx', 'onnx-plain-prediction']
-    for key in ('onnx', 'onnx-plain-prediction'):
+    assert list(rows) == ['segdepthformer', *bench.ONNX_ROWS]
+    assert bench.ONNX_ROWS == ('onnx', *bench.PLAIN_EXPORT)
+    for key in bench.ONNX_ROWS:
         assert rows[key]['params'] == rows['segdepthformer']['params']
         assert rows[key]['latency_ms_median'] > 0 and rows[key]['peak_bytes'] > 0
