@@ -679,21 +679,23 @@ def block_diagonal(predictors):
 
 def softmax_and_entropy_rows(y):
     """softmax_and_entropy(y) computed on the (B, H*W, K) rows of pixels, each row a pixel's K
-    logits next to each other: the same arithmetic, in the layout the heads' products leave
-    (channels last). onnxruntime reduces over a last axis several times faster than over the
-    second one of (B, K, H, W), and it upsamples a channels-last map faster too. Its layout
+    logits next to each other, in the layout the heads' products leave (channels last):
+
+        p = softmax(rows)        H = -sum_c p_c log_softmax(rows)_c
+
+    onnxruntime runs Softmax and LogSoftmax over a last axis as one kernel each, which finds a
+    row's maximum, sums its exponentials and writes the row while it is in the cache. Two such
+    kernels take less time than one Exp with the elementwise passes around it over the whole
+    map (bench.py's row onnx-plain-outputs), though each computes the exponentials once more.
+    H is finite where a p_c underflows to 0 (log_softmax is finite there) and never negative (each
+    p_c log_softmax_c <= 0). onnxruntime also upsamples a channels-last map faster. Its layout
     optimiser would otherwise move the layout change from the probabilities back in front of
     the upsampling, where it moves fewer values but leaves the slow forms; the Reshape to rows
-    is an operator it does not move layout changes through. The entropy comes from e and d
-    (H = log s - sum_c e_c d_c / s), so that the probabilities are only divided and turned into
-    the (B, K, H, W) output once."""
+    is an operator it does not move layout changes through."""
     H, W = y.shape[-2:]
     rows = y.permute(0, 2, 3, 1).flatten(1, 2)  # (B, H*W, K)
-    d = rows - rows.amax(dim=-1, keepdim=True)
-    e = d.exp()
-    s = e.sum(dim=-1)
-    entropy = s.log() - (e * d).sum(dim=-1) / s
-    p = e / s.unsqueeze(-1)
+    p = rows.softmax(dim=-1)
+    entropy = -(p * rows.log_softmax(dim=-1)).sum(dim=-1)
     return [p.unflatten(1, (H, W)).permute(0, 3, 1, 2), entropy.unflatten(1, (H, W))]
 
 
