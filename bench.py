@@ -54,8 +54,9 @@ except the encoder, 1/4-resolution, Hugging Face and onnxruntime rows, which say
                                             MACs: predict.FoldedNetwork's, fold matrices constant),
                                             and exported or run with one of the export's
                                             speed-ups off (PLAIN_EXPORT):
-      plain prediction                      a product per head for the block-diagonal one
-                                            (predict.block_diagonal)
+      plain decoder                         the fused map made whole, then each head's
+                                            prediction layer on its channels (for
+                                            predict.chunked_heads)
       plain outputs                         the softmax and entropy over dim 1 of the logits
                                             (predict.softmax_and_entropy) for the pixel rows
       plain flatten                         the exporter's own flatten, which reads each conv
@@ -310,13 +311,13 @@ ROWS = {  # --rows key: the row's name in the table ({N}: members, {T}: samples)
     'hf': 'HF SegFormer',
     'hf-encoder': 'HF SegFormer encoder',
     'onnx': 'SegDepthFormer, onnxruntime',
-    'onnx-plain-prediction': 'SegDepthFormer, onnxruntime, plain prediction',
+    'onnx-plain-decoder': 'SegDepthFormer, onnxruntime, plain decoder',
     'onnx-plain-outputs': 'SegDepthFormer, onnxruntime, plain outputs',
     'onnx-plain-flatten': 'SegDepthFormer, onnxruntime, plain flatten',
     'onnx-plain-threads': 'SegDepthFormer, onnxruntime, sleeping threads',
 }
 HF_ROWS = ('hf', 'hf-encoder')
-ONNX_ROWS = ('onnx', 'onnx-plain-prediction', 'onnx-plain-outputs', 'onnx-plain-flatten', 'onnx-plain-threads')
+ONNX_ROWS = ('onnx', 'onnx-plain-decoder', 'onnx-plain-outputs', 'onnx-plain-flatten', 'onnx-plain-threads')
 
 
 class Textbook(nn.Module):
@@ -367,7 +368,7 @@ PLAIN_FORMS = {'segdepthformer-plain': [(heads, 'FAST_UPSAMPLE'), (heads, 'FAST_
                'segdepthformer-plain-folds': [(heads, 'FAST_FOLDS')],
                'segdepthformer-plain-softmax': [(uq, 'FAST_SOFTMAX')]}
 # the export's speed-ups switched off, likewise, while the network is traced and its session made
-PLAIN_EXPORT = {'onnx-plain-prediction': [(predict, 'FAST_PREDICTION')],
+PLAIN_EXPORT = {'onnx-plain-decoder': [(predict, 'FAST_CHUNKS')],
                 'onnx-plain-outputs': [(predict, 'FAST_OUTPUTS')],
                 'onnx-plain-flatten': [(predict, 'FAST_FLATTEN')],
                 'onnx-plain-threads': [(predict, 'SPIN_THREADS')]}

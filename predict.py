@@ -445,9 +445,10 @@ NOT_EXPORTED = {
 OPSET = 17  # LayerNormalization is an ONNX operator from opset 17 on
 
 
-# True: FoldedNetwork's prediction layers run as one block-diagonal product (block_diagonal, at
-# the end of this file); bench.py's row onnx-plain-prediction sets it False to time the plain form
-FAST_PREDICTION = True
+# True: FoldedNetwork makes and uses the fused map CHUNK channels at a time (chunked_heads, at
+# the end of this file); bench.py's row onnx-plain-decoder sets it False to time the plain form
+FAST_CHUNKS = True
+CHUNK = 128
 # True: the softmax and entropy go over the classes of pixel rows (softmax_and_entropy_rows, at
 # the end of this file); bench.py's row onnx-plain-outputs sets it False to time the plain form
 FAST_OUTPUTS = True
@@ -482,19 +483,16 @@ class FoldedNetwork(nn.Module):
             for i, weight in enumerate(weights):  # (G*E, C_i)
                 self.register_buffer(f'stage{i + 1}', weight)
             self.register_buffer('bias', bias)  # (G*E,)
-            prediction, prediction_bias = block_diagonal(self.predictors)
-            self.register_buffer('prediction', prediction)  # (K_all, G*E)
-            self.register_buffer('prediction_bias', prediction_bias)  # (K_all,)
         self.output_names = [name for t in self.tasks for name in OUTPUT_NAMES[t]]
 
     def forward(self, x):
         features = self.backbone(x)  # [(B, C_i, H / 2^(i+1), W / 2^(i+1))]
         weights = [getattr(self, f'stage{i + 1}') for i in range(4)]
-        z = F.relu(heads.folded_sum(features, weights, self.bias))  # (B, G*E, H/4, W/4)
-        if FAST_PREDICTION:  # the speed-up at the end of this file: one product, then split
-            widths = [p.out_channels for p in self.predictors]
-            low = heads.pointwise(z, self.prediction, self.prediction_bias).split(widths, dim=1)
-        else:  # each head's prediction layer on its own E channels of z
+        if FAST_CHUNKS:  # the speed-up at the end of this file: the same, CHUNK channels at a time
+            low = chunked_heads(features, weights, self.bias, self.predictors)
+        else:
+            z = F.relu(heads.folded_sum(features, weights, self.bias))  # (B, G*E, H/4, W/4)
+            # each head's prediction layer on its own E channels of z
             low = [heads.pointwise(z_g, p.weight, p.bias) for p, z_g in zip(self.predictors, z.chunk(len(self.tasks), dim=1))]
         outputs = []
         for task, y in zip(self.tasks, low):  # y: (B, K_t, H/4, W/4)
@@ -658,18 +656,34 @@ def onnx_session(onnxruntime, source, threads=None, arena=True):
 
 
 # ---------------------------------------------------------------------------------------------
-# --- speed-up: the heads' prediction layers as one product (replaces a product per head in
-# FoldedNetwork.forward; bench.py rows onnx and onnx-plain-prediction, timed in the same run;
+# --- speed-up: the fused map in chunks of channels (replaces the whole map in
+# FoldedNetwork.forward; bench.py rows onnx and onnx-plain-decoder, timed in the same run;
 # docs/results.md)
 
-def block_diagonal(predictors):
-    """The G heads' 1x1 prediction layers (K_t outputs from E channels each) -> P (K_all, G*E),
-    each head's (K_t, E) weights on the diagonal block that reads its own E channels of z, and
-    the biases (K_all,), where K_all = sum_t K_t. One product with P reads z whole where it
-    lies; in the graph, a product per head first copies its channels out of z (a Slice)."""
-    return (torch.block_diag(*(p.weight.flatten(1) for p in predictors)),
-            torch.cat([p.bias for p in predictors]))
+def chunked_heads(features, weights, bias, predictors):
+    """FoldedNetwork's plain decoder, [each head's (B, K_t, H/4, W/4) output], with each head's
+    part of the fused map z made and used CHUNK channels at a time. Each channel of z is a sum
+    of its own rows of the stacked matrices M_i (and of c), and a head's prediction layer sums
+    over its channels, so
 
+        y_t = sum over chunks k of P_t[:, k] ReLU(z_k) + b_t,   z_k = heads.folded_sum with the rows k
+
+    the same arithmetic in another order. onnxruntime writes every sum and the ReLU of z to a new
+    map; a chunk's maps are CHUNK / (G*E) of the whole (a twelfth in SegDepthFormer-B2), so each
+    of those passes reads maps just written, which are likelier to be still in the processor's
+    cache. folded_sum upsamples and concatenates stage 2 with stage 1 for every chunk alike, which
+    onnxruntime's elimination of common subexpressions computes once."""
+    E = predictors[0].in_channels  # each head's channels in the stacked matrices
+    low = []
+    for g, predictor in enumerate(predictors):
+        y = None
+        for start in range(0, E, CHUNK):
+            rows = slice(g * E + start, g * E + min(start + CHUNK, E))
+            z = F.relu(heads.folded_sum(features, [w[rows] for w in weights], bias[rows]))
+            part = heads.pointwise(z, predictor.weight[:, start:start + CHUNK], predictor.bias if start == 0 else None)
+            y = part if y is None else y + part
+        low.append(y)
+    return low
 
 
 # ---------------------------------------------------------------------------------------------
