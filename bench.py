@@ -61,8 +61,8 @@ except the encoder, 1/4-resolution, Hugging Face and onnxruntime rows, which say
                                             (predict.softmax_and_entropy) for the pixel rows
       plain flatten                         the exporter's own flatten, which reads each conv
                                             output's shape (for predict.onnx_flatten)
-      sleeping threads                      onnxruntime's threads sleep between operators
-                                            instead of spinning (predict.SPIN_THREADS)
+      plain threads                         onnxruntime's threads sleep between operators
+                                            instead of spinning (predict.FAST_THREADS)
 
 The samples of MC Dropout, the DSE's heads and the DE's members go the way uq.predict chooses
 for the device: one pass at a time on a CPU, all at once on a GPU.
@@ -314,10 +314,9 @@ ROWS = {  # --rows key: the row's name in the table ({N}: members, {T}: samples)
     'onnx-plain-decoder': 'SegDepthFormer, onnxruntime, plain decoder',
     'onnx-plain-outputs': 'SegDepthFormer, onnxruntime, plain outputs',
     'onnx-plain-flatten': 'SegDepthFormer, onnxruntime, plain flatten',
-    'onnx-plain-threads': 'SegDepthFormer, onnxruntime, sleeping threads',
+    'onnx-plain-threads': 'SegDepthFormer, onnxruntime, plain threads',
 }
 HF_ROWS = ('hf', 'hf-encoder')
-ONNX_ROWS = ('onnx', 'onnx-plain-decoder', 'onnx-plain-outputs', 'onnx-plain-flatten', 'onnx-plain-threads')
 
 
 class Textbook(nn.Module):
@@ -368,10 +367,12 @@ PLAIN_FORMS = {'segdepthformer-plain': [(heads, 'FAST_UPSAMPLE'), (heads, 'FAST_
                'segdepthformer-plain-folds': [(heads, 'FAST_FOLDS')],
                'segdepthformer-plain-softmax': [(uq, 'FAST_SOFTMAX')]}
 # the export's speed-ups switched off, likewise, while the network is traced and its session made
-PLAIN_EXPORT = {'onnx-plain-decoder': [(predict, 'FAST_CHUNKS')],
+PLAIN_EXPORT = {'onnx-plain-decoder': [(predict, 'FAST_DECODER')],
                 'onnx-plain-outputs': [(predict, 'FAST_OUTPUTS')],
                 'onnx-plain-flatten': [(predict, 'FAST_FLATTEN')],
-                'onnx-plain-threads': [(predict, 'SPIN_THREADS')]}
+                'onnx-plain-threads': [(predict, 'FAST_THREADS')]}
+# the rows of --onnx: the export, then the export with each of its speed-ups off
+ONNX_ROWS = ('onnx', *PLAIN_EXPORT)
 
 
 # the MC Dropout rows with dropout's speed-ups switched off, as PLAIN_FORMS

@@ -445,19 +445,21 @@ NOT_EXPORTED = {
 OPSET = 17  # LayerNormalization is an ONNX operator from opset 17 on
 
 
-# True: FoldedNetwork makes and uses the fused map CHUNK channels at a time (chunked_heads, at
-# the end of this file); bench.py's row onnx-plain-decoder sets it False to time the plain form
-FAST_CHUNKS = True
-CHUNK = 128
+# True: FoldedNetwork's decoder makes and uses the fused map CHUNK channels at a time
+# (chunked_heads, at the end of this file); bench.py's row onnx-plain-decoder sets it False to
+# time the plain form
+FAST_DECODER = True
+CHUNK = 128  # channels; 96 to 192 ran alike in onnxruntime (docs/results.md)
 # True: the softmax and entropy go over the classes of pixel rows (softmax_and_entropy_rows, at
 # the end of this file); bench.py's row onnx-plain-outputs sets it False to time the plain form
 FAST_OUTPUTS = True
-# True: onnx_bytes writes each flatten's target shape as constants (onnx_flatten, at the end of
-# this file); bench.py's row onnx-plain-flatten sets it False to time the exporter's own
+# True: onnx_bytes writes a flatten's target shape as constants where the sizes after the
+# flattened ones are known (onnx_flatten, at the end of this file); bench.py's row
+# onnx-plain-flatten sets it False to time the exporter's own
 FAST_FLATTEN = True
 # True: onnx_session's threads spin between the operators of a run, and stop when it returns;
 # bench.py's row onnx-plain-threads sets it False: they sleep whenever they have no work
-SPIN_THREADS = True
+FAST_THREADS = True
 
 
 class FoldedNetwork(nn.Module):
@@ -488,7 +490,7 @@ class FoldedNetwork(nn.Module):
     def forward(self, x):
         features = self.backbone(x)  # [(B, C_i, H / 2^(i+1), W / 2^(i+1))]
         weights = [getattr(self, f'stage{i + 1}') for i in range(4)]
-        if FAST_CHUNKS:  # the speed-up at the end of this file: the same, CHUNK channels at a time
+        if FAST_DECODER:  # the speed-up at the end of this file: the same, CHUNK channels at a time
             low = chunked_heads(features, weights, self.bias, self.predictors)
         else:
             z = F.relu(heads.folded_sum(features, weights, self.bias))  # (B, G*E, H/4, W/4)
@@ -513,9 +515,11 @@ def softmax_and_entropy(y):
         p_c = exp(d_c) / s        H = -sum_c p_c log p_c = log s - sum_c p_c d_c
 
     which is finite where a p_c underflows to 0, and never negative (d <= 0 <= log s). It is
-    written out with reductions over dim 1 rather than as ONNX's Softmax and LogSoftmax:
-    onnxruntime's CPU kernels for those run over the last axis, and transpose the
-    full-resolution logits to get there (bench.py's onnx row times the graph)."""
+    written out with reductions over dim 1 rather than as ONNX's Softmax and LogSoftmax over
+    dim 1, whose onnxruntime CPU kernels would transpose the full-resolution logits to their
+    last axis first. softmax_and_entropy_rows, the speed-up at the end of this file, takes
+    those over rows of pixels instead, whose last axis is the classes (bench.py's row
+    onnx-plain-outputs times this plain form)."""
     d = y - y.amax(dim=1, keepdim=True)
     e = d.exp()
     s = e.sum(dim=1, keepdim=True)
@@ -642,12 +646,12 @@ def onnx_session(onnxruntime, source, threads=None, arena=True):
     cores (onnxruntime's default), which saves waking them for each of the graph's operators;
     when the run returns they stop (session.force_spinning_stop; by default they spin on for
     a while, which would slow whatever the process does next: reading the next image, in
-    bench.py the next row). With SPIN_THREADS off they sleep whenever they have no work
+    bench.py the next row). With FAST_THREADS off they sleep whenever they have no work
     (bench.py's row onnx-plain-threads). arena=False gives up onnxruntime's memory cache
     (bench.py's peak column, which is measured with nothing kept, cpu_peak_memory)."""
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry('session.intra_op.allow_spinning', '1' if SPIN_THREADS else '0')
+    options.add_session_config_entry('session.intra_op.allow_spinning', '1' if FAST_THREADS else '0')
     options.add_session_config_entry('session.force_spinning_stop', '1')
     if threads:
         options.intra_op_num_threads = threads
@@ -672,17 +676,17 @@ def chunked_heads(features, weights, bias, predictors):
     map; a chunk's maps are CHUNK / (G*E) of the whole (a twelfth in SegDepthFormer-B2), so each
     of those passes reads maps just written, which are likelier to be still in the processor's
     cache. folded_sum upsamples and concatenates stage 2 with stage 1 for every chunk alike, which
-    onnxruntime's elimination of common subexpressions computes once."""
+    the exporter's elimination of common subexpressions writes into the graph once (run in
+    PyTorch, as the tests do, they are computed for every chunk)."""
     E = predictors[0].in_channels  # each head's channels in the stacked matrices
     low = []
     for g, predictor in enumerate(predictors):
-        y = None
+        parts = []
         for start in range(0, E, CHUNK):
             rows = slice(g * E + start, g * E + min(start + CHUNK, E))
             z = F.relu(heads.folded_sum(features, [w[rows] for w in weights], bias[rows]))
-            part = heads.pointwise(z, predictor.weight[:, start:start + CHUNK], predictor.bias if start == 0 else None)
-            y = part if y is None else y + part
-        low.append(y)
+            parts.append(heads.pointwise(z, predictor.weight[:, start:start + CHUNK]))
+        low.append(sum(parts, predictor.bias.view(-1, 1, 1)))  # b_t + the chunks' products
     return low
 
 
@@ -724,16 +728,18 @@ def onnx_flatten(g, x, start_dim, end_dim):
     translation reads x's shape in the graph. After each of the encoder's convs that x is the
     conv's output, and onnxruntime keeps a conv's output in its blocked layout, so it copies
     the whole map back out of that layout only to read its shape. Where a size after end_dim
-    is not known as a constant, the target shape is read from x as PyTorch does."""
-    sizes = x.type().varyingSizes()  # None where a size is not a constant
-    start, end = (int(dim.node().t('value')) % len(sizes) for dim in (start_dim, end_dim))
-    const = lambda v: g.op('Constant', value_t=torch.tensor(v, dtype=torch.int64))
-    if all(isinstance(size, int) for size in sizes[end + 1:]):
-        return g.op('Reshape', x, const([0] * start + [-1] + sizes[end + 1:]))
-    shape = g.op('Shape', x)
-    head = [g.op('Slice', shape, const([0]), const([start]))] if start else []
-    return g.op('Reshape', x, g.op('Concat', *head, const([-1]), g.op('Slice', shape, const([end + 1]), const([2**62])), axis_i=0))
-
+    is not known as a positive constant (ONNX's Reshape reads a 0 as "keep"), or x's rank is
+    not known, this is PyTorch's own translation. A size the exporter took for a constant where
+    it varies would show at another input size: the export is checked at two (parity)."""
+    sizes = x.type().varyingSizes()  # None where a size is not a constant; None for an unknown rank
+    if sizes:
+        start, end = (int(dim.node().t('value')) % len(sizes) for dim in (start_dim, end_dim))
+        tail = sizes[end + 1:]
+        if all(isinstance(size, int) and size > 0 for size in tail):
+            target = torch.tensor([0] * start + [-1] + tail, dtype=torch.int64)
+            return g.op('Reshape', x, g.op('Constant', value_t=target))
+    from torch.onnx import symbolic_opset11  # the exporter's own translations: only an export needs them
+    return symbolic_opset11.flatten(g, x, start_dim, end_dim)
 
 if __name__ == '__main__':
     plumbing.entry_point(main)
