@@ -152,7 +152,10 @@ def test_decoder_mc_dropout_runs_the_encoder_once_without_dropout(x, monkeypatch
     expected = uq.summarize({k: torch.stack([o[k] for o in samples]) for k in samples[0]})
     assert torch.allclose(pred.probs, expected.probs, atol=1e-5)
     assert torch.allclose(pred.depth_var, expected.depth_var, rtol=1e-4, atol=1e-6)
-    assert (pred.depth_var > uq.predict(model, x).depth_var + 1e-9).float().mean() > 0.5  # an epistemic part
+    # an epistemic part: the samples' depths disagree (not where ReLU makes every sample 0). That
+    # the total variance exceeds one pass's on most pixels held for this draw in torch 2.13 but
+    # not in 2.3 (whose seed gives other weights and masks): it depends on the draw
+    assert (torch.stack([s['depth_mean'] for s in samples]).var(0) > 0).float().mean() > 0.25
     assert all(not m.training for m in model.modules())  # restored
 
 
