@@ -704,7 +704,8 @@ def softmax_and_entropy_rows(y):
     onnxruntime runs Softmax and LogSoftmax over a last axis as one kernel each, which finds a
     row's maximum, sums its exponentials and writes the row while it is in the cache. Two such
     kernels take less time than one Exp with the elementwise passes around it over the whole
-    map (bench.py's row onnx-plain-outputs), though each computes the exponentials once more.
+    map (bench.py's row onnx-plain-outputs), though between them they compute the exponentials
+    twice.
     H is finite where a p_c underflows to 0 (log_softmax is finite there) and never negative (each
     p_c log_softmax_c <= 0). onnxruntime also upsamples a channels-last map faster. Its layout
     optimiser would otherwise move the layout change from the probabilities back in front of
@@ -740,6 +741,7 @@ def onnx_flatten(g, x, start_dim, end_dim):
             return g.op('Reshape', x, g.op('Constant', value_t=target))
     from torch.onnx import symbolic_opset11  # the exporter's own translations: only an export needs them
     return symbolic_opset11.flatten(g, x, start_dim, end_dim)
+
 
 if __name__ == '__main__':
     plumbing.entry_point(main)
